@@ -1,0 +1,284 @@
+"""Training plumbing shared by every stage: distributed setup, seeds, atomic checkpoints, resume.
+
+Nothing here is specific to OARS; it is the part of each training script that is not the idea.
+
+Checkpoint layout (one directory per saved step, written atomically):
+
+    out/sft/checkpoints/step_000120/
+        model.safetensors      trainable weights (full model for SFT, LoRA adapters for RL)
+        optimizer.safetensors  optimizer state tensors, flattened (see `optimizer_state_to_tensors`)
+        state.json             step, RNG states, data position, anything JSON-serialisable
+
+A step directory is first written as `step_000120.tmp/` and then renamed, so a run killed while saving
+leaves the previous checkpoint intact and never a half-written one that `latest_checkpoint` would pick.
+Only safetensors and JSON are read back: no pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed setup (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` runs one process).
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Initialise torch.distributed when launched by torchrun (nccl on GPUs, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int, rank: int = 0) -> torch.Generator:
+    """Seed python/numpy/torch with `seed + rank` and return a CPU generator with the same seed.
+
+    The rank offset matters: with one seed on every GPU all ranks draw identical noise and timesteps,
+    so a world of N GPUs trains on N copies of one sample (a known bug in several public trainers).
+    """
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    return torch.Generator().manual_seed(s)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over ranks (identity on one process)."""
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= dist.get_world_size()
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Atomic file writes
+# ----------------------------------------------------------------------------------------------------
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                            metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file via a temp file in the same directory + rename (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizer and RNG state as safetensors + JSON (no pickles)
+# ----------------------------------------------------------------------------------------------------
+
+
+def optimizer_state_to_tensors(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split `optimizer.state_dict()` into flat tensors ("state.<param>.<key>") and a JSON part."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"param_groups": state_dict["param_groups"], "scalars": {}}
+    for pid, pstate in state_dict["state"].items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{pid}.{key}"] = value
+            else:
+                meta["scalars"][f"{pid}.{key}"] = value
+    return tensors, meta
+
+
+def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Inverse of `optimizer_state_to_tensors`."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for name, value in meta["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """Global RNG states of torch (CPU, CUDA), numpy and python as tensors + JSON."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    np_state = np.random.get_state()
+    meta = {
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    p = meta["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint directories: save / rotate / find latest / load
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(ckpt_root: str | Path, step: int, model: dict[str, torch.Tensor],
+                    optimizer: dict[str, torch.Tensor] | None = None, state: dict | None = None,
+                    keep_last: int = 3) -> Path:
+    """Write `ckpt_root/step_{step:06d}/` atomically and delete all but the newest `keep_last`.
+
+    `model` and `optimizer` are flat name->tensor dicts; `state` is JSON (step is added).
+    """
+    root = Path(ckpt_root)
+    final = root / f"step_{step:06d}"
+    tmp = root / f"step_{step:06d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, str(tmp / "model.safetensors"))
+    if optimizer is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in optimizer.items()},
+                  str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**(state or {}), "step": step}, indent=1))
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """Complete checkpoint directories under `ckpt_root`, oldest first (`.tmp` ones are ignored)."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir()
+            if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
+            and (p / "state.json").exists()]
+    return sorted(dirs, key=lambda p: int(p.name.split("_")[1]))
+
+
+def resolve_resume(resume: str | None, ckpt_root: str | Path) -> Path | None:
+    """`--resume latest` -> newest checkpoint (None if there is none yet); a path -> that checkpoint."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(ckpt_root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no state.json). "
+                                f"Pass 'latest' or a step_XXXXXX directory under {ckpt_root}.")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """Return (model tensors, optimizer tensors, state JSON) of one checkpoint directory."""
+    path = Path(path)
+    model = load_file(str(path / "model.safetensors"))
+    opt_file = path / "optimizer.safetensors"
+    optimizer = load_file(str(opt_file)) if opt_file.exists() else {}
+    state = json.loads((path / "state.json").read_text())
+    return model, optimizer, state
+
+
+def pack_training_state(optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                        **extra: Any) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer + scheduler + global RNG as (tensors, JSON) for `save_checkpoint`."""
+    opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer.state_dict())
+    rng_tensors, rng_meta = rng_state()
+    state = {"optimizer": opt_meta, "rng": rng_meta, **extra}
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    return {**opt_tensors, **rng_tensors}, state
+
+
+def unpack_training_state(tensors: dict[str, torch.Tensor], state: dict,
+                          optimizer: torch.optim.Optimizer,
+                          scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
+    """Inverse of `pack_training_state`: restores optimizer, scheduler and global RNG in place."""
+    opt_tensors = {k: v for k, v in tensors.items() if k.startswith("state.")}
+    optimizer.load_state_dict(optimizer_state_from_tensors(opt_tensors, state["optimizer"]))
+    if scheduler is not None and "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng.")}, state["rng"])
+
+
+def generator_state(gen: torch.Generator) -> torch.Tensor:
+    return gen.get_state()
+
+
+class NonFiniteGuard:
+    """Skip steps whose loss is NaN/Inf, count them, and stop after `max_skips` of them.
+
+    One bad batch should not end a multi-day run, but a run that keeps producing NaN is broken and
+    must stop with a clear message instead of silently training nothing.
+    """
+
+    def __init__(self, max_skips: int = 10):
+        self.max_skips = max_skips
+        self.skipped = 0
+
+    def ok(self, loss: torch.Tensor) -> bool:
+        finite = bool(torch.isfinite(all_reduce_mean(loss.detach().float())).item())
+        if not finite:
+            self.skipped += 1
+            if self.skipped > self.max_skips:
+                raise FloatingPointError(
+                    f"loss was NaN/Inf in {self.skipped} steps (limit --max-nonfinite {self.max_skips}); "
+                    "lower the learning rate or check the data. The last checkpoint is intact.")
+        return finite
