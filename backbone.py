@@ -52,6 +52,7 @@ from transformers import (
 )
 
 from byte_tokenizer import build_byte_tokenizer
+from data import to_pil
 
 REAL_MODEL = "Qwen/Qwen-Image-Edit-2509"
 
@@ -185,11 +186,15 @@ def load_backbone(model: str = "tiny", dtype: torch.dtype = torch.float32, devic
                      processor=pipe.processor, scheduler=pipe.scheduler)
     te_device = text_encoder_device or device
     for name, dev in (("transformer", device), ("vae", device), ("text_encoder", te_device)):
-        module = parts[name].requires_grad_(False).eval()
-        if next(module.parameters()).dtype != dtype:
-            module.to(dtype=dtype)
-        module.to(device=dev)
+        place(parts[name].requires_grad_(False).eval(), dev, dtype)
     return Backbone(**parts, prompt_drop_idx=prompt_drop_index(parts["processor"].tokenizer), name=model)
+
+
+def place(module: torch.nn.Module, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move a module; cast only when the dtype differs (diffusers warns on needless casts)."""
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    return module.to(device=device)
 
 
 def save_backbone(backbone: Backbone, folder: str | Path) -> None:
@@ -301,12 +306,6 @@ def upscale(lr: torch.Tensor, scale: int = 4) -> torch.Tensor:
     return F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
 
 
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """(3,H,W) in [0,1] -> 8-bit RGB PIL image."""
-    arr = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(arr)
-
-
 @torch.no_grad()
 def encode_prompt(backbone: Backbone, image: Image.Image, prompt: str = DEFAULT_PROMPT,
                   pass_mm_token_type_ids: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,6 +373,8 @@ def sigma_schedule(scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int, i
     Exactly as `QwenImageEditPlusPipeline`: sigmas = linspace(1, 1/N, N), resolution-dependent shift
     mu = calculate_shift(tokens), the scheduler's exponential time shift and terminal stretch, then 0.
     """
+    if num_steps < 2:  # one step makes the scheduler's terminal stretch divide 0 by 0 (NaN sigmas)
+        raise ValueError(f"num_steps={num_steps}: the flow-matching schedule needs at least 2 steps")
     cfg = scheduler.config
     mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                          cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))

@@ -204,3 +204,8 @@ def test_lora_file_that_matches_nothing_is_rejected(tmp_path):
         B.load_lora(bb.transformer, peft_style)
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         B.read_lora_file(tmp_path / "nope.safetensors")
+
+
+def test_sigma_schedule_rejects_one_step(bb):
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        B.sigma_schedule(bb.scheduler, 1, 64)

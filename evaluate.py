@@ -1,0 +1,279 @@
+"""SR evaluation table of the paper's Table 2 protocol (§5.1): full-reference and no-reference metrics.
+
+Scores a folder of SR outputs, against a folder of HR ground truths (paired by file STEM, e.g.
+`sr/x12.png` <-> `hr/x12.jpg`, never by sorted position) and/or without reference. Columns, in the
+order of Table 2:
+
+    PSNR  SSIM  LPIPS  DISTS  |  LIQE  MUSIQ  MANIQA  TOPIQ          (full-reference | no-reference)
+
+all computed with pyiqa:
+    PSNR, SSIM  on the Y channel of YCbCr, the SR-paper convention:
+                create_metric('psnr', test_y_channel=True, color_space='ycbcr') (pyiqa's own default Y is
+                YIQ), no border crop;
+    LPIPS       'lpips' (AlexNet);   DISTS 'dists';
+    LIQE        'liqe';   MUSIQ 'musiq' (KonIQ);   TOPIQ 'topiq_nr' (KonIQ);
+    MANIQA      'maniqa-pipal', the variant used by the public evaluation scripts of the OSEDiff/SeeSR
+                line of papers that Table 2 compares against (pass 'maniqa' for the KonIQ model).
+Q-Insight (a Table 2 column) is omitted: it is an MLLM scorer that pyiqa does not provide.
+
+Upper-case names are the table columns above; any other name is passed to pyiqa.create_metric as is
+(e.g. `--metrics PSNR maniqa clipiqa`).
+
+Weights: everything except PSNR/SSIM downloads weights on first use (pyiqa's own files to
+$TORCH_HOME/hub/pyiqa, torchvision backbones to $TORCH_HOME/hub/checkpoints, some from the Hugging Face
+hub). pyiqa fixes the cache path when it is imported, so set TORCH_HOME before running. On a machine
+without network set HF_HUB_OFFLINE=1 (or pass --offline): otherwise a failing hub download retries for
+about a minute per metric. A metric that cannot be created is reported as unavailable WITH the reason
+and the rest of the table is still produced.
+
+Commands:
+    python evaluate.py --sr out/sr --hr data/hr --csv out/metrics.csv           # FR + NR table
+    python evaluate.py --sr out/realset80 --csv out/realset80.csv               # NR only (no HR)
+    python evaluate.py --sr out/sr --hr data/hr --metrics PSNR SSIM --offline   # weight-free subset
+
+Writes: the CSV (one row per image, name + one column per metric, a final MEAN row) and prints the
+markdown table of the means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from data import list_images, load_image
+
+# Table 2 column -> (pyiqa name, create_metric kwargs, needs a reference, lower is better, decimals)
+METRIC_SPECS: dict[str, tuple[str, dict, bool, bool, int]] = {
+    "PSNR": ("psnr", {"test_y_channel": True, "color_space": "ycbcr"}, True, False, 2),
+    "SSIM": ("ssim", {"test_y_channel": True, "color_space": "ycbcr"}, True, False, 4),
+    "LPIPS": ("lpips", {}, True, True, 4),
+    "DISTS": ("dists", {}, True, True, 4),
+    "LIQE": ("liqe", {}, False, False, 4),
+    "MUSIQ": ("musiq", {}, False, False, 2),
+    "MANIQA": ("maniqa-pipal", {}, False, False, 4),
+    "TOPIQ": ("topiq_nr", {}, False, False, 4),
+}
+DEFAULT_METRICS: tuple[str, ...] = tuple(METRIC_SPECS)  # Table 2 order without Q-Insight
+NOT_IN_PYIQA = {"Q-Insight": "Q-Insight is an MLLM-based scorer that pyiqa does not provide (omitted)"}
+
+
+def pair_by_stem(sr_paths: Sequence[Path], hr_paths: Sequence[Path]) -> tuple[list[tuple[Path, Path]], list[Path], list[Path]]:
+    """Pair SR and HR files by file stem (name without extension).
+
+    Returns:
+        pairs: [(sr, hr)] sorted by stem; sr_only: SR files without HR; hr_only: HR files without SR.
+    Raises:
+        ValueError if two files in one folder share a stem (e.g. a.png and a.jpg): the pairing would be
+        ambiguous.
+    """
+    def by_stem(paths: Sequence[Path], what: str) -> dict[str, Path]:
+        table: dict[str, Path] = {}
+        for p in map(Path, paths):
+            if p.stem in table:
+                raise ValueError(f"{what} folder has two files with the stem {p.stem!r}: {table[p.stem]} and {p}; keep one")
+            table[p.stem] = p
+        return table
+
+    sr, hr = by_stem(sr_paths, "SR"), by_stem(hr_paths, "HR")
+    pairs = [(sr[s], hr[s]) for s in sorted(sr.keys() & hr.keys())]
+    sr_only = [sr[s] for s in sorted(sr.keys() - hr.keys())]
+    hr_only = [hr[s] for s in sorted(hr.keys() - sr.keys())]
+    return pairs, sr_only, hr_only
+
+
+def _short_reason(error: BaseException, limit: int = 160) -> str:
+    """One line 'Type: message', shortened, plus a hint when weights could not be fetched."""
+    message = " ".join(str(error).split())
+    if len(message) > limit:
+        message = message[: limit - 3] + "..."
+    reason = f"{type(error).__name__}: {message}"
+    kind = type(error).__name__
+    if isinstance(error, OSError) or any(k in kind for k in ("URLError", "EntryNotFound", "Connection", "HTTP", "Offline")):
+        reason += (
+            " [weights missing and not downloadable: pyiqa/torchvision files live in $TORCH_HOME/hub,"
+            " Hugging Face files in $HF_HOME; fetch them once with network]"
+        )
+    return reason
+
+
+def evaluate_folders(
+    sr_dir: str | Path,
+    hr_dir: str | Path | None = None,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    device: str = "cpu",
+) -> tuple[list[dict[str, float | str]], dict[str, float], dict[str, str]]:
+    """Score every SR image of `sr_dir`, against `hr_dir` when given.
+
+    SR and HR are paired by file stem. SR images without an HR partner are still scored by the
+    no-reference metrics (their FR cells are NaN) and HR images without an SR output are reported; both
+    lists are announced with a warning. Full-reference metrics without any HR folder are unavailable.
+
+    Args:
+        sr_dir: folder of SR outputs.
+        hr_dir: folder of HR ground truths (None: no-reference metrics only).
+        metrics: column names (METRIC_SPECS keys, Table 2 order) or raw pyiqa metric names.
+        device: torch device for the metric networks.
+
+    Returns:
+        rows: one dict per SR image, {"name": stem, metric: float (NaN = not computed)}, sorted by name.
+        means: {metric: mean over the images that have a value} for the available metrics.
+        unavailable: {metric: reason} for metrics that could not be created or run.
+
+    Raises:
+        FileNotFoundError / ValueError (from data.list_images) if a folder is missing or holds no image;
+        ValueError if a pair differs in size or a folder has two files with the same stem.
+    """
+    import pyiqa  # imported here so that TORCH_HOME / HF_HUB_OFFLINE set by the caller take effect
+
+    sr_paths = list_images(sr_dir)  # raises naming the folder if it is missing or holds no image
+    hr_for: dict[str, Path] = {}
+    if hr_dir is not None:
+        hr_paths = list_images(hr_dir)
+        pairs, sr_only, hr_only = pair_by_stem(sr_paths, hr_paths)
+        hr_for = {sr.stem: hr for sr, hr in pairs}
+        if sr_only or hr_only:
+            warnings.warn(
+                f"evaluate: {len(sr_only)} SR image(s) without HR in {hr_dir} (no-reference metrics only): "
+                f"{[p.name for p in sr_only]}; {len(hr_only)} HR image(s) without SR output in {sr_dir}: "
+                f"{[p.name for p in hr_only]}",
+                stacklevel=2,
+            )
+    sr_paths = sorted(sr_paths, key=lambda p: Path(p).stem)
+
+    # 1. create the metrics; a failure (e.g. missing weights) makes the column unavailable, not a crash
+    created: dict[str, object] = {}
+    unavailable: dict[str, str] = {}
+    for column in metrics:
+        if column in NOT_IN_PYIQA:
+            unavailable[column] = NOT_IN_PYIQA[column]
+            continue
+        name, kwargs = METRIC_SPECS[column][:2] if column in METRIC_SPECS else (column, {})
+        try:
+            metric = pyiqa.create_metric(name, device=torch.device(device), as_loss=False, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any failure is reported, the table goes on
+            unavailable[column] = _short_reason(error)
+            continue
+        if metric.metric_mode == "FR" and hr_dir is None:
+            unavailable[column] = "full-reference metric: no HR folder given"
+            continue
+        created[column] = metric
+
+    # 2. score image by image (sizes may differ between pairs)
+    rows: list[dict[str, float | str]] = []
+    for sr_path in sr_paths:
+        stem = Path(sr_path).stem
+        row: dict[str, float | str] = {"name": stem, **{c: math.nan for c in metrics}}
+        sr = load_image(sr_path)[None].to(device)  # (1, 3, H, W) in [0, 1]
+        hr = None
+        if stem in hr_for:
+            hr = load_image(hr_for[stem])[None].to(device)
+            if hr.shape != sr.shape:
+                raise ValueError(
+                    f"evaluate: size mismatch for pair {sr_path} {tuple(sr.shape[-2:])} and {hr_for[stem]} "
+                    f"{tuple(hr.shape[-2:])} (H, W); SR and HR must have the same size"
+                )
+        for column, metric in list(created.items()):
+            if metric.metric_mode == "FR" and hr is None:
+                continue  # no reference for this image
+            try:
+                with torch.no_grad():
+                    value = metric(sr, hr) if metric.metric_mode == "FR" else metric(sr)
+            except Exception as error:  # noqa: BLE001
+                unavailable[column] = f"failed on {Path(sr_path).name}: {_short_reason(error)}"
+                del created[column]
+                continue
+            row[column] = float(torch.as_tensor(value).flatten()[0])
+        rows.append(row)
+
+    for column in unavailable:  # a metric that failed midway must not leave partial numbers behind
+        for row in rows:
+            row[column] = math.nan
+
+    means: dict[str, float] = {}
+    for column in metrics:
+        if column in unavailable:
+            continue
+        values = [float(r[column]) for r in rows if not math.isnan(float(r[column]))]
+        means[column] = sum(values) / len(values) if values else math.nan
+    return rows, means, unavailable
+
+
+def write_csv(path: str | Path, rows: Sequence[dict], means: dict[str, float], metrics: Sequence[str]) -> Path:
+    """Write one row per image (name + one column per metric) and a final MEAN row.
+
+    Empty cells = not computed (metric unavailable, or FR metric for an image without HR). Values are
+    written with 6 decimals.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def cell(value) -> str:
+        return "" if value is None or math.isnan(float(value)) else f"{float(value):.6f}"
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["name", *metrics])
+        for row in rows:
+            writer.writerow([row["name"], *(cell(row.get(m)) for m in metrics)])
+        writer.writerow(["MEAN", *(cell(means.get(m)) for m in metrics)])
+    return path
+
+
+def markdown_table(
+    means: dict[str, float],
+    unavailable: dict[str, str],
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    label: str = "Method",
+) -> str:
+    """Markdown table of the means in Table 2 layout (arrows: higher/lower is better), with footnotes.
+
+    Unavailable metrics show "n/a" and their reason in a footnote.
+    """
+    def arrow(m: str) -> str:
+        return ("↓" if METRIC_SPECS[m][3] else "↑") if m in METRIC_SPECS else ""
+
+    def fmt(m: str) -> str:
+        if m in unavailable or m not in means or math.isnan(means[m]):
+            return "n/a"
+        return f"{means[m]:.{METRIC_SPECS[m][4] if m in METRIC_SPECS else 4}f}"
+
+    lines = [
+        "| " + " | ".join(["Method", *(m + arrow(m) for m in metrics)]) + " |",
+        "|" + "---|" * (len(metrics) + 1),
+        "| " + " | ".join([label, *(fmt(m) for m in metrics)]) + " |",
+    ]
+    notes = [f"- {m}: unavailable ({reason})" for m, reason in unavailable.items()]
+    if "Q-Insight" not in metrics:
+        notes.append("- Q-Insight (Table 2) omitted: not provided by pyiqa.")
+    return "\n".join(lines + [""] + notes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sr", required=True, help="folder of SR outputs")
+    parser.add_argument("--hr", default=None, help="folder of HR ground truths (omit for no-reference only)")
+    parser.add_argument("--csv", default=None, help="per-image CSV to write (with a MEAN row)")
+    parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), help="columns or pyiqa names")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--label", default="Method", help="row label of the markdown table")
+    parser.add_argument("--offline", action="store_true", help="set HF_HUB_OFFLINE=1 (no download retries)")
+    args = parser.parse_args(argv)
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    rows, means, unavailable = evaluate_folders(args.sr, args.hr, args.metrics, args.device)
+    if args.csv:
+        print(f"wrote {write_csv(args.csv, rows, means, args.metrics)} ({len(rows)} images)", file=sys.stderr)
+    print(markdown_table(means, unavailable, args.metrics, args.label))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

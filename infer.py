@@ -1,0 +1,243 @@
+"""Super-resolve images with the final OARS policy: SFT weights + merged RL LoRA (paper §4, last paragraph).
+
+"During inference, we merge the learned LoRA parameters Delta_NR from the final stage into the backbone
+weights obtained from the cold start (SFT) stage." The LoRA was trained on the BASE weights (rl_fr.py,
+rl_nr.py) and is added to the SFT weights here: W = W_SFT + (alpha/r) * B A.
+
+Tiny preset (CPU, seconds):
+    python infer.py --model tiny --input lr.png --output out/sr --steps 4
+Full scale (one GPU, 40 steps as §5.1):
+    python infer.py --model Qwen/Qwen-Image-Edit-2509 --sft out/sft --lora out/nr.safetensors \
+        --input data/RealSR/test_LR --output out/sr --dtype bf16
+    # optional: --hr data/RealSR/test_HR  (writes the metric table of the paper's Table 2, see evaluate.py)
+
+Writes one PNG per input with the same stem, exactly `scale` times the input size. Inputs whose output
+would exceed --process-size are processed in overlapping tiles blended with a smooth window.
+A folder run reports unreadable files, keeps going, and exits non-zero at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import backbone as B
+from data import ImageReadError, list_images, load_image, save_image
+
+# The smallest LR side we accept: below it the VL encoder and the VAE see almost nothing.
+MIN_LR_SIDE = 8
+
+
+@dataclass
+class Args:
+    input: str
+    """an LR image file or a folder of them"""
+    output: str = "out/sr"
+    """output folder (one PNG per input, same stem)"""
+    model: str = "tiny"
+    """'tiny' or Qwen/Qwen-Image-Edit-2509 / a local diffusers folder (the BASE weights)"""
+    sft: str | None = None
+    """transformer weights from train_sft.py (folder or .safetensors); None keeps the base weights"""
+    lora: tuple[str, ...] = ()
+    """LoRA files to merge, each PATH or PATH:SCALE (rl_fr.py / rl_nr.py output)"""
+    steps: int = 40
+    """Euler steps (paper §5.1: 40 at inference)"""
+    seed: int = 0
+    scale: int = 4
+    """upscaling factor (the model is trained for 4x)"""
+    process_size: int = 512
+    """largest output tile side in pixels processed at once (paper: 512); larger outputs are tiled"""
+    tile_overlap: int = 64
+    """overlap between output tiles in pixels"""
+    color_fix: str = "none"
+    """'adain' | 'wavelet' | 'none': match colours to the bicubic upscale (not in the paper: off by default)"""
+    dtype: str = "fp32"
+    """'fp32' | 'bf16'"""
+    device: str = "auto"
+    prompt: str = B.DEFAULT_PROMPT
+    hr: str | None = None
+    """optional HR folder: evaluate the outputs against it (paired by file name) and print the table"""
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", default=Args.output)
+    p.add_argument("--model", default=Args.model)
+    p.add_argument("--sft", default=None)
+    p.add_argument("--lora", action="append", default=[], help="PATH or PATH:SCALE; repeatable")
+    p.add_argument("--steps", type=int, default=Args.steps)
+    p.add_argument("--seed", type=int, default=Args.seed)
+    p.add_argument("--scale", type=int, default=Args.scale)
+    p.add_argument("--process-size", type=int, default=Args.process_size)
+    p.add_argument("--tile-overlap", type=int, default=Args.tile_overlap)
+    p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=Args.color_fix)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=Args.dtype)
+    p.add_argument("--device", default=Args.device)
+    p.add_argument("--prompt", default=Args.prompt)
+    p.add_argument("--hr", default=None)
+    ns = p.parse_args(argv)
+    if ns.steps < 2:
+        p.error(f"--steps {ns.steps}: at least 2 (the paper uses 40 at inference)")
+    if ns.process_size % 16 or ns.process_size < 64:
+        p.error(f"--process-size {ns.process_size}: must be a multiple of 16 and >= 64")
+    if not 0 <= ns.tile_overlap < ns.process_size // 2:
+        p.error(f"--tile-overlap {ns.tile_overlap}: must be in [0, process_size/2)")
+    return Args(**{**vars(ns), "lora": tuple(ns.lora)})
+
+
+def parse_lora_arg(spec: str) -> tuple[Path, float]:
+    """'out/nr.safetensors' -> (path, 1.0); 'out/nr.safetensors:0.5' -> (path, 0.5)."""
+    path, sep, scale = spec.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            pass
+    return Path(spec), 1.0
+
+
+def load_policy(model: str, sft: str | None = None, loras: tuple[str, ...] = (), dtype: torch.dtype = torch.float32,
+                device: str = "cpu") -> B.Backbone:
+    """Base weights -> optional SFT transformer weights -> LoRA files merged (paper §4: Delta_NR into SFT)."""
+    bb = B.load_backbone(model, dtype=torch.float32, device="cpu")  # merge in fp32, then cast
+    if sft:
+        B.load_transformer_weights(bb.transformer, sft)
+    B.merge_lora_files(bb.transformer, [parse_lora_arg(s) for s in loras])
+    for module in (bb.transformer, bb.vae, bb.text_encoder):
+        B.place(module, device, dtype)
+    return bb
+
+
+# ----------------------------------------------------------------------------------------------------
+# Colour correction (common in diffusion SR: StableSR/OSEDiff/SeeSR; the OARS paper does not use one)
+# ----------------------------------------------------------------------------------------------------
+
+
+def adain_color_fix(sr: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per-channel mean/std of `sr` (B,3,H,W) matched to `ref` (same shape)."""
+    sm, ss = sr.mean((-2, -1), keepdim=True), sr.std((-2, -1), keepdim=True) + eps
+    rm, rs = ref.mean((-2, -1), keepdim=True), ref.std((-2, -1), keepdim=True) + eps
+    return ((sr - sm) / ss * rs + rm).clamp(0, 1)
+
+
+def _wavelet_low(x: torch.Tensor, levels: int = 5) -> torch.Tensor:
+    """Low-frequency part by repeated dilated 3x3 blurs (a trous wavelet), (B,3,H,W) -> same."""
+    kernel = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=x.dtype, device=x.device) / 16
+    kernel = kernel.expand(3, 1, 3, 3)
+    for i in range(levels):
+        d = 2 ** i
+        x = F.conv2d(F.pad(x, (d, d, d, d), mode="replicate"), kernel, groups=3, dilation=d)
+    return x
+
+
+def wavelet_color_fix(sr: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """High frequencies of `sr` + low frequencies (colour, tone) of `ref`."""
+    return (sr - _wavelet_low(sr) + _wavelet_low(ref)).clamp(0, 1)
+
+
+COLOR_FIXES = {"adain": adain_color_fix, "wavelet": wavelet_color_fix, "none": lambda sr, ref: sr}
+
+
+# ----------------------------------------------------------------------------------------------------
+# One image: pad to a multiple of 16 at the output, tile if large, crop back to exactly scale x input
+# ----------------------------------------------------------------------------------------------------
+
+
+def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
+    """Start offsets (multiples of `align`) of tiles of size `tile` covering [0, length), overlapping
+    by at least about `overlap`. `length - tile` must be a multiple of `align`."""
+    if length <= tile:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    return [align * round(i * (length - tile) / (n - 1) / align) for i in range(n)]
+
+
+def _blend_window(h: int, w: int) -> torch.Tensor:
+    """Smooth (1,1,h,w) weight, highest in the middle, never zero (so every pixel gets weight)."""
+    wy = torch.hann_window(h + 2, periodic=False)[1:-1]
+    wx = torch.hann_window(w + 2, periodic=False)[1:-1]
+    return (wy[:, None] * wx[None, :])[None, None]
+
+
+@torch.no_grad()
+def super_resolve_image(bb: B.Backbone, lr: torch.Tensor, args: Args, generator: torch.Generator,
+                        progress: tqdm | None = None) -> torch.Tensor:
+    """LR (3,h,w) in [0,1] -> SR (3, scale*h, scale*w) in [0,1]."""
+    s = args.scale
+    h, w = lr.shape[-2:]
+    if min(h, w) < MIN_LR_SIDE:
+        raise ValueError(f"image is {w}x{h}; the smallest side must be at least {MIN_LR_SIDE} px")
+    # pad the LR so that the output sides are multiples of 16 (8x VAE, 2x2 packing); reflect keeps edges natural
+    unit = 16 // math.gcd(16, s)
+    ph, pw = (-h) % unit, (-w) % unit
+    x = F.pad(lr[None], (0, pw, 0, ph), mode="replicate")[0] if ph or pw else lr
+    H, W = x.shape[-2] * s, x.shape[-1] * s
+    tile = args.process_size
+    ys = tile_starts(H, tile, args.tile_overlap, align=16)
+    xs = tile_starts(W, tile, args.tile_overlap, align=16)
+    out = torch.zeros(1, 3, H, W)
+    weight = torch.zeros(1, 1, H, W)
+    for y in ys:
+        for x0 in xs:
+            th, tw = min(tile, H), min(tile, W)
+            patch = x[:, y // s:(y + th) // s, x0 // s:(x0 + tw) // s]
+            cond = B.encode_condition(bb, patch.to(bb.device), args.prompt, s)
+            noise = B.initial_noise(cond, 1, generator)
+            sigmas = B.sigma_schedule(bb.scheduler, args.steps, cond.num_tokens)
+            sr = B.decode(bb, B.sample(bb.transformer, cond, noise, sigmas), cond).float().cpu()
+            win = _blend_window(th, tw) if len(ys) * len(xs) > 1 else torch.ones(1, 1, th, tw)
+            out[:, :, y:y + th, x0:x0 + tw] += sr * win
+            weight[:, :, y:y + th, x0:x0 + tw] += win
+            if progress is not None:
+                progress.update(1)
+    out = out / weight
+    out = COLOR_FIXES[args.color_fix](out, B.upscale(x[None].float(), s))
+    return out[0, :, :h * s, :w * s]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    src = Path(args.input)
+    if src.is_dir():
+        inputs = list_images(src)
+    elif src.is_file():
+        inputs = [src]
+    else:
+        raise SystemExit(f"--input {src}: no such file or folder")
+    bb = load_policy(args.model, args.sft, args.lora, dtype, device)
+    out_dir = Path(args.output)
+    failures: list[str] = []
+    bar = tqdm(inputs, desc="super-resolving", unit="img", disable=len(inputs) < 2 and not sys.stderr.isatty())
+    for path in bar:
+        try:
+            lr = load_image(path)
+            generator = torch.Generator().manual_seed(args.seed)  # same seed per image: reproducible alone
+            sr = super_resolve_image(bb, lr, args, generator)
+            save_image(sr, out_dir / f"{path.stem}.png")
+        except (ImageReadError, ValueError) as err:
+            failures.append(f"{path}: {err}")
+            tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
+    print(f"wrote {len(inputs) - len(failures)} image(s) to {out_dir}")
+    if args.hr:
+        import evaluate
+
+        evaluate.main(["--sr", str(out_dir), "--hr", args.hr, "--csv", str(out_dir / "metrics.csv")])
+    if failures:
+        print(f"{len(failures)} input(s) failed:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
