@@ -17,6 +17,7 @@ Only safetensors and JSON are read back: no pickles.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -282,3 +283,72 @@ class NonFiniteGuard:
                     f"loss was NaN/Inf in {self.skipped} steps (limit --max-nonfinite {self.max_skips}); "
                     "lower the learning rate or check the data. The last checkpoint is intact.")
         return finite
+
+
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """Shuffled indices per (seed, epoch), split across ranks, that can start mid-epoch.
+
+    Every rank draws the same permutation (seeded by `seed + epoch`, not by the rank) and takes every
+    `world_size`-th index, so ranks see disjoint data. `set_epoch(epoch, start)` skips the first
+    `start` indices of this rank's share: that is how a resumed run continues at the exact data
+    position where it stopped, without loading the skipped images.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
+        self.per_rank = math.ceil(n / world_size)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.n))
+        order = (order * math.ceil(self.per_rank * self.world_size / self.n))[: self.per_rank * self.world_size]
+        return iter(order[self.rank::self.world_size][self.start:])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+def infinite_batches(dataset: torch.utils.data.Dataset, batch_size: int, dist_info: DistInfo, seed: int,
+                     start_step: int = 0, num_workers: int = 0, collate_fn=None):
+    """Yield (epoch, batch) forever, starting at the batch that `start_step` steps have consumed.
+
+    Epoch e uses permutation (seed, e) and the dataset's own per-epoch randomness (`set_epoch`, e.g.
+    the crops and degradations of `data.HRFolderDataset`).
+    """
+    sampler = ResumableSampler(len(dataset), dist_info.rank, dist_info.world_size, seed)
+    if sampler.per_rank < batch_size:
+        raise ValueError(f"the dataset has {len(dataset)} items: too few for a batch of {batch_size} on each of "
+                         f"{dist_info.world_size} process(es); add data or lower --batch-size")
+    steps_per_epoch = max(1, sampler.per_rank // batch_size)
+    epoch, offset = divmod(start_step, steps_per_epoch)
+    while True:
+        sampler.set_epoch(epoch, offset * batch_size)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                             num_workers=num_workers, collate_fn=collate_fn)
+        for batch in loader:
+            yield epoch, batch
+        epoch, offset = epoch + 1, 0
+
+
+def check_ranks_in_sync(params: list[torch.Tensor], atol: float = 0.0) -> float:
+    """Raise if the trainable parameters differ between ranks (cheap checksum); returns the checksum.
+
+    DDP keeps replicas identical by construction; this catches what breaks that (a rank skipping a step
+    alone, a parameter outside DDP, different initial weights from an unseeded build).
+    """
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).cpu()
+    if dist.is_available() and dist.is_initialized():
+        gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, checksum)
+        values = torch.cat(gathered)
+        if (values - values[0]).abs().max() > atol:
+            raise RuntimeError(f"ranks diverged: parameter checksums {values.tolist()}")
+    return float(checksum)

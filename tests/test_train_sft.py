@@ -1,0 +1,111 @@
+"""train_sft.py on the tiny preset: loss falls, resume is exact, torchrun with 2 CPU processes, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_sft
+import training as T
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def hr_dir(tmp_path_factory):
+    from skimage import data
+
+    d = tmp_path_factory.mktemp("hr")
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        Image.fromarray(getattr(data, name)()).resize((96, 96)).save(d / f"{name}.png")
+    return d
+
+
+def _run(hr_dir, out, *extra):
+    train_sft.main(["--model", "tiny", "--hr-dir", str(hr_dir), "--crop-size", "64", "--lr", "1e-3",
+                    "--warmup-steps", "1", "--out", str(out), "--sample-every", "0", "--batch-size", "2",
+                    "--log-every", "5", *extra])
+
+
+def test_loss_falls_and_outputs_are_written(hr_dir, tmp_path):
+    _run(hr_dir, tmp_path / "sft", "--steps", "40", "--save-every", "20")
+    log = json.loads((tmp_path / "sft" / "train_log.json").read_text())
+    losses = log["losses"]
+    assert len(losses) == 40
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.8 * first, (first, last)
+    weights = load_file(str(tmp_path / "sft" / "transformer.safetensors"))
+    import backbone as B
+
+    base = B.load_backbone("tiny").transformer.state_dict()
+    assert weights.keys() == base.keys()
+    assert any(not torch.equal(weights[k], base[k]) for k in base)  # trained
+    assert [p.name for p in T.list_checkpoints(tmp_path / "sft" / "checkpoints")] == ["step_000020", "step_000040"]
+    assert list((tmp_path / "sft" / "tb").iterdir())  # TensorBoard event file
+
+
+def test_resume_continues_exactly(hr_dir, tmp_path):
+    """10 steps, stop, resume to 20 == 20 steps in one go (weights, optimizer state, data, noise)."""
+    _run(hr_dir, tmp_path / "full", "--steps", "20", "--save-every", "10")
+    _run(hr_dir, tmp_path / "split", "--steps", "10", "--save-every", "10")
+    # a half-written checkpoint from a kill during saving must be ignored
+    (tmp_path / "split" / "checkpoints" / "step_000015.tmp").mkdir()
+    _run(hr_dir, tmp_path / "split", "--steps", "20", "--save-every", "10", "--resume", "latest")
+    a, opt_a, state_a = T.load_checkpoint(tmp_path / "full" / "checkpoints" / "step_000020")
+    b, opt_b, state_b = T.load_checkpoint(tmp_path / "split" / "checkpoints" / "step_000020")
+    assert state_a["step"] == state_b["step"] == 20
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(opt_a[k], opt_b[k]) for k in opt_a if k.startswith("state."))
+    la = json.loads((tmp_path / "full" / "train_log.json").read_text())["losses"]
+    lb = json.loads((tmp_path / "split" / "train_log.json").read_text())["losses"]
+    assert lb == la[10:]
+
+
+def test_bad_data_folder_errors_name_files(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images in"):
+        _run(tmp_path / "empty", tmp_path / "o", "--steps", "1")
+    small = tmp_path / "small"
+    small.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(small / "little.png")
+    Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(small / "fine.png")
+    with pytest.raises(ValueError, match="little.png.*smaller than crop_size=64"):
+        _run(small, tmp_path / "o", "--steps", "1")
+
+
+def test_nonfinite_loss_is_skipped_and_bounded(hr_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_sft, "flow_matching_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(FloatingPointError, match="NaN/Inf in 3 steps"):
+        _run(hr_dir, tmp_path / "nan", "--steps", "5", "--max-nonfinite", "2")
+
+
+def test_timestep_sampling_modes():
+    g = torch.Generator().manual_seed(0)
+    for mode in ("uniform", "logit_normal", "shifted"):
+        t = train_sft.sample_timesteps(4000, mode, g)
+        assert 0 < t.min() and t.max() < 1
+    assert abs(train_sft.sample_timesteps(4000, "uniform", g).mean() - 0.5) < 0.03
+    assert train_sft.sample_timesteps(4000, "shifted", g).mean() > 0.6  # shift 3 moves mass toward noise
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_stay_in_sync(hr_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "train_sft.py", "--model", "tiny", "--hr-dir", str(hr_dir), "--crop-size", "64", "--steps", "4",
+           "--batch-size", "1", "--lr", "1e-3", "--out", str(out), "--save-every", "4", "--sample-every", "0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt, opt, state = T.load_checkpoint(out / "checkpoints" / "step_000004")
+    # both ranks' noise generators were saved and differ (per-rank seeds)
+    assert not torch.equal(opt["generator.0"], opt["generator.1"])
+    assert (out / "transformer.safetensors").exists()
+    assert "2 ranks in sync" in proc.stdout

@@ -1,0 +1,266 @@
+"""Cold-start stage of OARS: flow-matching SFT of Qwen-Image-Edit-2509 on LR-HR pairs (paper §4, Eq.5).
+
+    x_t = (1 - t) x_HR + t eps,   v = eps - x_HR,   L_SFT = E_{t~U(0,1), x_HR, eps} || v - v_theta(x_t, t | x_LR, c) ||^2
+
+x_HR, eps and x_t live in the VAE's normalised, packed latent space; x_LR enters as the condition (the LR
+upscaled 4x, seen by the VL text encoder and appended as condition latents, see backbone.py).
+
+Tiny preset on a CPU (a minute):
+    python train_sft.py --model tiny --hr-dir data/hr --crop-size 64 --steps 50 --lr 1e-3
+Full scale (paper: LSDIR, 512 px crops), 8 GPUs:
+    torchrun --nproc_per_node 8 train_sft.py --model Qwen/Qwen-Image-Edit-2509 --hr-dir LSDIR/HR \
+        --crop-size 512 --bf16 --gradient-checkpointing --offload-text-encoder
+    (full fine-tuning of the 20B transformer with AdamW needs ~16 bytes/param of optimizer+weights state
+     per replica under DDP; use --lora-rank 64 on smaller GPUs.)
+Resume a killed run:  python train_sft.py ... --resume latest
+
+Writes out/sft/transformer.safetensors (full transformer weights, or the LoRA merged into them), which
+`infer.py --sft out/sft` and `rl_fr.py --init sft` load; checkpoints under out/sft/checkpoints/;
+TensorBoard scalars under out/sft/tb/; LR | SR | HR grids under out/sft/samples/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import backbone as B
+import training as T
+from data import HRFolderDataset, PairedFolderDataset, collate, save_image
+
+
+@dataclass
+class Args:
+    model: str = "tiny"
+    """'tiny' or Qwen/Qwen-Image-Edit-2509 / a local diffusers folder"""
+    hr_dir: str | None = None
+    """HR folder, degraded on the fly (Real-ESRGAN second order, data.py)"""
+    lr_dir: str | None = None
+    """LR folder paired with --hr-dir by file name (then no synthetic degradation)"""
+    out: str = "out/sft"
+    crop_size: int = 512
+    """HR crop in pixels (paper: 512 x 512, 4x SR)"""
+    scale: int = 4
+    batch_size: int = 1
+    """per process"""
+    steps: int = 10000
+    lr: float = 1e-5
+    """AdamW learning rate (the paper does not give the SFT value; 1e-5 is usual for full fine-tuning)"""
+    weight_decay: float = 1e-4
+    """paper §5.1 gives 1e-4 for RL; reused here"""
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    timestep_sampling: str = "uniform"
+    """'uniform' (t ~ U(0,1), Eq.5 as written) | 'logit_normal' | 'shifted' (diffusers' SD3/Qwen alternatives)"""
+    lora_rank: int = 0
+    """0 = full fine-tuning (paper); >0 trains a LoRA of this rank (alpha = 2*rank) and merges it at the end"""
+    bf16: bool = False
+    """bf16 autocast for the transformer forward"""
+    gradient_checkpointing: bool = False
+    offload_text_encoder: bool = False
+    """keep the frozen text encoder on the CPU (it runs once per LR image)"""
+    prompt: str = B.DEFAULT_PROMPT
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 500
+    """write an LR | SR | HR grid every N steps (0 = never)"""
+    sample_steps: int = 40
+    save_every: int = 1000
+    keep_last: int = 3
+    resume: str | None = None
+    """'latest' or a checkpoint directory"""
+    max_nonfinite: int = 10
+    """stop after this many NaN/Inf losses (each one skips its step)"""
+    num_workers: int = 0
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true")
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, type=kind, default=f.default)
+    args = Args(**vars(p.parse_args(argv)))
+    if not args.hr_dir:
+        p.error("--hr-dir is required (an HR folder; add --lr-dir for paired LR images)")
+    if args.timestep_sampling not in ("uniform", "logit_normal", "shifted"):
+        p.error(f"--timestep-sampling {args.timestep_sampling}: choose uniform, logit_normal or shifted")
+    return args
+
+
+def sample_timesteps(n: int, mode: str, generator: torch.Generator, shift: float = 3.0) -> torch.Tensor:
+    """t in (0,1) for n samples. 'uniform' is Eq.5 as written; the others are diffusers' SD3 choices."""
+    if mode == "uniform":
+        return torch.rand(n, generator=generator)
+    if mode == "logit_normal":  # mean 0, std 1 in logit space: more weight on the middle of the path
+        return torch.sigmoid(torch.randn(n, generator=generator))
+    u = torch.rand(n, generator=generator)  # 'shifted': t' = s t / (1 + (s - 1) t), more weight on noise
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_matching_loss(transformer, cond: B.Condition, x0: torch.Tensor, generator: torch.Generator,
+                       mode: str = "uniform", autocast: bool = False) -> torch.Tensor:
+    """Eq.5 for a batch: x0 (B,N,64) clean HR tokens, cond batched to B -> scalar loss."""
+    b = x0.shape[0]
+    t = sample_timesteps(b, mode, generator).to(x0.device)              # t ~ U(0,1)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)      # eps ~ N(0, I)
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps          # x_t = (1-t) x_HR + t eps
+    v_target = eps - x0                                                  # v = eps - x_HR
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast):
+        v_pred = B.velocity(transformer, x_t, t, cond)                   # v_theta(x_t, t | x_LR, c)
+    return (v_pred.float() - v_target).pow(2).mean()                     # || v - v_theta ||^2
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # ------------------------------------------------------------------ setup (plumbing)
+    dist_info = T.setup_distributed()
+    generator = T.seed_everything(args.seed, dist_info.rank)   # per-rank noise and timesteps
+    out = Path(args.out)
+    ckpt_root = out / "checkpoints"
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(asdict(args), indent=1))
+
+    if args.lr_dir:
+        dataset = PairedFolderDataset(args.lr_dir, args.hr_dir, crop_size=args.crop_size, scale=args.scale,
+                                      flip=True, seed=args.seed)
+    else:
+        dataset = HRFolderDataset(args.hr_dir, crop_size=args.crop_size, scale=args.scale, seed=args.seed)
+    dataset.check()  # one error listing every unreadable / too small / unmatched file, before any training
+
+    bb = B.load_backbone(args.model, device=dist_info.device,
+                         text_encoder_device="cpu" if args.offload_text_encoder else None)
+    transformer = bb.transformer
+    if args.lora_rank:
+        B.add_lora(transformer, rank=args.lora_rank, alpha=2 * args.lora_rank)
+        params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        transformer.requires_grad_(True)
+        params = list(transformer.parameters())
+    transformer.train()
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    trainable = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+
+    start_step = 0
+    resume_from = T.resolve_resume(args.resume, ckpt_root)
+    if resume_from is not None:
+        weights, opt_tensors, state = T.load_checkpoint(resume_from)
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(weights[name])
+        T.unpack_training_state(opt_tensors, state, optimizer, scheduler)
+        generator.set_state(opt_tensors[f"generator.{dist_info.rank}"] if f"generator.{dist_info.rank}" in opt_tensors
+                            else opt_tensors["generator.0"])
+        start_step = state["step"]
+        if dist_info.is_main:
+            print(f"resumed from {resume_from} at step {start_step}")
+
+    model = DDP(transformer, find_unused_parameters=True) if dist_info.world_size > 1 else transformer
+    writer = None
+    if dist_info.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+    guard = T.NonFiniteGuard(args.max_nonfinite)
+    batches = T.infinite_batches(dataset, args.batch_size, dist_info, args.seed, start_step, args.num_workers, collate)
+    losses: list[float] = []
+
+    def save(step: int) -> None:
+        """Checkpoint (all ranks hold identical weights under DDP; rank 0 writes)."""
+        gen_states = [generator.get_state()]
+        if dist_info.world_size > 1:
+            gathered = [torch.empty_like(gen_states[0]) for _ in range(dist_info.world_size)]
+            torch.distributed.all_gather(gathered, gen_states[0])
+            gen_states = gathered
+        if dist_info.is_main:
+            tensors, state = T.pack_training_state(optimizer, scheduler)
+            tensors.update({f"generator.{r}": g for r, g in enumerate(gen_states)})
+            T.save_checkpoint(ckpt_root, step, {n: p.detach() for n, p in trainable.items()}, tensors, state,
+                              keep_last=args.keep_last)
+
+    # ------------------------------------------------------------------ the cold-start loop (Eq.5)
+    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="SFT",
+               disable=not dist_info.is_main)
+    step = start_step
+    for step in bar:
+        _, batch = next(batches)
+        lr_imgs, hr_imgs = batch["lr"].to(bb.device), batch["hr"].to(bb.device)
+        with torch.no_grad():
+            # 1. condition (x_LR, c): once per LR image, frozen text encoder and VAE
+            cond = B.stack_conditions([B.encode_condition(bb, x, args.prompt, args.scale) for x in lr_imgs])
+            # 2. x_HR in the latent space the velocity lives in
+            x0 = B.pack_latents(B.vae_encode(bb.vae, hr_imgs)).float()
+        # 3-5. x_t, v = eps - x_HR, ||v - v_theta||^2
+        loss = flow_matching_loss(model, cond, x0, generator, args.timestep_sampling, args.bf16)
+        optimizer.zero_grad(set_to_none=True)
+        if not guard.ok(loss):  # NaN/Inf: skip the step, count it, stop after --max-nonfinite
+            continue
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+
+        # ------------------------------------------------------------------ logging, samples, checkpoints
+        loss_value = float(T.all_reduce_mean(loss.detach()))
+        losses.append(loss_value)
+        done = step + 1
+        if dist_info.is_main:
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if done % args.log_every == 0 or done == args.steps:
+                writer.add_scalar("train/loss", loss_value, done)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
+                writer.add_scalar("train/grad_norm", float(grad_norm), done)
+                writer.add_scalar("train/nonfinite_skipped", guard.skipped, done)
+            if args.sample_every and done % args.sample_every == 0:
+                write_sample_grid(bb, lr_imgs[0], hr_imgs[0], args, out / "samples" / f"step_{done:06d}.png")
+        if done % args.save_every == 0 or done == args.steps:
+            save(done)
+
+    # ------------------------------------------------------------------ final weights for infer.py / rl_fr.py
+    checksum = T.check_ranks_in_sync(params)
+    if dist_info.is_main:
+        if dist_info.world_size > 1:
+            print(f"{dist_info.world_size} ranks in sync (parameter checksum {checksum:.6f})")
+        if args.lora_rank:
+            transformer.fuse_lora()
+            transformer.unload_lora()
+        final = {k: v for k, v in transformer.state_dict().items()}
+        T.atomic_save_safetensors(final, out / "transformer.safetensors")
+        T.atomic_write_text(json.dumps({"losses": losses, "start_step": start_step,
+                                        "nonfinite_skipped": guard.skipped, "time": time.time()}),
+                            out / "train_log.json")
+        print(f"wrote {out / 'transformer.safetensors'}")
+        writer.close()
+    T.cleanup_distributed()
+
+
+@torch.no_grad()
+def write_sample_grid(bb: B.Backbone, lr: torch.Tensor, hr: torch.Tensor, args: Args, path: Path) -> None:
+    """LR (bicubic to HR size) | SR | HR side by side."""
+    was_training = bb.transformer.training
+    bb.transformer.eval()
+    sr = B.super_resolve(bb, lr, args.sample_steps, generator=torch.Generator().manual_seed(0),
+                         prompt=args.prompt, scale=args.scale)[0]
+    bb.transformer.train(was_training)
+    grid = torch.cat([B.upscale(lr[None].float(), args.scale)[0].cpu(), sr.cpu(), hr.float().cpu()], dim=-1)
+    save_image(grid, path)
+
+
+if __name__ == "__main__":
+    main()
