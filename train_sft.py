@@ -160,13 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     start_step = 0
     resume_from = T.resolve_resume(args.resume, ckpt_root)
     if resume_from is not None:
-        weights, opt_tensors, state = T.load_checkpoint(resume_from)
+        weights, state = T.restore_training_checkpoint(resume_from, optimizer, generator, dist_info.rank, scheduler)
         with torch.no_grad():
             for name, p in trainable.items():
                 p.copy_(weights[name])
-        T.unpack_training_state(opt_tensors, state, optimizer, scheduler)
-        generator.set_state(opt_tensors[f"generator.{dist_info.rank}"] if f"generator.{dist_info.rank}" in opt_tensors
-                            else opt_tensors["generator.0"])
         start_step = state["step"]
         if dist_info.is_main:
             print(f"resumed from {resume_from} at step {start_step}")
@@ -182,17 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     losses: list[float] = []
 
     def save(step: int) -> None:
-        """Checkpoint (all ranks hold identical weights under DDP; rank 0 writes)."""
-        gen_states = [generator.get_state()]
-        if dist_info.world_size > 1:
-            gathered = [torch.empty_like(gen_states[0]) for _ in range(dist_info.world_size)]
-            torch.distributed.all_gather(gathered, gen_states[0])
-            gen_states = gathered
-        if dist_info.is_main:
-            tensors, state = T.pack_training_state(optimizer, scheduler)
-            tensors.update({f"generator.{r}": g for r, g in enumerate(gen_states)})
-            T.save_checkpoint(ckpt_root, step, {n: p.detach() for n, p in trainable.items()}, tensors, state,
-                              keep_last=args.keep_last)
+        # all ranks hold identical weights under DDP; every rank contributes its noise generator state
+        T.save_training_checkpoint(ckpt_root, step, {n: p.detach() for n, p in trainable.items()}, optimizer,
+                                   generator, dist_info, scheduler, keep_last=args.keep_last)
 
     # ------------------------------------------------------------------ the cold-start loop (Eq.5)
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="SFT",

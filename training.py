@@ -352,3 +352,31 @@ def check_ranks_in_sync(params: list[torch.Tensor], atol: float = 0.0) -> float:
         if (values - values[0]).abs().max() > atol:
             raise RuntimeError(f"ranks diverged: parameter checksums {values.tolist()}")
     return float(checksum)
+
+
+def save_training_checkpoint(ckpt_root: str | Path, step: int, model: dict[str, torch.Tensor],
+                             optimizer: torch.optim.Optimizer, generator: torch.Generator, dist_info: DistInfo,
+                             scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, keep_last: int = 3,
+                             **extra: Any) -> None:
+    """Everything a resumed run needs, from every rank: weights, optimizer, scheduler, global RNG and
+    each rank's own noise generator. Call on ALL ranks (it gathers); rank 0 writes."""
+    state = generator.get_state()
+    states = [state]
+    if dist_info.world_size > 1:
+        states = [torch.empty_like(state) for _ in range(dist_info.world_size)]
+        dist.all_gather(states, state)
+    if dist_info.is_main:
+        tensors, meta = pack_training_state(optimizer, scheduler, **extra)
+        tensors.update({f"generator.{r}": s for r, s in enumerate(states)})
+        save_checkpoint(ckpt_root, step, model, tensors, meta, keep_last=keep_last)
+
+
+def restore_training_checkpoint(path: str | Path, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                                rank: int = 0, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+                                ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Inverse of `save_training_checkpoint`: restores optimizer, scheduler, RNGs in place; returns
+    (model tensors, state JSON). A run resumed on a different number of ranks reuses rank 0's stream."""
+    model, tensors, state = load_checkpoint(path)
+    unpack_training_state(tensors, state, optimizer, scheduler)
+    generator.set_state(tensors.get(f"generator.{rank}", tensors["generator.0"]))
+    return model, state

@@ -1,0 +1,464 @@
+"""Full-reference online RL stage of OARS (paper §4 "Full-Reference RL Stage", §5.1).
+
+LoRA (rank 32, alpha 64) on the BASE Qwen-Image-Edit-2509 weights, trained with the negative-aware
+forward-process objective (DiffusionNFT, Eq.6-8, nft.py). Per step and per LR image:
+
+    condition once  ->  K=24 rollouts from the OLD policy (6 Euler steps)  ->  reward
+    R = Eq.4(F, Q_LR, Q_SR), F = 1 - DISTS(SR, HR) against the reference (Eq.1), Q_LR/Q_SR from COMPASS
+    ->  drop high-mean/low-variance groups  ->  r = 0.5 + 0.5 clip((R - mean)/std, -1, 1)
+    ->  fresh noise x_t = (1-t) x0 + t eps on the kept samples, v = eps - x0
+    ->  L = r ||v+ - v||^2 + (1-r) ||v- - v||^2  (Eq.8)  ->  Adam on the LoRA  ->  old <- EMA(theta)
+
+One copy of the backbone in memory: the trainable policy is peft adapter "default", the old policy a
+second adapter "old" on the same modules, the reference (for the optional KL) the adapters disabled.
+
+Tiny preset on a CPU (SSIM fidelity needs no weights; tiny COMPASS built locally):
+    python rl_fr.py --model tiny --hr-dir data/hr --crop-size 64 --group-size 8 --steps 20 --fidelity ssim
+Full scale, 8 GPUs (paper: LSDIR, K=24, reward model served by vLLM on another machine):
+    torchrun --nproc_per_node 8 rl_fr.py --model Qwen/Qwen-Image-Edit-2509 --hr-dir LSDIR/HR \
+        --reward-url http://reward-host:8000/v1 --reward-model-name compass --bf16 --gradient-checkpointing
+Resume:  ... --resume latest
+Writes out/fr.safetensors (the LoRA in the stock pipeline's format, loadable by
+`QwenImageEditPlusPipeline.load_lora_weights`, `infer.py --lora` and `rl_nr.py --lora`), and under
+out/fr/: checkpoints/, tb/ (TensorBoard), samples/ (LR | K samples | HR grids), rewards.jsonl.
+
+Distributed choice: every group (the K samples of one LR) is generated on ONE rank, so group statistics
+are exact without communication; gradients of the LoRA parameters are all-reduced by hand after the
+accumulation (ranks may keep different numbers of samples after filtering, which a DDP wrapper, one
+all-reduce per backward, cannot handle without deadlocking).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import backbone as B
+import nft
+import training as T
+from data import HRFolderDataset, PairedFolderDataset, save_image
+
+
+@dataclass
+class Args:
+    model: str = "tiny"
+    """'tiny' or Qwen/Qwen-Image-Edit-2509 / a local diffusers folder: the BASE weights RL trains on"""
+    init: str = "base"
+    """'base' (paper) or 'sft': put the LoRA on the SFT weights instead (Table 5 ablation; needs --sft)"""
+    sft: str | None = None
+    lora: str | None = None
+    """start from this LoRA file (rl_nr.py starts from rl_fr.py's output)"""
+    hr_dir: str | None = None
+    """HR folder degraded on the fly (full-reference stage)"""
+    lr_dir: str | None = None
+    """LR folder: paired with --hr-dir by file name (FR), or alone (rl_nr.py)"""
+    out: str = "out/fr.safetensors"
+    """final LoRA file; the run folder is next to it without the suffix (out/fr/)"""
+    crop_size: int = 512
+    """HR crop (paper: 512 px); LR = crop/4"""
+    scale: int = 4
+    lrs_per_step: int = 1
+    """LR images (groups) per process per step (paper: per-GPU batch size 1)"""
+    group_size: int = 24
+    """K rollouts per LR (paper §5.1: 24)"""
+    rollout_batch: int = 24
+    """rollouts per forward pass (K in one batch when memory allows)"""
+    rollout_steps: int = 6
+    """Euler steps per rollout (paper §5.1: 6 for training)"""
+    train_batch: int = 4
+    """samples per forward/backward in the NFT update (gradients are accumulated over all kept samples)"""
+    steps: int = 1000
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    lora_rank: int = 32
+    lora_alpha: int = 64
+    lam: float = 1.0
+    """lambda of Eq.6-7"""
+    clip: float = 1.0
+    """clip range of the normalised reward in r (paper: 1)"""
+    std_mode: str = "group"
+    """'group' (paper) or 'global' (DiffusionNFT global_std)"""
+    filter_mean: float = 0.9
+    filter_var: float = 0.05
+    reward_scale: float = 5.0
+    """the filter compares mean/var of R / reward_scale (Eq.4 spans ~[0,5]; the paper does not say)"""
+    loss_normalize: str = "none"
+    """'none' (Eq.8 as written) or 'x0_adaptive' (DiffusionNFT's x0-space adaptive weighting)"""
+    kl_weight: float = 0.0
+    """weight of ||v_theta - v_ref||^2 (DiffusionNFT uses 1e-4; the paper does not mention a KL)"""
+    train_timesteps: str = "uniform"
+    """'uniform' t~U(0,1) or 'rollout_grid' (DiffusionNFT: the rollout's sigmas)"""
+    old_decay: str = "nft"
+    """old-policy EMA schedule: 'nft' decay=min(0.001*step, 0.5) (DiffusionNFT) or 'copy' (old = theta)"""
+    fidelity: str = "dists"
+    """F against the HR: 'dists' (paper, Eq.1), 'lpips', 'ssim' (no downloaded weights)"""
+    reward_model: str = "tiny"
+    """COMPASS checkpoint for Q_LR/Q_SR (in-process): 'tiny', a hub name or a folder"""
+    reward_url: str | None = None
+    """OpenAI-compatible server (vLLM) instead of in-process scoring, e.g. http://host:8000/v1"""
+    reward_model_name: str = "compass"
+    reward_concurrency: int = 8
+    reward_form: str = "compass"
+    """'compass' (Eq.4), 'gain' or 'gated' (Table 8 ablations)"""
+    gamma: float = 7.0
+    prompt: str = B.DEFAULT_PROMPT
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 1
+    sample_every: int = 50
+    save_every: int = 50
+    keep_last: int = 3
+    resume: str | None = None
+
+
+def parse_args(argv: list[str] | None = None, defaults: dict | None = None, doc: str = __doc__) -> Args:
+    """CLI from the Args dataclass (one flag per field); `defaults` lets rl_nr.py change a few."""
+    defaults = defaults or {}
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    for f in fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, f.default)
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", default=default)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float}.get(str(f.type), str), default=default)
+    args = Args(**vars(p.parse_args(argv)))
+    if args.init == "sft" and not args.sft:
+        p.error("--init sft needs --sft (the folder train_sft.py wrote)")
+    if args.group_size < 2:
+        p.error("--group-size must be >= 2 (group statistics need two samples)")
+    return args
+
+
+# ====================================================================================================
+# The policy: base (or SFT) weights + trainable adapter "default" + old-policy adapter "old"
+# ====================================================================================================
+
+
+@contextmanager
+def active_adapter(transformer, name: str | None):
+    """Run with adapter `name` active (None = adapters disabled: the reference model); back to "default".
+
+    peft's set_adapter moves requires_grad to the active adapter, so the trainable one is always
+    re-activated before the caller's backward.
+    """
+    if name is None:
+        transformer.disable_adapters()
+    else:
+        transformer.set_adapter(name)
+    try:
+        yield
+    finally:
+        if name is None:
+            transformer.enable_adapters()
+        transformer.set_adapter("default")
+
+
+def setup_policy(args: Args, device: torch.device) -> tuple[B.Backbone, list[torch.Tensor], list[torch.Tensor]]:
+    """Load the backbone, attach both adapters; returns (backbone, trainable params, old params) aligned."""
+    bb = B.load_backbone(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32, device=device)
+    if args.init == "sft":
+        B.load_transformer_weights(bb.transformer, args.sft)
+    tr = bb.transformer
+    for name in ("default", "old"):
+        if args.lora:
+            B.load_lora(tr, args.lora, adapter_name=name)
+        else:
+            B.add_lora(tr, args.lora_rank, args.lora_alpha, adapter_name=name)
+    # peft draws A randomly per adapter: start old == theta exactly
+    named = dict(tr.named_parameters())
+    theta_names = sorted(n for n in named if ".default." in n)
+    params = [named[n] for n in theta_names]
+    old = [named[n.replace(".default.", ".old.")] for n in theta_names]
+    with torch.no_grad():
+        for o, p in zip(old, params):
+            o.copy_(p)
+    tr.set_adapter("default")
+    for p in params:  # LoRA weights train in fp32 even when the base runs in bf16
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    for o in old:
+        o.data = o.data.float()
+    if args.gradient_checkpointing:
+        tr.enable_gradient_checkpointing()
+    return bb, params, old
+
+
+# ====================================================================================================
+# Rollouts and the NFT update
+# ====================================================================================================
+
+
+@torch.no_grad()
+def rollout(bb: B.Backbone, cond: B.Condition, k: int, num_steps: int, chunk: int,
+            generator: torch.Generator) -> torch.Tensor:
+    """K samples x0 (K,N,64) for ONE condition from the OLD policy, `chunk` per forward pass."""
+    sigmas = B.sigma_schedule(bb.scheduler, num_steps, cond.num_tokens)
+    noise = B.initial_noise(cond, k, generator)
+    with active_adapter(bb.transformer, "old"):
+        return torch.cat([B.sample(bb.transformer, cond, noise[i:i + chunk], sigmas) for i in range(0, k, chunk)])
+
+
+def nft_backward(bb: B.Backbone, cond: B.Condition, x0: torch.Tensor, r: torch.Tensor, args: Args,
+                 generator: torch.Generator, rollout_sigmas: torch.Tensor, normaliser: float) -> float:
+    """Accumulate d/dtheta of Eq.8 over the kept samples x0 (M,N,64) of one condition, with r (M,).
+
+    The loss of each sample is divided by `normaliser` (the number of kept samples over all ranks), so
+    the accumulated gradient is the mean over the global batch. Returns the summed (unnormalised) loss.
+    """
+    tr, total = bb.transformer, 0.0
+    autocast = torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    for i in range(0, x0.shape[0], args.train_batch):
+        x0_b, r_b = x0[i:i + args.train_batch].float(), r[i:i + args.train_batch]
+        m = x0_b.shape[0]
+        cond_b = B.repeat_condition(cond, m)
+        # 1. fresh noise on the kept samples: x_t = (1-t) x0 + t eps, target v = eps - x0 (Eq.5 form)
+        t = nft.sample_train_timesteps(m, generator, args.train_timesteps, rollout_sigmas).to(x0.device)
+        eps = torch.randn(x0_b.shape, generator=generator).to(x0.device)
+        x_t = (1 - t[:, None, None]) * x0_b + t[:, None, None] * eps
+        v_target = eps - x0_b
+        # 2. the frozen old policy v_old (Eq.6-7 mix it with v_theta)
+        with torch.no_grad(), active_adapter(tr, "old"), autocast:
+            v_old = B.velocity(tr, x_t, t, cond_b).float()
+        # 3. the current policy v_theta, with gradients (adapter "default")
+        with autocast:
+            v_theta = B.velocity(tr, x_t, t, cond_b).float()
+        loss = nft.nft_loss(v_theta, v_old, v_target, r_b, args.lam, args.loss_normalize, x_t, t)  # Eq.8, (m,)
+        if args.kl_weight > 0:  # optional: stay near the reference (adapters off), DiffusionNFT-style
+            with torch.no_grad(), active_adapter(tr, None), autocast:
+                v_ref = B.velocity(tr, x_t, t, cond_b).float()
+            loss = loss + args.kl_weight * nft.kl_to_reference(v_theta, v_ref)
+        (loss.sum() / normaliser).backward()
+        total += float(loss.detach().sum())
+    return total
+
+
+def all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Sum the LoRA gradients over ranks (each rank already divided by the global sample count)."""
+    if dist.is_available() and dist.is_initialized():
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
+# ====================================================================================================
+# Rewards: full-reference (this stage) — F against the HR, Q_LR and Q_SR from COMPASS
+# ====================================================================================================
+
+# A reward function maps one dataset item and its K decoded samples (K,3,H,W) to reward.Scores.
+RewardFn = Callable[[dict, torch.Tensor], "object"]
+
+
+def make_compass_scorer(args: Args, synthetic: bool):
+    """The COMPASS scorer: a remote OpenAI-compatible server (--reward-url) or in-process (--reward-model)."""
+    import reward
+
+    if args.reward_url:
+        return reward.RemoteScorer(args.reward_url, args.reward_model_name, concurrency=args.reward_concurrency,
+                                   synthetic=synthetic)
+    model, processor = reward.load_compass(args.reward_model)
+    return reward.LocalScorer(model, processor, synthetic=synthetic)
+
+
+def make_fr_reward(args: Args) -> RewardFn:
+    """F = fidelity(SR, HR) (Eq.1 with DISTS by default); Q_LR, Q_SR from COMPASS (one Q_LR per group)."""
+    import reward
+
+    fidelity = reward.FidelityScorer(args.fidelity)
+    compass = make_compass_scorer(args, synthetic=False)
+
+    def score(item: dict, srs: torch.Tensor) -> reward.Scores:
+        quality = compass.score_group(B.to_pil(item["lr"]), [B.to_pil(s) for s in srs])
+        hr = item["hr"][None].expand_as(srs).to(srs.device)
+        quality.F = fidelity.fidelity(srs, hr).float().cpu()
+        return quality
+
+    return score
+
+
+# ====================================================================================================
+# The online RL loop (shared with rl_nr.py)
+# ====================================================================================================
+
+
+def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callable[[Args], RewardFn]) -> Path:
+    import reward
+
+    # ------------------------------------------------------------------ setup (plumbing)
+    dist_info = T.setup_distributed()
+    generator = T.seed_everything(args.seed, dist_info.rank)       # per-rank noise: different rollouts per GPU
+    out_file = Path(args.out)
+    run_dir = out_file.with_suffix("")
+    ckpt_root = run_dir / "checkpoints"
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    bb, params, old_params = setup_policy(args, dist_info.device)
+    reward_fn = reward_fn_factory(args)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    lora_names = [n for n, p in bb.transformer.named_parameters() if ".default." in n or ".old." in n]
+
+    start_step = 0
+    resume_from = T.resolve_resume(args.resume, ckpt_root)
+    if resume_from is not None:  # both adapters, optimizer, RNGs, step (= data position)
+        weights, state = T.restore_training_checkpoint(resume_from, optimizer, generator, dist_info.rank)
+        named = dict(bb.transformer.named_parameters())
+        with torch.no_grad():
+            for n in lora_names:
+                named[n].copy_(weights[n])
+        start_step = state["step"]
+        if dist_info.is_main:
+            print(f"resumed from {resume_from} at step {start_step}")
+
+    writer = None
+    if dist_info.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tb"))
+    guard = T.NonFiniteGuard(10)
+    batches = T.infinite_batches(dataset, args.lrs_per_step, dist_info, args.seed, start_step, 0,
+                                 lambda items: items)  # a list of items: LR sizes may differ
+    rewards_log = run_dir / "rewards.jsonl"
+    invalid_total = 0
+
+    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc=f"RL {run_dir.name}",
+               disable=not dist_info.is_main)
+    for step in bar:
+        t_start = time.perf_counter()
+        model_time = reward_time = 0.0  # policy forward/backward, reward scoring; the rest is RL bookkeeping
+        _, items = next(batches)
+        groups = []  # (item, cond, x0 (K,N,64), scores, R (K,))
+        for item in items:
+            t0 = time.perf_counter()
+            # 1. condition once per LR
+            cond = B.encode_condition(bb, item["lr"].to(bb.device), args.prompt, args.scale)
+            # 2. K rollouts from the old policy (6 Euler steps), batched
+            x0 = rollout(bb, cond, args.group_size, args.rollout_steps, args.rollout_batch, generator)
+            srs = B.decode(bb, x0, cond)
+            model_time += time.perf_counter() - t0
+            # 3. reward: Eq.4 from (F, Q_LR, Q_SR); invalid scores drop out of their group
+            t0 = time.perf_counter()
+            scores = reward_fn(item, srs)
+            reward_time += time.perf_counter() - t0
+            R = reward.combine_reward(scores.F, scores.q_lr, scores.q_sr, args.reward_form, args.gamma).float()
+            R = torch.where(scores.valid, R, torch.full_like(R, float("nan")))
+            groups.append((item, cond, x0, scores, R, srs))
+
+        # 4. group filter and optimality r, per group (a group = the K samples of one LR, on this rank)
+        all_R = torch.cat([g[4] for g in groups])
+        group_ids = torch.cat([torch.full((args.group_size,), i) for i in range(len(groups))])
+        keep = nft.keep_groups(all_R, group_ids, args.filter_mean, args.filter_var, args.reward_scale)
+        r = nft.optimality(all_R, group_ids, args.clip, args.std_mode)
+        n_keep = torch.tensor([float(keep.sum())])
+        n_keep_global = float(T.all_reduce_mean(n_keep)) * dist_info.world_size
+        invalid = int(sum((~g[3].valid).sum() for g in groups))
+        invalid_total += invalid
+
+        # 5. NFT update of the LoRA on fresh noise of the kept samples (Eq.6-8), gradients summed over ranks
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        t0 = time.perf_counter()
+        rollout_sigmas = B.sigma_schedule(bb.scheduler, args.rollout_steps, groups[0][1].num_tokens)
+        for gi, (item, cond, x0, scores, R, _) in enumerate(groups):
+            kept = keep[gi * args.group_size:(gi + 1) * args.group_size]
+            if kept.any():
+                loss_sum += nft_backward(bb, cond, x0[kept], r[gi * args.group_size:(gi + 1) * args.group_size][kept],
+                                         args, generator, rollout_sigmas, max(n_keep_global, 1.0))
+        model_time += time.perf_counter() - t0
+        all_reduce_grads(params)
+        loss = torch.tensor(loss_sum / max(n_keep_global, 1.0))
+        grad_norm = torch.tensor(0.0)
+        if n_keep_global > 0 and guard.ok(loss):
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            # 6. old policy <- EMA of theta (schedule: DiffusionNFT's min(0.001 * step, 0.5) by default)
+            nft.update_old_policy(old_params, params, nft.old_policy_decay(step, args.old_decay))
+        step_time = time.perf_counter() - t_start
+
+        # ------------------------------------------------------------------ logging, samples, checkpoints
+        done = step + 1
+        stats = reward_stats(groups, keep, r, invalid)
+        stats.update(loss=float(loss), grad_norm=float(grad_norm), step=done,
+                     old_deviation=nft.old_policy_deviation(old_params, params),
+                     policy_time_share=model_time / step_time, reward_time_share=reward_time / step_time,
+                     other_time_share=1 - (model_time + reward_time) / step_time, step_time=step_time)
+        if dist_info.is_main:
+            bar.set_postfix(R=f"{stats['reward_mean']:.3f}", kept=f"{stats['kept_fraction']:.2f}")
+            with open(rewards_log, "a") as f:
+                f.write(json.dumps(stats) + "\n")
+            if done % args.log_every == 0:
+                for key, value in stats.items():
+                    if key != "step" and value == value:  # skip NaN
+                        writer.add_scalar(f"rl/{key}", value, done)
+                writer.add_scalar("rl/invalid_total", invalid_total, done)
+                finite_r = r[~torch.isnan(r)]
+                if finite_r.numel():
+                    writer.add_histogram("rl/r", finite_r, done)
+            if args.sample_every and done % args.sample_every == 0:
+                item, _, _, _, _, srs = groups[0]
+                write_group_grid(item, srs, args.scale, run_dir / "samples" / f"step_{done:06d}.png")
+        if done % args.save_every == 0 or done == args.steps:
+            named = dict(bb.transformer.named_parameters())
+            T.save_training_checkpoint(ckpt_root, done, {n: named[n] for n in lora_names}, optimizer, generator,
+                                       dist_info, keep_last=args.keep_last, invalid_total=invalid_total)
+            if dist_info.is_main:
+                B.save_lora(bb.transformer, out_file, "default")
+
+    T.check_ranks_in_sync(params)
+    if dist_info.is_main:
+        B.save_lora(bb.transformer, out_file, "default")
+        print(f"wrote {out_file}")
+        writer.close()
+    T.cleanup_distributed()
+    return out_file
+
+
+def reward_stats(groups: list, keep: torch.Tensor, r: torch.Tensor, invalid: int) -> dict[str, float]:
+    """Means over this step's samples (NaN-safe) for logging and the demo report."""
+    def nanmean(x: torch.Tensor) -> float:
+        x = x.float()
+        return float(x[~torch.isnan(x)].mean()) if (~torch.isnan(x)).any() else float("nan")
+
+    R = torch.cat([g[4] for g in groups])
+    cat = lambda attr: torch.cat([getattr(g[3], attr).float() for g in groups])  # noqa: E731
+    valid = ~torch.isnan(R)
+    return dict(reward_mean=nanmean(R), reward_std=float(R[valid].std()) if valid.sum() > 1 else 0.0,
+                F=nanmean(cat("F")), q_lr=nanmean(cat("q_lr")), q_sr=nanmean(cat("q_sr")),
+                kept_fraction=float(keep.float().mean()), invalid=float(invalid), r_mean=nanmean(r))
+
+
+def write_group_grid(item: dict, srs: torch.Tensor, scale: int, path: Path, max_samples: int = 8) -> None:
+    """LR (bicubic) | up to 8 samples | HR (when there is one), side by side."""
+    tiles = [B.upscale(item["lr"][None].float(), scale)[0]] + [s.float().cpu() for s in srs[:max_samples]]
+    if "hr" in item:
+        tiles.append(item["hr"].float())
+    save_image(torch.cat(tiles, dim=-1), path)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    if not args.hr_dir:
+        raise SystemExit("--hr-dir is required: the full-reference stage needs HR images (see rl_nr.py for LR only)")
+    if args.lr_dir:
+        dataset = PairedFolderDataset(args.lr_dir, args.hr_dir, crop_size=args.crop_size, scale=args.scale,
+                                      flip=True, seed=args.seed)
+    else:
+        dataset = HRFolderDataset(args.hr_dir, crop_size=args.crop_size, scale=args.scale, seed=args.seed)
+    dataset.check()
+    return run(args, dataset, make_fr_reward)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""rl_fr.py and rl_nr.py on the tiny preset: outputs load in the stock pipeline, resume, chaining, torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import backbone as B
+import rl_fr
+import rl_nr
+import training as T
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--model", "tiny", "--crop-size", "64", "--group-size", "4", "--rollout-batch", "4",
+        "--rollout-steps", "3", "--sample-every", "0", "--lr", "1e-2"]
+
+
+@pytest.fixture(scope="module")
+def hr_dir(tmp_path_factory):
+    from skimage import data
+
+    d = tmp_path_factory.mktemp("hr")
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(getattr(data, name)()).resize((96, 96)).save(d / f"{name}.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def fr_lora(hr_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fr") / "fr.safetensors"
+    rl_fr.main([*FAST, "--hr-dir", str(hr_dir), "--fidelity", "ssim", "--steps", "3", "--save-every", "3",
+                "--out", str(out)])
+    return out
+
+
+def test_fr_writes_pipeline_lora_that_changes_output(fr_lora, hr_dir):
+    weights, config = B.read_lora_file(fr_lora)
+    assert config["r"] == 32 and config["lora_alpha"] == 64  # paper defaults
+    assert any(float(v.abs().max()) > 0 for k, v in weights.items() if "lora_B" in k)  # trained away from 0
+    log = [json.loads(line) for line in (fr_lora.with_suffix("") / "rewards.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3]
+    for e in log:
+        assert 0 <= e["F"] <= 1 and 1 <= e["q_lr"] <= 5 and 1 <= e["q_sr"] <= 5 and e["kept_fraction"] == 1.0
+    bb = B.load_backbone("tiny")
+    pipe = bb.pipeline()
+    kwargs = dict(image=Image.fromarray(np.full((32, 32, 3), 128, np.uint8)), prompt="x", height=32, width=32,
+                  num_inference_steps=2, output_type="latent")
+    before = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(str(fr_lora))
+    after = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    assert not torch.allclose(before, after, atol=1e-5)
+
+
+def test_fr_resume_is_exact(hr_dir, tmp_path):
+    common = [*FAST, "--hr-dir", str(hr_dir), "--fidelity", "ssim", "--save-every", "2"]
+    rl_fr.main([*common, "--steps", "4", "--out", str(tmp_path / "a.safetensors")])
+    rl_fr.main([*common, "--steps", "2", "--out", str(tmp_path / "b.safetensors")])
+    rl_fr.main([*common, "--steps", "4", "--out", str(tmp_path / "b.safetensors"), "--resume", "latest"])
+    a, _, sa = T.load_checkpoint(tmp_path / "a" / "checkpoints" / "step_000004")
+    b, _, sb = T.load_checkpoint(tmp_path / "b" / "checkpoints" / "step_000004")
+    assert any(".old." in k for k in a) and any(".default." in k for k in a)  # both adapters saved
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    ra = [json.loads(x)["reward_mean"] for x in (tmp_path / "a" / "rewards.jsonl").read_text().splitlines()]
+    rb = [json.loads(x)["reward_mean"] for x in (tmp_path / "b" / "rewards.jsonl").read_text().splitlines()]
+    assert np.allclose(ra, rb, atol=1e-5)
+
+
+def test_nr_starts_from_fr_lora_exactly(fr_lora):
+    args = rl_fr.parse_args(["--model", "tiny", "--lora", str(fr_lora)])
+    bb, params, old = rl_fr.setup_policy(args, torch.device("cpu"))
+    saved, _ = B.read_lora_file(fr_lora)
+    loaded = B.lora_state_dict(bb.transformer, "default")
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert all(torch.equal(o, p) for o, p in zip(old, params))  # old policy == theta at step 0
+
+
+def test_nr_runs_with_in_process_scorer(fr_lora, tmp_path):
+    lq = tmp_path / "lq"
+    lq.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray((rng.random((20, 24, 3)) * 255).astype(np.uint8)).save(lq / f"real{i}.png")
+    out = tmp_path / "nr.safetensors"
+    rl_nr.main([*FAST, "--lora", str(fr_lora), "--lr-dir", str(lq), "--steps", "2", "--out", str(out)])
+    log = [json.loads(x) for x in (tmp_path / "nr" / "rewards.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(0 <= e["F"] <= 1 for e in log)  # F predicted by COMPASS here
+    weights, _ = B.read_lora_file(out)
+    start, _ = B.read_lora_file(fr_lora)
+    assert any(not torch.equal(weights[k], start[k]) for k in start)
+
+
+def test_nr_rejects_unreadable_lq_and_mismatched_lora(tmp_path):
+    lq = tmp_path / "lq"
+    lq.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(lq / "ok.png")
+    (lq / "bad.png").write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="bad.png"):
+        rl_nr.main([*FAST, "--lr-dir", str(lq), "--steps", "1", "--out", str(tmp_path / "nr.safetensors")])
+    from safetensors.torch import save_file
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"transformer.x.lora_A.weight": torch.zeros(2, 3), "transformer.x.lora_B.weight": torch.zeros(3, 2)},
+              str(wrong))
+    (lq / "bad.png").unlink()
+    with pytest.raises(ValueError, match="wrong.safetensors"):
+        rl_nr.main([*FAST, "--lr-dir", str(lq), "--lora", str(wrong), "--steps", "1",
+                    "--out", str(tmp_path / "nr.safetensors")])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(hr_dir, fr_lora, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "nr.safetensors"
+    lq = tmp_path / "lq"
+    lq.mkdir()
+    for i in range(2):
+        Image.fromarray((np.random.default_rng(i).random((16, 16, 3)) * 255).astype(np.uint8)).save(lq / f"{i}.png")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "rl_nr.py", *FAST, "--lora", str(fr_lora), "--lr-dir", str(lq), "--steps", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.exists()
+    _, opt, _ = T.load_checkpoint(tmp_path / "nr" / "checkpoints" / "step_000002")
+    assert not torch.equal(opt["generator.0"], opt["generator.1"])  # per-rank seeds
