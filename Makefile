@@ -1,0 +1,24 @@
+# Two commands set up and run everything from a fresh clone (see README):
+#   make demo   installs into .venv and runs the whole OARS pipeline on the tiny preset
+#   make test   installs into .venv and runs the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench install
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade "pip>=24"
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+demo: install
+	$(PY) demo.py
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) bench.py
