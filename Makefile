@@ -10,7 +10,6 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --upgrade "pip>=24"
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 

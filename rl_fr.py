@@ -16,7 +16,7 @@ Tiny preset on a CPU (SSIM fidelity needs no weights; tiny COMPASS built locally
     python rl_fr.py --model tiny --hr-dir data/hr --crop-size 64 --group-size 8 --steps 20 --fidelity ssim
 Full scale, 8 GPUs (paper: LSDIR, K=24, reward model served by vLLM on another machine):
     torchrun --nproc_per_node 8 rl_fr.py --model Qwen/Qwen-Image-Edit-2509 --hr-dir LSDIR/HR \
-        --reward-url http://reward-host:8000/v1 --reward-model-name compass --bf16 --gradient-checkpointing
+        --reward-url http://reward-host:8000 --reward-model-name compass --bf16 --gradient-checkpointing
 Resume:  ... --resume latest
 Writes out/fr.safetensors (the LoRA in the stock pipeline's format, loadable by
 `QwenImageEditPlusPipeline.load_lora_weights`, `infer.py --lora` and `rl_nr.py --lora`), and under
@@ -105,7 +105,7 @@ class Args:
     reward_model: str = "tiny"
     """COMPASS checkpoint for Q_LR/Q_SR (in-process): 'tiny', a hub name or a folder"""
     reward_url: str | None = None
-    """OpenAI-compatible server (vLLM) instead of in-process scoring, e.g. http://host:8000/v1"""
+    """OpenAI-compatible server (vLLM) instead of in-process scoring, e.g. http://host:8000"""
     reward_model_name: str = "compass"
     reward_concurrency: int = 8
     reward_form: str = "compass"

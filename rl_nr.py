@@ -10,7 +10,7 @@ Tiny preset on a CPU:
     python rl_nr.py --model tiny --lora out/fr.safetensors --lr-dir data/lq --group-size 8 --steps 10
 Full scale, 8 GPUs, reward model served by vLLM (the paper's deployment):
     torchrun --nproc 8 rl_nr.py --lora out/fr.safetensors --model Qwen/Qwen-Image-Edit-2509 \
-        --lr-dir COMPASS-20K/rl_lq --reward-url http://reward-host:8000/v1 --reward-model-name compass --bf16
+        --lr-dir COMPASS-20K/rl_lq --reward-url http://reward-host:8000 --reward-model-name compass --bf16
 Test-time tuning (paper Table 4 "TTT"): the same command on the test inputs themselves, e.g.
     python rl_nr.py --lora out/fr.safetensors --lr-dir RealSR/test_LR --steps 50 --out out/ttt.safetensors
 Resume: ... --resume latest
