@@ -1,0 +1,491 @@
+"""Tests of train_compass.py: annotation maths (Eq.2/3, ranking), JSONL validation, SRIQA accuracy and the
+tie rules, the annotate / train / eval commands on the tiny preset (incl. resume and torchrun + FSDP2)."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_compass as tc
+from data import save_image
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 3: calibration (Eq.2, Eq.3)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_calibration_hand_worked_and_lstsq():
+    # hand-worked: r = (1, .5, 0), Q = (4, 3.5, 2): slope 2, intercept 13/6
+    alpha, beta = tc.calibrate_group(np.array([1.0, 0.5, 0.0]), np.array([4.0, 3.5, 2.0]))
+    assert alpha == pytest.approx(2.0) and beta == pytest.approx(13 / 6)
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5, 12):
+        r = np.concatenate([[0.0, 1.0], rng.uniform(0, 1, n - 2)])
+        q = np.clip(1.5 + 2.5 * r + rng.normal(0, 0.3, n), 1, 5)
+        expect = np.linalg.lstsq(np.c_[r, np.ones(n)], q, rcond=None)[0]
+        if expect[0] < 0:
+            continue
+        got = tc.calibrate_group(r, q)
+        np.testing.assert_allclose(got, expect, atol=1e-10)
+        q_hat, _ = tc.calibrated_scores(r, *got)
+        np.testing.assert_allclose(q_hat, np.clip(expect[0] * r + expect[1], 1, 5))  # Eq.3
+        # the calibration keeps the stage-2 order
+        assert np.all(np.diff(q_hat[np.argsort(r)]) >= -1e-12)
+
+
+def test_calibration_degenerate_groups():
+    assert tc.calibrate_group(np.array([0.5]), np.array([3.2])) == (0.0, pytest.approx(3.2))
+    assert tc.calibrate_group(np.full(4, 0.5), np.array([2.0, 3.0, 4.0, 5.0])) == (0.0, pytest.approx(3.5))
+    # anchors against the ranking: unconstrained slope < 0 -> alpha = 0, beta = mean (order kept)
+    r, q = np.array([1.0, 0.5, 0.0]), np.array([2.0, 3.0, 4.0])
+    assert np.linalg.lstsq(np.c_[r, np.ones(3)], q, rcond=None)[0][0] < 0
+    assert tc.calibrate_group(r, q) == (0.0, pytest.approx(3.0))
+    assert tc.calibrate_group(r, q, nonnegative=False)[0] == pytest.approx(-2.0)
+    # clamping to [1, 5] is counted
+    q_hat, clamped = tc.calibrated_scores(np.array([0.0, 0.5, 1.0]), 6.0, 0.5)
+    np.testing.assert_allclose(q_hat, [1.0, 3.5, 5.0])
+    assert clamped == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 2: ranking from pairwise comparisons
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_group_rank_strict_order_is_evenly_spaced():
+    quality = np.array([0.3, 0.9, 0.1, 0.5, 0.7])  # hidden true order: 1 > 4 > 3 > 0 > 2
+    r = tc.group_rank(5, tc.value_comparator(quality))
+    expect = np.empty(5)
+    expect[np.argsort(-quality)] = [1.0, 0.75, 0.5, 0.25, 0.0]
+    np.testing.assert_allclose(r, expect)
+    bt = tc.group_rank(5, tc.value_comparator(quality), method="bt")
+    assert list(np.argsort(-bt)) == list(np.argsort(-quality)) and bt.max() == 1.0 and bt.min() == 0.0
+
+
+def test_group_rank_cycle_ties_and_position_bias():
+    cycle = {(0, 1): 1.0, (1, 2): 1.0, (2, 0): 1.0}  # 0 > 1 > 2 > 0
+    comp = lambda i, j: cycle.get((i, j), 1.0 - cycle.get((j, i), 0.5))
+    np.testing.assert_allclose(tc.group_rank(3, comp), [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(tc.group_rank(3, comp, method="bt"), [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(tc.group_rank(1, comp), [0.5])
+    # a judge that always prefers the first image: asking both orders cancels the bias
+    first = lambda i, j: 1.0
+    np.testing.assert_allclose(tc.group_rank(4, first), np.full(4, 0.5))
+    assert tc.group_rank(4, first, both_orders=False)[0] == 1.0
+    # soft probabilities: the win rate is their row mean (hand-worked), then min-max
+    P = np.array([[0.5, 0.8, 0.9], [0.2, 0.5, 0.6], [0.1, 0.4, 0.5]])
+    r = tc.group_rank(3, lambda i, j: P[i, j], both_orders=False)
+    wins = np.array([0.85, 0.4, 0.25])
+    np.testing.assert_allclose(r, (wins - 0.25) / 0.6)
+
+
+def test_anchor_scores_mapping():
+    # PIQE-like: range 0..100, lower is better; 120 is outside the range -> clamped and counted
+    q, clamped = tc.anchor_scores(np.array([0.0, 25.0, 100.0, 120.0]), True, (0.0, 100.0))
+    np.testing.assert_allclose(q, [5.0, 4.0, 1.0, 1.0])
+    assert clamped == 1
+    q, clamped = tc.anchor_scores(np.array([2.0, 4.0, 3.0]), False)  # min-max over the data
+    np.testing.assert_allclose(q, [1.0, 5.0, 3.0])
+    assert tc.parse_score_range("~0, ~40") == (0.0, 40.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# JSONL dataset
+# ----------------------------------------------------------------------------------------------------
+
+
+def _image(path, seed, size=32, smooth=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, 3, size, size, generator=g)
+    for _ in range(smooth):
+        x = torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+    save_image(x[0], path)
+    return path
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_valid_and_errors_name_file_line(tmp_path):
+    for name in ("lr/a.png", "sr/m1/a.png", "sr/m2/a.png", "gt/a.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        _image(tmp_path / name, 0)
+    good = {"lr": "lr/a.png", "sr": "sr/m1/a.png", "gt": "gt/a.png", "group": "a", "method": "m1",
+            "F": 0.8, "q_lr": 2.0, "q_sr": 3.5, "rationale": "sharper"}
+    real = {"lr": "lr/a.png", "sr": "sr/m2/a.png", "group": "a", "method": "m2", "F": None,
+            "q_lr": 2.0, "q_sr": 4.0}
+    f = _write_jsonl(tmp_path / "ok.jsonl", [good, "", real])
+    recs = tc.load_records(f, tmp_path)
+    assert [r.method for r in recs] == ["m1", "m2"] and recs[0].F == 0.8 and recs[1].F is None
+    assert recs[1].where == f"{f}:3"
+    # write -> read round trip
+    again = tc.load_records(tc.write_records(recs, tmp_path / "again.jsonl"), tmp_path)
+    assert [r.to_json() for r in again] == [r.to_json() for r in recs]
+
+    cases = {
+        "missing image": ({**good, "sr": "sr/m1/nope.png"}, "sr image not found"),
+        "F out of range": ({**good, "F": 1.2}, "F=1.2 is outside [0, 1]"),
+        "Q out of range": ({**good, "q_sr": 5.5}, "q_sr=5.5 is outside [1, 5]"),
+        "Q not a number": ({**good, "q_lr": "high"}, "q_lr='high' is not a number"),
+        "missing field": ({k: v for k, v in good.items() if k != "group"}, "missing field(s) ['group']"),
+    }
+    for name, (bad, message) in cases.items():
+        f = _write_jsonl(tmp_path / "bad.jsonl", [real, bad])
+        with pytest.raises(ValueError) as err:
+            tc.load_records(f, tmp_path)
+        assert f"{f}:2: " in str(err.value) and message in str(err.value), name
+    f = _write_jsonl(tmp_path / "dup.jsonl", [good, real, good, "{not json"])
+    with pytest.raises(ValueError) as err:
+        tc.load_records(f, tmp_path)
+    text = str(err.value)
+    assert "2 invalid record(s)" in text
+    assert f"{f}:3: duplicate (lr, sr) pair (lr/a.png, sr/m1/a.png), first at {f}:1" in text
+    assert f"{f}:4: not valid JSON" in text
+    kept = tc.load_records(f, tmp_path, skip_invalid=True)  # dropped records are counted on stderr
+    assert len(kept) == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Annotation pipeline on folders (weights-free: SSIM fidelity, PIQE anchors)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _sr_folders(base, n_groups=2, methods=("Bicubic", "GAN", "Diff")):
+    """LR/GT/SR folders where SR quality is ordered by blur: method k is blurred k times."""
+    for g in range(n_groups):
+        hr = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(g))
+        hr = torch.nn.functional.avg_pool2d(hr, 3, 1, 1, count_include_pad=False)
+        save_image(hr[0], base / "gt" / f"{g:04d}.png")
+        save_image(torch.nn.functional.avg_pool2d(hr, 4)[0], base / "lr" / f"{g:04d}.png")
+        x = hr
+        for k, m in enumerate(methods):
+            save_image(x[0], base / "sr" / m / f"{g:04d}.png")
+            x = torch.nn.functional.avg_pool2d(x, 5, 1, 2, count_include_pad=False)
+    save_image(hr[0], base / "sr" / methods[0] / "orphan.png")  # an SR without LR: counted
+
+
+def test_annotate_command_writes_valid_jsonl_and_qc(tmp_path):
+    _sr_folders(tmp_path)
+    out = tmp_path / "compass.jsonl"
+    tc.main(["annotate", "--lr-dir", str(tmp_path / "lr"), "--sr-dir", str(tmp_path / "sr"), "--gt-dir",
+             str(tmp_path / "gt"), "--out", str(out), "--fidelity-metric", "ssim", "--anchor", "piqe",
+             "--device", "cpu"])
+    recs = tc.load_records(out, tmp_path)  # validates ranges and images
+    assert len(recs) == 6 and {r.group for r in recs} == {"0000", "0001"}
+    for g in ("0000", "0001"):
+        by = {r.method: r for r in recs if r.group == g}
+        # F = 1 - distance(SR, GT) (Eq.1): the unblurred SR equals the GT
+        assert by["Bicubic"].F == pytest.approx(1.0, abs=1e-4) and by["Bicubic"].F > by["GAN"].F > by["Diff"].F
+        # one Q_LR per group; calibrated Q_SR keeps the ranking (stage 2 on the PIQE anchors)
+        assert len({r.q_lr for r in by.values()}) == 1
+    qc = out.with_suffix(".qc.md").read_text()
+    assert "## Top 1" in qc and "## Bottom 1" in qc and "sr/" in qc
+
+
+def test_annotate_function_ranks_calibrates_and_counts(tmp_path):
+    # flat images whose raw "NR score" is 5 x their grey level (8-bit exact): LR 0, SRs A..D = 3, 4, 1, 2
+    levels = {"A": 0.6, "B": 0.8, "C": 0.2, "D": 0.4}
+    save_image(torch.zeros(3, 16, 16), tmp_path / "lr" / "g.png")
+    for m, v in levels.items():
+        save_image(torch.full((3, 16, 16), v), tmp_path / "sr" / m / "g.png")
+    save_image(torch.zeros(3, 16, 16), tmp_path / "sr" / "A" / "orphan.png")  # an SR without LR: counted
+    groups, counts = tc.discover_groups(tmp_path / "lr", tmp_path / "sr")
+    assert counts == {"sr_without_lr": 1, "lr_without_sr": 0, "gt_without_lr": 0}
+    recs = tc.annotate(groups, tmp_path, fidelity=None, nr_raw=lambda x: 5 * float(x.mean()),
+                       lower_better=False, score_range=(0.0, 4.0), log=lambda s: None)
+    q = {r.method: r.q_sr for r in recs}
+    # anchors 1 + 4 raw / 4 = (4, 5, 2, 3); stage 2 r = (2/3, 1, 0, 1/3): the exact line alpha 3, beta 2
+    assert q == pytest.approx({"A": 4.0, "B": 5.0, "C": 2.0, "D": 3.0}, abs=1e-3)
+    assert all(r.q_lr == pytest.approx(1.0) and r.F is None for r in recs)
+    assert {r.sr for r in recs} == {f"sr/{m}/g.png" for m in levels}
+
+
+def test_annotate_with_an_mllm_anchor_scorer(tmp_path):
+    import reward
+    _sr_folders(tmp_path, n_groups=1, methods=("A", "B", "C"))
+    groups, _ = tc.discover_groups(tmp_path / "lr", tmp_path / "sr", tmp_path / "gt")
+    calls = []
+
+    def fake_mllm(lr_images, sr_images):  # per pair: Q_LR 2.0 / 2.2 / 2.4, Q_SR 3, 4, 2, a rationale each
+        calls.append(len(sr_images))
+        n = len(sr_images)
+        return reward.Scores(F=torch.full((n,), float("nan")), q_lr=torch.tensor([2.0, 2.2, 2.4]),
+                             q_sr=torch.tensor([3.0, 4.0, 2.0]), valid=torch.ones(n, dtype=torch.bool),
+                             rationale=[f"reason {k}" for k in range(n)])
+    recs = tc.annotate(groups, tmp_path, fidelity=lambda sr, gt: 0.5, mllm=fake_mllm, log=lambda s: None)
+    assert calls == [3]  # one call per group, LR repeated for each SR
+    by = {r.method: r for r in recs}
+    assert all(r.q_lr == pytest.approx(2.2) for r in recs)  # mean of the per-pair Q_LR readings
+    assert [by[m].q_sr for m in "ABC"] == pytest.approx([3.0, 4.0, 2.0])  # r = (.5, 1, 0): exact line
+    assert [by[m].rationale for m in "ABC"] == ["reason 0", "reason 1", "reason 2"]
+    assert all(r.F == 0.5 for r in recs)
+    qc = tc.qc_report(recs, fraction=0.05, path=tmp_path / "qc.md")
+    # F = 0.5, Q_LR = 2.2: Eq.4 top is B (Q_SR 4), bottom is C (Q_SR 2); rationales shown for checking
+    top, bottom = qc.split("## Bottom")
+    assert "reason 1" in top and "reason 2" in bottom and (tmp_path / "qc.md").read_text() == qc
+    r_b = 0.5 * 2.2 + 0.5 ** (2.2 / 7) * (4.0 - 2.2)
+    assert f"| {r_b:.3f} |" in top
+
+
+# ----------------------------------------------------------------------------------------------------
+# SRIQA-Bench accuracy and tie rules
+# ----------------------------------------------------------------------------------------------------
+
+
+METHODS = ["Bicubic", "SwinIR", "OSEDiff", "SeeSR"]
+REG, GEN = METHODS[:2], METHODS[2:]
+
+
+def make_sriqa(base: Path, n_groups: int = 3, tie_group: bool = False) -> dict:
+    """Synthetic SRIQA-Bench layout. SR of method k = HR + Gaussian noise of sigma 0.03 (k + 1), and
+    MOS = 90 - 20 k: MOS agrees with PSNR. With `tie_group`, group x{n} gives two methods equal MOS."""
+    mos = {}
+    for i in range(1, n_groups + 1 + tie_group):
+        g = torch.Generator().manual_seed(i)
+        hr = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 64, 64, generator=g), 3, 1, 1,
+                                            count_include_pad=False)[0]
+        save_image(hr, base / "images" / "Original" / f"x{i}_Original.png")
+        save_image(torch.nn.functional.avg_pool2d(hr[None], 4)[0], base / "LRImages" / f"x{i}_Original.png")
+        scores = {}
+        for k, m in enumerate(METHODS):
+            sr = (hr + 0.03 * (k + 1) * torch.randn(hr.shape, generator=g)).clamp(0, 1)
+            save_image(sr, base / "images" / m / f"x{i}_{m}x4.png")
+            scores[f"x{i}_{m}x4.png"] = 90.0 - 20 * k
+        if tie_group and i == n_groups + 1:
+            scores[f"x{i}_SwinIRx4.png"] = scores[f"x{i}_Bicubicx4.png"]
+        mos[f"x{i}"] = scores
+        for folder, keep in (("MOS", METHODS), ("MOS_Reg", REG), ("MOS_Gen", GEN)):
+            (base / folder).mkdir(parents=True, exist_ok=True)
+            (base / folder / f"x{i}.txt").write_text(
+                "".join(f"{n},{s}\n" for n, s in scores.items() if any(f"_{m}x4" in n for m in keep)))
+    return {n: s for group in mos.values() for n, s in group.items()}
+
+
+def test_pair_labels_and_tie_rules():
+    gt = np.array([80.0, 60.0, 60.0])  # pairs (0,1)=1, (0,2)=1, (1,2)=0.5
+    np.testing.assert_array_equal(tc.pair_labels(gt), [1.0, 1.0, 0.5])
+    full = tc.pairwise_accuracy(gt, np.array([3.0, 2.0, 2.0]))
+    assert full == {"agree": 3, "pairs": 3, "gt_ties": 1, "pred_ties": 1, "missing": 0}
+    # a non-tie prediction on a ground-truth tie is wrong; with gt_ties="skip" the pair leaves the count
+    assert tc.pairwise_accuracy(gt, np.array([3.0, 2.0, 1.0]))["agree"] == 2
+    assert tc.pairwise_accuracy(gt, np.array([3.0, 2.0, 1.0]), "skip") == {
+        "agree": 2, "pairs": 2, "gt_ties": 1, "pred_ties": 0, "missing": 0}
+    # a predicted tie on a non-tie pair is wrong: a constant scorer gets exactly the ground-truth ties
+    assert tc.pairwise_accuracy(gt, np.full(3, 1.0))["agree"] == 1
+    # a missing score (NaN) makes its pairs wrong and is counted
+    assert tc.pairwise_accuracy(gt, np.array([3.0, np.nan, 1.0])) == {
+        "agree": 1, "pairs": 3, "gt_ties": 1, "pred_ties": 0, "missing": 2}
+
+
+def test_sriqa_accuracy_oracle_reverse_and_ties(tmp_path):
+    mos = make_sriqa(tmp_path, n_groups=3)
+    groups = tc.load_sriqa(tmp_path)
+    assert [len(groups[s]) for s in ("Reg", "Gen", "All")] == [3, 3, 3]
+    assert groups["All"][0].hr.name == "x1_Original.png" and groups["All"][0].lr.parent.name == "LRImages"
+    oracle = lambda lr, hr, srs: np.array([mos[p.name] for p in srs])
+    reverse = lambda lr, hr, srs: -oracle(lr, hr, srs)
+    res = tc.evaluate_sriqa(groups, oracle)
+    assert {s: res[s]["acc"] for s in res} == {"Reg": 100.0, "Gen": 100.0, "All": 100.0}
+    assert res["All"]["pairs"] == 3 * 6 and res["Reg"]["pairs"] == 3
+    assert {s: v["acc"] for s, v in tc.evaluate_sriqa(groups, reverse).items()} == {"Reg": 0.0, "Gen": 0.0, "All": 0.0}
+    # one ground-truth tie (group 4: Bicubic = SwinIR): the oracle still agrees on every pair, the reverse
+    # agrees only on that tie; with --gt-ties skip the tie leaves the count
+    mos = make_sriqa(tmp_path / "ties", n_groups=3, tie_group=True)
+    groups = tc.load_sriqa(tmp_path / "ties")
+    assert tc.evaluate_sriqa(groups, oracle)["All"]["acc"] == 100.0
+    rev = tc.evaluate_sriqa(groups, reverse)["All"]
+    assert (rev["agree"], rev["pairs"], rev["gt_ties"]) == (1, 24, 1)
+    skip = tc.evaluate_sriqa(groups, reverse, gt_ties="skip")["All"]
+    assert (skip["agree"], skip["pairs"]) == (0, 23)
+    constant = tc.evaluate_sriqa(groups, lambda lr, hr, srs: np.zeros(len(srs)))["All"]
+    assert constant["acc"] == pytest.approx(100 / 24)
+
+
+def test_eval_command_table_with_baselines(tmp_path, monkeypatch):
+    mos = make_sriqa(tmp_path / "bench", n_groups=2)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # empty cache: DISTS has no weights
+    args = tc.EvalArgs(sriqa_root=str(tmp_path / "bench"), out=str(tmp_path / "out"),
+                       baselines=["PSNR", "SSIM", "DISTS"], device="cpu")
+    oracle = lambda lr, hr, srs: np.array([mos[p.name] for p in srs])
+    rows = tc.run_eval(args, extra={"oracle": ("GT-Free", oracle)})
+    by = {r["method"]: r for r in rows}
+    assert by["PSNR"]["All"] == 100.0 and by["oracle"]["All"] == 100.0  # MOS follows the noise level
+    assert by["PSNR"]["type"] == "GT-Ref"
+    assert "unavailable" in by["DISTS"]["note"] and "All" not in by["DISTS"]
+    md = (tmp_path / "out" / "sriqa_accuracy.md").read_text()
+    assert "| GT-Ref | PSNR | 100.0 | 100.0 | 100.0 | 12 |" in md and "| DISTS | n/a | n/a | n/a |" in md
+    with open(tmp_path / "out" / "sriqa_accuracy.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table] == ["PSNR", "SSIM", "DISTS", "oracle"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# SFT on the tiny preset: labels, overfitting the answer format, export, resume, torchrun + FSDP2
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_answer_only_labels_hand_made():
+    # ids: 7 = "<|im_start|>", 8 = "assistant", 9 = "\n", 5 = "<|im_end|>", 0 = pad
+    ids = torch.tensor([[7, 1, 2, 5, 7, 8, 9, 3, 4, 5, 9, 0],
+                        [7, 8, 9, 6, 5, 7, 8, 9, 3, 5, 9, 0]])
+    mask = torch.tensor([[1] * 11 + [0], [1] * 11 + [0]])
+    labels = tc.answer_only_labels(ids, mask, [7, 8, 9], end_id=5)
+    x = tc.IGNORE_INDEX
+    # only the tokens after the LAST "<|im_start|>assistant\n", up to and including <|im_end|>
+    assert labels.tolist() == [[x, x, x, x, x, x, x, 3, 4, 5, x, x], [x, x, x, x, x, x, x, x, 3, 5, x, x]]
+    with pytest.raises(ValueError, match="no '<\\|im_start\\|>assistant"):
+        tc.answer_only_labels(ids[:, :4], mask[:, :4], [7, 8, 9], end_id=5)
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    """4 pairs, 2 groups: group 0 synthetic (F = 0.80), group 1 real-world (no F). Same numbers for all,
+    so the tiny model can overfit the answer format in ~100 steps."""
+    root = tmp_path_factory.mktemp("sft")
+    rows = []
+    for g in range(2):
+        hr = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(g))
+        save_image(torch.nn.functional.avg_pool2d(hr[None], 4)[0], root / "lr" / f"{g}.png")
+        for k, m in enumerate(("A", "B")):
+            sr = hr if k == 0 else torch.nn.functional.avg_pool2d(hr[None], 3, 1, 1)[0]
+            save_image(sr, root / "sr" / m / f"{g}.png")
+            rows.append({"lr": f"lr/{g}.png", "sr": f"sr/{m}/{g}.png", "group": str(g), "method": m,
+                         "F": 0.8 if g == 0 else None, "q_lr": 2.0, "q_sr": 3.5})
+    return _write_jsonl(root / "train.jsonl", rows), root
+
+
+def test_sft_collate_keeps_mm_token_type_ids_and_masks_the_prompt(sft_data):
+    import reward
+    path, root = sft_data
+    recs = tc.load_records(path)
+    _, processor = reward.load_compass("tiny")
+    batch = tc.sft_collate(processor, [tc.sft_conversation(r, *tc.load_pil_pair(r, root)) for r in recs])
+    assert {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw", "labels"} <= set(batch)
+    assert int((batch["mm_token_type_ids"] == 1).sum()) > 0  # image tokens are marked for M-RoPE
+    for row, rec in enumerate(recs):
+        supervised = batch["labels"][row][batch["labels"][row] != tc.IGNORE_INDEX]
+        text = processor.tokenizer.decode(supervised)
+        # exactly the answer (no-F answer for the real-world records) + the end-of-turn token
+        assert text == reward.format_answer(rec.F, rec.q_lr, rec.q_sr) + "<|im_end|>"
+
+
+def _run(args, tmp_path, torchrun=False, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launcher = [str(Path(PY).parent / "torchrun"), "--nproc_per_node", "2"] if torchrun else [PY]
+    proc = subprocess.run(launcher + [str(ROOT / "train_compass.py"), *map(str, args)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _train_args(data, out, *extra):
+    path, root = data
+    return ["train", "--model", "tiny", "--data", path, "--root", root, "--out", out, "--global-batch", 4,
+            "--lr", 5e-3, "--device", "cpu", *extra]
+
+
+@pytest.mark.slow
+def test_sft_tiny_learns_the_answer_format_and_exports(sft_data, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+    import reward
+    out = tmp_path / "compass"
+    _run(_train_args(sft_data, out, "--epochs", 100, "--per-device-batch", 4), tmp_path)
+    losses = json.loads((out / "losses.json").read_text())["losses"]
+    assert len(losses) == 100 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.05 * losses[0], losses[::10]  # e.g. 5.6 -> 0.013
+    # a plain Hugging Face folder: from_pretrained gives exactly the last checkpoint's weights
+    model = Qwen3VLForConditionalGeneration.from_pretrained(out)
+    AutoProcessor.from_pretrained(out)
+    last = load_file(str(out / "checkpoints" / "step_000100" / "model.safetensors"))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], last[k]) for k in last)
+    # the in-process scorer on the reloaded model: free generation follows THE format and parses back
+    # to the labels, with the prompt of each record's type (synthetic -> with F, real-world -> without)
+    model, processor = reward.load_compass(str(out))
+    path, root = sft_data
+    for rec in tc.load_records(path):
+        lr, sr = tc.load_pil_pair(rec, root)
+        synthetic = rec.F is not None
+        scores = reward.LocalScorer(model, processor, synthetic=synthetic, mode="text",
+                                    max_new_tokens=64).score([lr], [sr])
+        assert bool(scores.valid[0]), scores.text
+        assert scores.text[0].startswith(reward.format_answer(rec.F, rec.q_lr, rec.q_sr)), scores.text
+        assert (float(scores.q_lr[0]), float(scores.q_sr[0])) == pytest.approx((2.0, 3.5))
+        if synthetic:
+            assert float(scores.F[0]) == pytest.approx(0.8)
+        expected = reward.LocalScorer(model, processor, synthetic=synthetic).score([lr], [sr])  # digit read-out
+        assert float(expected.q_sr[0]) == pytest.approx(3.5, abs=0.1)
+    # eval with the trained model in-process: a COMPASS row (Eq.4 from the digit read-out) beside PSNR
+    make_sriqa(tmp_path / "bench", n_groups=2)
+    rows = tc.run_eval(tc.EvalArgs(sriqa_root=str(tmp_path / "bench"), out=str(tmp_path / "eval"),
+                                   model=str(out), baselines=["PSNR"], device="cpu"))
+    compass = next(r for r in rows if r["method"] == "COMPASS")
+    assert compass["pairs"] == 12 and 0.0 <= compass["All"] <= 100.0 and "without a score" not in compass["note"]
+    assert "| GT-Free | COMPASS |" in (tmp_path / "eval" / "sriqa_accuracy.md").read_text()
+    # TensorBoard scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm"} <= set(acc.Tags()["scalars"])
+    assert len(acc.Scalars("train/loss")) == 100
+
+
+# 3 optimizer steps of 4 samples as 4 micro-batches of 1: the reference for resume and for FSDP2
+SHORT = ["--epochs", 3, "--per-device-batch", 1]
+
+
+@pytest.fixture(scope="module")
+def straight_run(sft_data, tmp_path_factory):
+    """An uninterrupted one-process run (model + losses), shared by the resume and the FSDP2 tests."""
+    from safetensors.torch import load_file
+    out = tmp_path_factory.mktemp("straight")
+    _run(_train_args(sft_data, out / "run", *SHORT), out)
+    return load_file(str(out / "run" / "model.safetensors")), json.loads((out / "run" / "losses.json").read_text())["losses"]
+
+
+def _compare(run_dir, straight, atol):
+    from safetensors.torch import load_file
+    a, la = straight
+    b = load_file(str(run_dir / "model.safetensors"))
+    lb = json.loads((run_dir / "losses.json").read_text())["losses"]
+    assert set(a) == set(b) and max((a[k] - b[k]).abs().max().item() for k in a) < atol
+    assert len(lb) == 3 and np.allclose(la, lb, rtol=1e-4) and la[-1] < la[0]
+
+
+@pytest.mark.slow
+def test_sft_resume_after_interruption_is_exact(sft_data, straight_run, tmp_path):
+    out = tmp_path / "resumed"
+    # "interrupted" after 2 of 3 steps (checkpoints at every step, the newest 2 kept), then resumed
+    _run(_train_args(sft_data, out, *SHORT, "--save-every", 1, "--max-steps", 2), tmp_path)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+    assert not (out / "model.safetensors").exists()  # the export happens only at the end
+    proc = _run(_train_args(sft_data, out, *SHORT, "--resume", "latest"), tmp_path)
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    _compare(out, straight_run, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp2_two_processes_match_one_process(sft_data, straight_run, tmp_path):
+    # 2 ranks x 1 per device x 2 accumulation = the reference's 1 process x 1 per device x 4 accumulation;
+    # sharded with FSDP2, interrupted after 2 steps and resumed (rank 0 reads, broadcast to the shards)
+    out = tmp_path / "fsdp"
+    _run(_train_args(sft_data, out, *SHORT, "--max-steps", 2, "--gradient-checkpointing"), tmp_path, torchrun=True)
+    proc = _run(_train_args(sft_data, out, *SHORT, "--resume", "latest", "--gradient-checkpointing"), tmp_path,
+                torchrun=True)
+    assert "2 process(es)" in proc.stdout and "resumed from" in proc.stdout
+    _compare(out, straight_run, atol=1e-5)  # the export was gathered from the shards on rank 0

@@ -1,0 +1,1355 @@
+"""COMPASS reward model: annotation pipeline (§3.2), SFT of Qwen3-VL (§3.3, §5.1), SRIQA-Bench accuracy
+(§5.1-5.2, Table 1). One file, three subcommands, readable top to bottom.
+
+    annotate  folders of LR inputs, SR outputs (one sub-folder per method) and optional GT  ->  a JSONL
+              of labels {F, Q_LR, Q_SR} made by the three-stage pipeline of §3.2:
+                F = 1 - DISTS(SR, GT)                          (Eq.1, only where a GT exists)
+                stage 1  global anchors Q_LR, Q_SR in [1, 5]   (a no-reference scorer)
+                stage 2  relative rank r in [0, 1] per group   (exhaustive pairwise comparisons)
+                stage 3  Q^_SR = a* r + b*, (a*, b*) = least squares against the anchors   (Eq.2, Eq.3)
+              plus a QC report of the top / bottom 5% for manual checking.
+    train     full-parameter SFT of Qwen3-VL on that JSONL (§3.3): the model learns to answer with
+              F, Q_LR, Q_SR (and a rationale) in the fixed format of reward.py; samples without F use
+              the no-F prompt and supervise only the quality numbers. Loss on the answer tokens only.
+              One process = plain training; torchrun = the model SHARDED with torch FSDP2.
+    eval      pairwise preference accuracy on the SRIQA-Bench layout (Reg / Gen / All, Table 1) of the
+              COMPASS reward (Eq.4) and of pyiqa baselines (PSNR, SSIM, LPIPS, DISTS).
+
+Commands (tiny preset: a Qwen3-VL of the real classes with random weights, trains on a CPU in seconds):
+
+    python train_compass.py annotate --lr-dir data/lr --sr-dir data/sr --gt-dir data/gt \\
+        --out data/compass.jsonl --fidelity-metric ssim --anchor piqe          # weights-free demo
+    python train_compass.py train --model tiny --data data/compass.jsonl --root data \\
+        --out out/compass_tiny --epochs 100 --global-batch 4 --per-device-batch 4 --lr 5e-3 --device cpu
+    python train_compass.py eval --model out/compass_tiny --sriqa-root SRIQA-Bench --out out/sriqa
+
+Full scale (paper §5.1: Qwen3-VL-8B-Instruct, AdamW lr 1e-5, cosine decay, global batch 64, 8 epochs;
+per-device batch x grad accumulation x GPUs = global batch):
+
+    python train_compass.py annotate --lr-dir COMPASS/lr --sr-dir COMPASS/sr --gt-dir COMPASS/gt \\
+        --out COMPASS/compass.jsonl --fidelity-metric dists --anchor mllm \\
+        --server http://127.0.0.1:8000 --server-model q-insight
+    torchrun --nproc_per_node 8 train_compass.py train --model Qwen/Qwen3-VL-8B-Instruct \\
+        --data COMPASS/compass.jsonl --root COMPASS --out out/compass --per-device-batch 1 \\
+        --gradient-checkpointing
+    torchrun --nproc_per_node 8 train_compass.py train ... --resume latest      # after an interruption
+    python train_compass.py eval --model out/compass --sriqa-root SRIQA-Bench --out out/sriqa
+    vllm serve out/compass --served-model-name compass --max-logprobs 20 \\
+        --limit-mm-per-prompt '{"image": 2}'                                    # the RL reward server
+
+    Memory: every rank loads the float32 model on its CPU before FSDP2 shards it to the GPUs (~35 GB of
+    host RAM per rank for 8B); the float32 master weights, gradients and AdamW state (16 bytes/param,
+    ~140 GB for 8B) are sharded over the ranks; compute runs in bfloat16 (--bf16 auto on CUDA).
+    `--anchor mllm` needs an instruction-following MLLM on an OpenAI-compatible server; it is asked
+    with reward.py's quality-only prompt and must answer in reward.py's format.
+
+What it writes:
+    annotate  OUT.jsonl (one record per (LR, SR) pair, format below) and OUT.qc.md (QC report).
+    train     OUT/ = save_pretrained of model + processor (config, safetensors, tokenizer, chat
+              template): loads with from_pretrained, reward.load_compass(OUT), reward.LocalScorer and
+              `vllm serve OUT`.  OUT/checkpoints/step_XXXXXX/ (full training state, for --resume),
+              OUT/tb/ (TensorBoard: loss, lr, grad_norm).
+    eval      OUT/sriqa_accuracy.csv and OUT/sriqa_accuracy.md (the Table 1 layout).
+
+Dataset format (JSONL, one record per (LR, SR) pair, paths relative to --root):
+
+    {"lr": "lr/0001.png", "sr": "sr/OSEDiff/0001.png", "gt": "gt/0001.png", "group": "0001",
+     "method": "OSEDiff", "F": 0.81, "q_lr": 2.10, "q_sr": 3.45, "rationale": "Sharper edges, ..."}
+    {"lr": "real/0042.jpg", "sr": "sr/SeeSR/0042.png", "group": "0042", "method": "SeeSR",
+     "F": null, "q_lr": 1.72, "q_sr": 3.02}
+
+    F in [0, 1] (synthetic subset only; absent / null for real-world inputs without GT),
+    q_lr and q_sr in [1, 5], "gt" and "rationale" optional. `load_records` refuses missing images,
+    labels out of range and duplicate (lr, sr) pairs with errors that name FILE:LINE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import reward
+from data import list_images, load_image, to_pil
+from training import (
+    NonFiniteGuard,
+    all_reduce_mean,
+    atomic_write_text,
+    cleanup_distributed,
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    setup_distributed,
+)
+
+F_RANGE = (0.0, 1.0)  # Eq.1: F = 1 - DISTS, 1 = best fidelity
+Q_RANGE = (1.0, 5.0)  # §3.2: Q_LR, Q_SR in [1, 5]
+
+
+# ====================================================================================================
+# 1. Dataset: JSONL records, validated
+# ====================================================================================================
+
+
+@dataclass
+class Record:
+    """One labelled (LR, SR) pair. Paths are relative to the dataset root."""
+
+    lr: str
+    sr: str
+    group: str  # the LR the SR was made from: records of one group share an LR
+    method: str  # the SR method that produced `sr`
+    q_lr: float  # perceptual quality of the LR input, [1, 5]
+    q_sr: float  # perceptual quality of the SR output, [1, 5] (calibrated, Eq.3)
+    F: float | None = None  # fidelity, [0, 1] (Eq.1); None for real-world inputs without GT
+    gt: str | None = None
+    rationale: str = ""
+    where: str = ""  # "file:line" it was read from (error messages only; not written)
+
+    def to_json(self) -> dict:
+        d = {"lr": self.lr, "sr": self.sr, "gt": self.gt, "group": self.group, "method": self.method,
+             "F": self.F, "q_lr": self.q_lr, "q_sr": self.q_sr, "rationale": self.rationale}
+        return {k: v for k, v in d.items() if v is not None and v != ""}
+
+
+def _number(value, name: str, lo: float, hi: float) -> tuple[float | None, str | None]:
+    """(value as float, None) if it is a finite number in [lo, hi], else (None, problem)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, f"{name}={value!r} is not a number"
+    if not math.isfinite(value) or not lo <= value <= hi:
+        return None, f"{name}={value} is outside [{lo:g}, {hi:g}]"
+    return float(value), None
+
+
+def parse_record(obj: dict, root: Path | None, where: str) -> Record:
+    """Validate one JSON object -> Record. Raises ValueError("FILE:LINE: problem; what to do").
+
+    `root` is the folder the image paths are relative to; None skips the file-existence checks.
+    """
+    problems = []
+    missing = [k for k in ("lr", "sr", "group", "method", "q_lr", "q_sr") if obj.get(k) is None]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}; every record needs lr, sr, group, "
+                         "method, q_lr, q_sr (F, gt, rationale are optional)")
+    q_lr, p1 = _number(obj["q_lr"], "q_lr", *Q_RANGE)
+    q_sr, p2 = _number(obj["q_sr"], "q_sr", *Q_RANGE)
+    F, p3 = (None, None) if obj.get("F") is None else _number(obj["F"], "F", *F_RANGE)
+    problems += [p for p in (p1, p2, p3) if p]
+    if root is not None:
+        for key in ("lr", "sr", "gt"):
+            if obj.get(key) is not None and not (root / obj[key]).is_file():
+                problems.append(f"{key} image not found: {root / obj[key]}")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems)
+                         + " (fix the record, or check --root, the folder the paths are relative to)")
+    return Record(lr=str(obj["lr"]), sr=str(obj["sr"]), group=str(obj["group"]), method=str(obj["method"]),
+                  q_lr=q_lr, q_sr=q_sr, F=F, gt=obj.get("gt"), rationale=str(obj.get("rationale") or ""),
+                  where=where)
+
+
+def load_records(path: str | Path, root: str | Path | None = None, skip_invalid: bool = False,
+                 check_images: bool = True) -> list[Record]:
+    """Read and validate a COMPASS JSONL (format in the module docstring).
+
+    Refused, with errors naming FILE:LINE: unparsable lines, missing fields, F outside [0, 1], Q outside
+    [1, 5], missing image files (relative to `root`, default: the JSONL's folder), a (lr, sr) pair that
+    already appeared. Blank lines are allowed. By default the first bad record raises ValueError (all
+    problems of the file are listed); with `skip_invalid=True` bad records are dropped, and their COUNT
+    and reasons are printed: nothing is dropped silently.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path} (make one with `train_compass.py annotate`)")
+    root = Path(root) if root is not None else path.parent
+    records: list[Record] = []
+    errors: list[str] = []
+    seen: dict[tuple[str, str], str] = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                errors.append(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                continue
+            rec = parse_record(obj, root if check_images else None, where)
+            if (rec.lr, rec.sr) in seen:
+                raise ValueError(f"{where}: duplicate (lr, sr) pair ({rec.lr}, {rec.sr}), first at "
+                                 f"{seen[(rec.lr, rec.sr)]}; keep one record per pair")
+        except json.JSONDecodeError as err:
+            errors.append(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
+            continue
+        except ValueError as err:
+            errors.append(str(err))
+            continue
+        seen[(rec.lr, rec.sr)] = where
+        records.append(rec)
+    if errors and not skip_invalid:
+        shown = "\n  ".join(errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise ValueError(f"{len(errors)} invalid record(s) in {path}:\n  {shown}{more}\n"
+                         "Fix them, or pass --skip-invalid to drop them (they are counted).")
+    if errors:
+        print(f"[data] skipped {len(errors)} invalid record(s) of {path}; first: {errors[0]}", file=sys.stderr)
+    if not records:
+        raise ValueError(f"{path}: no valid record")
+    return records
+
+
+def write_records(records: Sequence[Record], path: str | Path) -> Path:
+    """Write records as JSONL (atomic: temp file + rename)."""
+    atomic_write_text("".join(json.dumps(r.to_json()) + "\n" for r in records), path)
+    return Path(path)
+
+
+# ====================================================================================================
+# 2. Annotation pipeline (§3.2). The maths is pure functions, each copyable alone; `annotate` wires
+#    them to image folders.
+# ====================================================================================================
+
+
+# --- Stage 1: global anchor scores Q in [1, 5] -------------------------------------------------------
+# The paper scores LR and SR with the Q-Insight score model (an MLLM). Here the scorer is pluggable:
+#   * any pyiqa no-reference metric (raw score mapped linearly to [1, 5], below), e.g. "piqe", which
+#     needs no weights (weights-free demo / tests), or "musiq", "liqe", "topiq_nr" with weights;
+#   * an MLLM served on an OpenAI-compatible endpoint through reward.RemoteScorer ("mllm").
+# Mapping a raw metric to [1, 5]. Default "range": the metric's declared range from pyiqa
+# (`score_range`, e.g. "0, 100" for PIQE; "~" marks are dropped) and its direction (`lower_better`).
+# A fixed range keeps the scale GLOBAL, which is what stage 1 is for: a score does not change when other
+# images are added. "minmax" (over all LR and SR images of the run) is the fallback for metrics whose
+# declared range is unbounded or far wider than the data; it makes the scale dataset-relative.
+
+
+def parse_score_range(text: str) -> tuple[float, float]:
+    """pyiqa's `score_range` string ("0, 100", "~0, ~40") -> (lo, hi). Raises ValueError if not numeric."""
+    parts = [p.strip().lstrip("~").strip() for p in str(text).split(",")]
+    if len(parts) != 2:
+        raise ValueError(f"score_range {text!r}: expected 'lo, hi'")
+    lo, hi = float(parts[0]), float(parts[1])
+    if not hi > lo:
+        raise ValueError(f"score_range {text!r}: hi must exceed lo")
+    return lo, hi
+
+
+def anchor_scores(raw: np.ndarray, lower_better: bool,
+                  score_range: tuple[float, float] | None = None) -> tuple[np.ndarray, int]:
+    """Stage 1: raw no-reference scores (N,) -> anchor scores Q (N,) in [1, 5] and the clamp count.
+
+    Q = 1 + 4 u with u = (raw - lo) / (hi - lo), u -> 1 - u when lower is better. (lo, hi) is
+    `score_range` if given, else min/max of `raw` (a constant `raw` maps to 3). Values outside [1, 5]
+    (raw outside the declared range) are clamped and counted.
+    """
+    raw = np.asarray(raw, dtype=np.float64)
+    lo, hi = score_range if score_range is not None else (float(raw.min()), float(raw.max()))
+    if hi - lo <= 0:
+        return np.full_like(raw, 3.0), 0
+    u = (raw - lo) / (hi - lo)
+    if lower_better:
+        u = 1.0 - u
+    q = Q_RANGE[0] + (Q_RANGE[1] - Q_RANGE[0]) * u
+    clamped = int(((q < Q_RANGE[0]) | (q > Q_RANGE[1])).sum())
+    return np.clip(q, *Q_RANGE), clamped
+
+
+# --- Stage 2: intra-group ranking r in [0, 1] from exhaustive pairwise comparisons --------------------
+# A comparator(i, j) returns the probability (or a hard 1 / 0.5 / 0) that SR i is better than SR j. The
+# paper uses a Q-Insight compare model trained on DiffIQA; any callable works (an MLLM client, a metric).
+# Both orders are asked and averaged, P_ij = (c(i,j) + 1 - c(j,i)) / 2, which cancels a comparator's
+# position bias (MLLM judges prefer the first or the second image).
+# Aggregation, default "winrate": r_i = mean_j P_ij (Borda count). Chosen because it is defined for
+# every tournament, including hard 0/1 outcomes and a strict order, where it gives exactly evenly spaced
+# scores; the Bradley-Terry maximum-likelihood strengths diverge there (a perfect winner has infinite
+# strength), so "bt" needs a prior (a Gaussian on the log-strengths, `bt_prior`) and is the better choice
+# for soft / noisy probabilities. Both are min-max normalised in the group: best = 1, worst = 0.
+
+
+def preference_matrix(n: int, comparator: Callable[[int, int], float], both_orders: bool = True) -> np.ndarray:
+    """P (n, n) with P[i, j] = probability that item i beats item j, P[j, i] = 1 - P[i, j], P[i, i] = 0.5.
+
+    Calls comparator(i, j) for every pair i < j (and comparator(j, i) too when `both_orders`).
+    """
+    P = np.full((n, n), 0.5)
+    for i, j in itertools.combinations(range(n), 2):
+        p = float(comparator(i, j))
+        if both_orders:
+            p = 0.5 * (p + 1.0 - float(comparator(j, i)))
+        P[i, j], P[j, i] = p, 1.0 - p
+    return P
+
+
+def bradley_terry(P: np.ndarray, prior: float = 0.1, iters: int = 100) -> np.ndarray:
+    """Bradley-Terry log-strengths s (n,) maximising sum_{i != j} P_ij log sigmoid(s_i - s_j) - prior/2 |s|^2.
+
+    Newton's method on a concave objective (the prior makes it strictly concave: finite s for a strict
+    order). Returns s centred to mean 0.
+    """
+    n = P.shape[0]
+    s = np.zeros(n)
+    off = ~np.eye(n, dtype=bool)
+    for _ in range(iters):
+        sig = 1.0 / (1.0 + np.exp(-(s[:, None] - s[None, :])))  # (n, n) model P(i beats j)
+        W = np.where(off, P + P.T, 0.0)  # comparisons between i and j (1 for a preference_matrix)
+        grad = np.where(off, P - W * sig, 0.0).sum(1) - prior * s
+        curv = np.where(off, W * sig * (1 - sig), 0.0)
+        H = -np.diag(curv.sum(1)) + curv - prior * np.eye(n)  # Hessian (negative definite)
+        step = np.linalg.solve(H, grad)
+        s = s - step
+        if np.abs(step).max() < 1e-10:
+            break
+    return s - s.mean()
+
+
+def group_rank(n: int, comparator: Callable[[int, int], float], method: str = "winrate",
+               both_orders: bool = True, bt_prior: float = 0.1) -> np.ndarray:
+    """Stage 2: relative rank r (n,) in [0, 1] of the n SR outputs of one group (1 best, 0 worst).
+
+    All C(n, 2) pairs are compared (both orders by default, see above) and aggregated by win rate
+    ("winrate") or Bradley-Terry strengths ("bt"), then min-max normalised within the group. A strict
+    order gives r = 1, (n-2)/(n-1), ..., 0 with "winrate". If every item scores the same (one item, a
+    cycle, all ties) r = 0.5 for all: there is no order to express, and stage 3 then falls back to the
+    anchors' mean.
+    """
+    if n == 1:
+        return np.array([0.5])
+    P = preference_matrix(n, comparator, both_orders)
+    if method == "winrate":
+        score = (P.sum(1) - 0.5) / (n - 1)  # mean_j!=i P_ij
+    elif method == "bt":
+        score = bradley_terry(P, prior=bt_prior)
+    else:
+        raise ValueError(f"group_rank: method {method!r} unknown; use 'winrate' or 'bt'")
+    span = score.max() - score.min()
+    if span < 1e-9:
+        return np.full(n, 0.5)
+    return (score - score.min()) / span
+
+
+def value_comparator(values: Sequence[float], higher_better: bool = True) -> Callable[[int, int], float]:
+    """A weights-free comparator from per-item values: 1 if i is better than j, 0 if worse, 0.5 if equal."""
+    v = np.asarray(values, dtype=np.float64) * (1.0 if higher_better else -1.0)
+    return lambda i, j: 1.0 if v[i] > v[j] else (0.0 if v[i] < v[j] else 0.5)
+
+
+# --- Stage 3: rank-guided calibration (Eq.2, Eq.3) ----------------------------------------------------
+
+
+def calibrate_group(r: np.ndarray, q_anchor: np.ndarray, nonnegative: bool = True) -> tuple[float, float]:
+    """Stage 3: (alpha*, beta*) = argmin sum_i (alpha r_i + beta - Q_SR_i)^2   (Eq.2).
+
+    r (n,) from stage 2, q_anchor (n,) the stage-1 anchor Q_SR of the same items.
+    Degenerate groups: one item, or all r equal, carry no order -> alpha = 0, beta = mean(q_anchor).
+    `nonnegative` (default): if the unconstrained alpha* < 0 (anchors disagree with the ranking) the
+    constrained least-squares solution over alpha >= 0 is used, which is alpha = 0, beta = mean(q_anchor).
+    A negative alpha would invert the intra-group ranking that §3.2 says the calibration preserves.
+    """
+    r = np.asarray(r, dtype=np.float64)
+    q = np.asarray(q_anchor, dtype=np.float64)
+    if r.shape != q.shape or r.ndim != 1 or len(r) == 0:
+        raise ValueError(f"calibrate_group: r {r.shape} and q_anchor {q.shape} must be equal-length 1-D")
+    if len(r) == 1 or np.ptp(r) < 1e-12:
+        return 0.0, float(q.mean())
+    A = np.stack([r, np.ones_like(r)], axis=1)  # (n, 2): columns r, 1
+    (alpha, beta), *_ = np.linalg.lstsq(A, q, rcond=None)  # Eq.2
+    if nonnegative and alpha < 0:
+        return 0.0, float(q.mean())
+    return float(alpha), float(beta)
+
+
+def calibrated_scores(r: np.ndarray, alpha: float, beta: float) -> tuple[np.ndarray, int]:
+    """Eq.3: Q^_SR = alpha* r + beta*, clamped to [1, 5]; returns (scores (n,), number clamped)."""
+    q = alpha * np.asarray(r, dtype=np.float64) + beta  # Eq.3
+    clamped = int(((q < Q_RANGE[0] - 1e-9) | (q > Q_RANGE[1] + 1e-9)).sum())
+    return np.clip(q, *Q_RANGE), clamped
+
+
+# --- QC (§3.2 "Interpretability Annotation") -----------------------------------------------------------
+
+
+def record_score(rec: Record, gamma: float = 7.0) -> float:
+    """The reward the labels imply (Eq.4), with F = 1 where there is no GT (then R = Q_SR)."""
+    F = 1.0 if rec.F is None else rec.F
+    return float(reward.compass_reward(torch.tensor([F]), torch.tensor([rec.q_lr]), torch.tensor([rec.q_sr]),
+                                       gamma)[0])
+
+
+def qc_report(records: Sequence[Record], fraction: float = 0.05, path: str | Path | None = None,
+              gamma: float = 7.0) -> str:
+    """Markdown list of the top and bottom `fraction` of records by `record_score`, with their rationales
+    and image paths, for the manual check of §3.2 (discard pairs whose description contradicts the
+    score). At least one record per side. Written to `path` when given; returned as text.
+    """
+    scored = sorted(records, key=lambda r: record_score(r, gamma), reverse=True)
+    k = max(1, math.ceil(fraction * len(scored)))
+    lines = [f"# COMPASS annotation QC: top / bottom {fraction:.0%} of {len(scored)} pairs ({k} each)", "",
+             f"Score = Eq.4 reward of the labels (gamma {gamma:g}; F = 1 where there is no GT). Check that each",
+             "rationale agrees with its score; drop the pairs that do not.", ""]
+    for title, part in (("Top", scored[:k]), ("Bottom", scored[::-1][:k])):
+        lines += [f"## {title} {k}", "", "| score | F | Q_LR | Q_SR | method | LR | SR | rationale |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in part:
+            F = "-" if r.F is None else f"{r.F:.3f}"
+            why = (r.rationale or "(no rationale)").replace("|", "/").replace("\n", " ")
+            lines.append(f"| {record_score(r, gamma):.3f} | {F} | {r.q_lr:.2f} | {r.q_sr:.2f} | {r.method} "
+                         f"| [{r.lr}]({r.lr}) | [{r.sr}]({r.sr}) | {why} |")
+        lines.append("")
+    text = "\n".join(lines)
+    if path is not None:
+        atomic_write_text(text, path)
+    return text
+
+
+# --- The pipeline on a folder layout ------------------------------------------------------------------
+
+
+@dataclass
+class Group:
+    """One LR input and its SR outputs (the unit of stage 2 and stage 3)."""
+
+    name: str
+    lr: Path
+    gt: Path | None
+    srs: dict[str, Path]  # method -> SR file
+
+
+def discover_groups(lr_dir: str | Path, sr_dir: str | Path, gt_dir: str | Path | None = None
+                    ) -> tuple[list[Group], dict[str, int]]:
+    """Folder layout -> groups, matched by file STEM:
+
+        LR_DIR/0001.png            SR_DIR/<method>/0001.png  (one sub-folder per SR method)
+        GT_DIR/0001.png            (optional; gives F by Eq.1 and marks the pair as synthetic)
+
+    Returns (groups, counts) where counts has the unmatched files: "sr_without_lr", "lr_without_sr",
+    "gt_without_lr". Nothing is dropped without being counted.
+    """
+    lr_by = {p.stem: p for p in list_images(lr_dir)}
+    gt_by = {p.stem: p for p in list_images(gt_dir)} if gt_dir else {}
+    methods = sorted(p for p in Path(sr_dir).iterdir() if p.is_dir()) if Path(sr_dir).is_dir() else []
+    if not methods:
+        raise FileNotFoundError(f"--sr-dir {sr_dir}: expected one sub-folder per SR method (e.g. "
+                                f"{sr_dir}/OSEDiff/0001.png), found none")
+    srs: dict[str, dict[str, Path]] = {}
+    sr_without_lr = 0
+    for m in methods:
+        for p in list_images(m):
+            if p.stem in lr_by:
+                srs.setdefault(p.stem, {})[m.name] = p
+            else:
+                sr_without_lr += 1
+    groups = [Group(stem, lr_by[stem], gt_by.get(stem), srs[stem]) for stem in sorted(srs)]
+    counts = {"sr_without_lr": sr_without_lr, "lr_without_sr": len(lr_by.keys() - srs.keys()),
+              "gt_without_lr": len(gt_by.keys() - lr_by.keys())}
+    return groups, counts
+
+
+def annotate(groups: Sequence[Group], root: Path, *,
+             fidelity: Callable[[torch.Tensor, torch.Tensor], float] | None,
+             nr_raw: Callable[[torch.Tensor], float] | None = None, lower_better: bool = False,
+             score_range: tuple[float, float] | None = None,
+             mllm: Callable[[list, list], reward.Scores] | None = None,
+             compare: str = "nr", fr_compare: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+             rank_method: str = "winrate", log: Callable[[str], None] = print) -> list[Record]:
+    """Run Eq.1 + stages 1-3 on `groups` and return one Record per (LR, SR) pair.
+
+    fidelity(sr, gt) -> F in [0, 1] (Eq.1), used where the group has a GT (None: no F at all).
+    Stage 1 from `nr_raw(image (3,H,W)) -> raw score` mapped by `anchor_scores(lower_better,
+    score_range)`, or from `mllm(lr_pils, sr_pils) -> reward.Scores` (Q_LR of a group = mean of its
+    per-pair Q_LR; the MLLM's rationale is kept).
+    Stage 2 comparator: "nr" compares the stage-1 SR anchors (weights-free, but then r only re-states
+    the anchors' order), "fr" compares `fr_compare(sr, gt)` (higher = better) where a GT exists and
+    falls back to "nr" (counted) where it does not; any other pairwise model plugs into `group_rank`.
+    """
+    pairs = [(g, m, p) for g in groups for m, p in g.srs.items()]
+    # Eq.1 on the synthetic subset
+    F = {}
+    for g, m, p in pairs:
+        if g.gt is not None and fidelity is not None:
+            F[(g.name, m)] = float(fidelity(load_image(p), load_image(g.gt)))
+    # stage 1: anchors
+    rationale: dict[tuple[str, str], str] = {}
+    if mllm is not None:
+        q_lr_of: dict[str, list[float]] = {}
+        q_sr_anchor = {}
+        for g in groups:
+            methods = list(g.srs)
+            lr_pil = to_pil(load_image(g.lr))
+            s = mllm([lr_pil] * len(methods), [to_pil(load_image(g.srs[m])) for m in methods])
+            for k, m in enumerate(methods):
+                if not bool(s.valid[k]):
+                    raise ValueError(f"stage 1: the MLLM answer for {g.srs[m]} did not parse; re-run or "
+                                     "check the server's prompt format")
+                q_lr_of.setdefault(g.name, []).append(float(s.q_lr[k]))
+                q_sr_anchor[(g.name, m)] = float(s.q_sr[k])
+                rationale[(g.name, m)] = s.rationale[k] if s.rationale else ""
+        q_lr = {name: float(np.mean(v)) for name, v in q_lr_of.items()}
+    else:
+        if nr_raw is None:
+            raise ValueError("annotate: give nr_raw (a no-reference metric) or mllm (a scorer)")
+        lr_raw = {g.name: float(nr_raw(load_image(g.lr))) for g in groups}
+        sr_raw = {(g.name, m): float(nr_raw(load_image(p))) for g, m, p in pairs}
+        keys_lr, keys_sr = list(lr_raw), list(sr_raw)
+        q_all, n_clamped = anchor_scores(np.array([lr_raw[k] for k in keys_lr] + [sr_raw[k] for k in keys_sr]),
+                                         lower_better, score_range)
+        q_lr = dict(zip(keys_lr, q_all[: len(keys_lr)].tolist()))
+        q_sr_anchor = dict(zip(keys_sr, q_all[len(keys_lr):].tolist()))
+        log(f"[annotate] stage 1: {len(q_all)} anchor scores, {n_clamped} clamped to [1, 5]")
+    # stages 2 + 3 per group
+    records: list[Record] = []
+    n_fallback = n_degenerate = n_clamped_cal = 0
+    for g in groups:
+        methods = list(g.srs)
+        anchors = np.array([q_sr_anchor[(g.name, m)] for m in methods])
+        if compare == "fr" and g.gt is not None and fr_compare is not None:
+            gt = load_image(g.gt)
+            comparator = value_comparator([fr_compare(load_image(g.srs[m]), gt) for m in methods], True)
+        else:
+            n_fallback += compare == "fr"
+            comparator = value_comparator(anchors, higher_better=True)
+        r = group_rank(len(methods), comparator, method=rank_method)
+        alpha, beta = calibrate_group(r, anchors)
+        n_degenerate += alpha == 0.0
+        q_hat, c = calibrated_scores(r, alpha, beta)
+        n_clamped_cal += c
+        for k, m in enumerate(methods):
+            f = F.get((g.name, m))
+            records.append(Record(
+                lr=os.path.relpath(g.lr, root), sr=os.path.relpath(g.srs[m], root),
+                gt=os.path.relpath(g.gt, root) if g.gt is not None else None, group=g.name, method=m,
+                F=None if f is None else round(f, 4), q_lr=round(float(np.clip(q_lr[g.name], *Q_RANGE)), 4),
+                q_sr=round(float(q_hat[k]), 4), rationale=rationale.get((g.name, m), "")))
+    log(f"[annotate] {len(groups)} groups, {len(records)} pairs, {len(F)} with F; stage 2 'fr' fell back to "
+        f"'nr' in {n_fallback} groups without GT; stage 3: {n_degenerate} groups with alpha = 0 "
+        f"(one item, no order, or anchors against the order), {n_clamped_cal} scores clamped to [1, 5]")
+    return records
+
+
+# ====================================================================================================
+# 3. SFT of the reward model (§3.3, §5.1): chat samples, answer-only labels, the training loop
+# ====================================================================================================
+
+# Everything up to and including the LAST "<|im_start|>assistant\n" is prompt (system, user turn, both
+# images); the labels are the answer tokens and the closing <|im_end|> (so the model learns to stop).
+# The real Qwen3-VL template has no {% generation %} tags, so the mask is found in the token ids; the
+# same string opens the assistant turn in the real and in the tiny template.
+ASSISTANT_PREFIX = "<|im_start|>assistant\n"
+END_OF_TURN = "<|im_end|>"
+IGNORE_INDEX = -100  # label value the loss skips
+
+
+def sft_conversation(rec: Record, lr, sr) -> list[dict]:
+    """Chat messages of one training sample: reward.build_messages (the scorer's own prompt, so training
+    and scoring see the same text and images) + the assistant answer in reward.format_answer's format.
+
+    §3.3: a record with F uses the synthetic prompt and supervises F, Q_LR, Q_SR; a record without F
+    (real-world LR, no GT) uses the no-F prompt and supervises only Q_LR, Q_SR.
+    """
+    synthetic = rec.F is not None
+    messages = reward.build_messages(lr, sr, synthetic=synthetic)
+    answer = reward.format_answer(rec.F if synthetic else None, rec.q_lr, rec.q_sr, rec.rationale)
+    return messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+
+def images_in(messages: list[dict]) -> list:
+    """The images of a conversation in the order they appear (the order the processor expects)."""
+    return [part["image"] for m in messages if isinstance(m["content"], list)
+            for part in m["content"] if part.get("type") == "image"]
+
+
+def find_last(seq: list[int], sub: list[int]) -> int:
+    """Start index of the last occurrence of `sub` in `seq`, or -1."""
+    for start in range(len(seq) - len(sub), -1, -1):
+        if seq[start:start + len(sub)] == sub:
+            return start
+    return -1
+
+
+def answer_only_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: list[int],
+                       end_id: int) -> torch.Tensor:
+    """labels (B, T) = input_ids on the answer (after the last `prefix_ids`, up to and including the
+    first `end_id` after it), IGNORE_INDEX elsewhere (prompt, images, padding, the template's trailing
+    newline). Raises ValueError if a row has no assistant turn (e.g. truncated by a max length).
+    """
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for b in range(input_ids.shape[0]):
+        ids = input_ids[b].tolist()
+        start = find_last(ids, prefix_ids)
+        if start < 0:
+            raise ValueError(f"sample {b} of the batch has no {ASSISTANT_PREFIX!r}: the chat template "
+                             "does not open an assistant turn the usual way, or the text was truncated")
+        first = start + len(prefix_ids)
+        end = next((t for t in range(first, len(ids)) if ids[t] == end_id), len(ids) - 1)
+        labels[b, first:end + 1] = input_ids[b, first:end + 1]
+    return labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+
+
+def sft_collate(processor, conversations: list[list[dict]]) -> dict[str, torch.Tensor]:
+    """Conversations -> a model batch with `labels`.
+
+    Keeps EVERY tensor the processor returns, including `mm_token_type_ids`: Qwen3-VL needs it for the
+    multimodal RoPE (M-RoPE) positions of the image tokens; a collator that drops it silently trains
+    with 1-D positions.
+    """
+    texts = [processor.apply_chat_template(c, tokenize=False) for c in conversations]
+    images = [img for c in conversations for img in images_in(c)]
+    batch = dict(processor(text=texts, images=images, padding=True, return_tensors="pt"))
+    tok = processor.tokenizer
+    prefix_ids = tok.encode(ASSISTANT_PREFIX, add_special_tokens=False)
+    batch["labels"] = answer_only_labels(batch["input_ids"], batch["attention_mask"], prefix_ids,
+                                         tok.convert_tokens_to_ids(END_OF_TURN))
+    return batch
+
+
+def load_pil_pair(rec: Record, root: Path):
+    """(LR, SR) of a record as 8-bit RGB PIL images (what processors and chat messages take)."""
+    return to_pil(load_image(root / rec.lr)), to_pil(load_image(root / rec.sr))
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
+    """Sample order of one epoch: a permutation seeded by (seed, epoch), identical on every rank.
+
+    A pure function of (seed, epoch), so a resumed run sees exactly the batches of an uninterrupted one.
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def step_indices(n: int, step: int, steps_per_epoch: int, global_batch: int, seed: int) -> list[int]:
+    """The `global_batch` sample indices of optimizer step `step`. The last batch of an epoch is filled
+    up by wrapping to the start of that epoch's order (those repeats are counted in the log)."""
+    epoch, k = divmod(step, steps_per_epoch)
+    order = epoch_order(n, epoch, seed)
+    return [order[(k * global_batch + i) % n] for i in range(global_batch)]
+
+
+# --- Full-state save / restore, identical for one process and for FSDP2 -----------------------------
+# torch.distributed.checkpoint.state_dict gathers the shards of an FSDP2 model into FULL tensors
+# (full_state_dict=True), offloaded to the CPU of rank 0 (cpu_offload=True; the other ranks get {}).
+# Resume goes the other way: rank 0 reads the files and broadcast_from_rank0 scatters the shards.
+# The optimizer state is keyed by parameter NAME there, so it is flattened as "optim.<name>.<key>".
+
+
+def gather_full_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """-> (model state dict, optimizer state dict) as full CPU tensors (rank 0; {} on other ranks)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=opts)
+    seen: set[int] = set()
+    for k, v in model_sd.items():  # tied weights (embeddings = lm_head) share memory: safetensors refuses
+        if v.data_ptr() in seen:
+            model_sd[k] = v.clone()
+        seen.add(v.data_ptr())
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else {}
+    return model_sd, optim_sd
+
+
+def restore_full_state(model, optimizer, model_sd: dict, optim_sd: dict, sharded: bool) -> None:
+    """Load full state dicts back (on rank 0 only when `sharded`; other ranks pass {})."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True,
+                                                                   broadcast_from_rank0=sharded))
+    # strict=False: parameters that never received a gradient (none in a normal run) have no Adam state
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=sharded, strict=False))
+
+
+def flatten_optimizer_state(optim_sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Name-keyed optimizer state dict -> ({"optim.<param name>.<key>": tensor}, JSON part)."""
+    tensors, scalars = {}, {}
+    for name, pstate in optim_sd.get("state", {}).items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{name}.{key}"] = value
+            else:
+                scalars[f"{name}.{key}"] = value
+    return tensors, {"param_groups": optim_sd.get("param_groups", []), "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Inverse of `flatten_optimizer_state` (parameter names contain dots; keys such as exp_avg do not)."""
+    state: dict[str, dict] = {}
+    for flat, value in tensors.items():
+        if flat.startswith("optim."):
+            name, key = flat[len("optim."):].rsplit(".", 1)
+            state.setdefault(name, {})[key] = value
+    for flat, value in meta["scalars"].items():
+        name, key = flat.rsplit(".", 1)
+        state.setdefault(name, {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def shard_model(model, world_size: int, device: torch.device, bf16: bool) -> None:
+    """FSDP2: `fully_shard` every vision block and every decoder layer, then the root (embeddings,
+    merger, lm_head). Parameters become DTensors sharded over the ranks; each layer's full weights exist
+    only during its forward / backward. bf16: compute in bfloat16, reduce gradients in float32, keep the
+    float32 master weights sharded (the optimizer state then also stays float32)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    inner = model.model  # Qwen3VLModel: .visual.blocks, .language_model.layers
+    for block in inner.visual.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    for layer in inner.language_model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """LR multiplier at `step`: linear warm-up 0 -> 1 over `warmup` steps, then cosine decay 1 -> 0 at
+    `total` (§5.1 "initial learning rate 1e-5 and a cosine decay schedule")."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class TrainArgs:
+    """Arguments of `train`. Defaults = paper §5.1 (Qwen3-VL-8B-Instruct, AdamW, lr 1e-5, cosine decay,
+    global batch 64, 8 epochs); where the paper is silent, the Hugging Face Trainer's defaults."""
+
+    data: str = ""
+    """JSONL of labelled pairs (see the module docstring)"""
+    root: str = ""
+    """folder the JSONL image paths are relative to (default: the JSONL's folder)"""
+    out: str = "out/compass"
+    """output folder (model, checkpoints, tb)"""
+    model: str = "Qwen/Qwen3-VL-8B-Instruct"
+    """hub name, local folder, or 'tiny' (random tiny Qwen3-VL of the real classes)"""
+    epochs: int = 8
+    """training epochs (§5.1: 8)"""
+    global_batch: int = 64
+    """samples per optimizer step over all GPUs (§5.1: 64)"""
+    per_device_batch: int = 1
+    """samples per forward pass per GPU; grad accumulation fills the global batch"""
+    lr: float = 1e-5
+    """AdamW peak learning rate (§5.1: 1e-5)"""
+    warmup_steps: int = 0
+    """linear warm-up steps before the cosine decay (paper silent: 0)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (paper silent: 0)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (paper silent: 1)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (saves memory)"""
+    bf16: str = "auto"
+    """bfloat16 compute: on | off | auto (on with CUDA)"""
+    export_dtype: str = "auto"
+    """dtype of the saved model: bfloat16 | float32 | auto (bfloat16 if --bf16)"""
+    seed: int = 0
+    """seed of the data order (the tiny preset always uses reward.py's seed 0)"""
+    device: str = "auto"
+    """cuda | cpu | auto"""
+    save_every: int = 0
+    """checkpoint every N steps (0: every epoch)"""
+    keep_last: int = 2
+    """checkpoints kept (8B: ~105 GB each)"""
+    resume: str = ""
+    """'latest' or a checkpoint folder"""
+    max_steps: int = 0
+    """stop after this many steps (0: all); the LR schedule still spans --epochs"""
+    skip_invalid: bool = False
+    """drop (and count) invalid records instead of refusing the file"""
+    max_nonfinite: int = 10
+    """NaN/Inf steps skipped before giving up"""
+    # filled at run time
+    grad_accum: int = 0
+    """(filled at run time) micro-batches per optimizer step = global / (per-device x processes)"""
+    steps_per_epoch: int = 0
+    """(filled at run time) ceil(pairs / global batch)"""
+    total_steps: int = 0
+    """(filled at run time) epochs x steps per epoch: the cosine schedule's length"""
+
+
+def train(args: TrainArgs) -> Path:
+    """Full-parameter SFT of the COMPASS reward model (§3.3). Returns the output folder."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    # ---- plumbing: processes, seeds, data -------------------------------------------------------------
+    dist_info = setup_distributed(args.device)
+    device, world = dist_info.device, dist_info.world_size
+    sharded = world > 1
+    seed_everything(args.seed, dist_info.rank)
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device.type == "cuda")
+    root = Path(args.root) if args.root else Path(args.data).parent
+    records = load_records(args.data, root, skip_invalid=args.skip_invalid)
+    n = len(records)
+
+    if args.global_batch % (args.per_device_batch * world):
+        raise ValueError(f"--global-batch {args.global_batch} must be a multiple of --per-device-batch "
+                         f"{args.per_device_batch} x {world} processes")
+    args.grad_accum = args.global_batch // (args.per_device_batch * world)
+    args.steps_per_epoch = math.ceil(n / args.global_batch)
+    args.total_steps = args.epochs * args.steps_per_epoch
+    out = Path(args.out)
+    ckpt_root = out / "checkpoints"
+    if dist_info.is_main:
+        print(f"[train] {n} pairs ({sum(r.F is not None for r in records)} with F), {world} process(es), "
+              f"global batch {args.global_batch} = {args.per_device_batch} x {args.grad_accum} accum x "
+              f"{world}, {args.steps_per_epoch} steps/epoch, {args.total_steps} steps; "
+              f"{args.steps_per_epoch * args.global_batch - n} repeated samples per epoch fill the last batch")
+
+    # ---- model: the same loader as the scorer; FSDP2 when launched by torchrun -------------------------
+    model, processor = reward.load_compass(args.model, dtype=torch.float32, device="cpu")
+    model.config.use_cache = False
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    if sharded:
+        shard_model(model, world, device, bf16)  # moves each rank's shards to `device`
+    else:
+        model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, args.warmup_steps, args.total_steps))
+
+    # ---- resume ------------------------------------------------------------------------------------
+    start, losses = 0, []  # losses: one per optimizer step, kept in the checkpoints across resumes
+    found = resolve_resume(args.resume, ckpt_root) if dist_info.is_main else None
+    if sharded:  # rank 0 reads the checkpoint; the others get its JSON part and their shards from it
+        box = [found]
+        torch.distributed.broadcast_object_list(box, src=0)
+        found = box[0]
+    if found is not None:
+        model_sd, opt_tensors, state = load_checkpoint(found) if dist_info.is_main else ({}, {}, None)
+        if sharded:
+            box = [state]
+            torch.distributed.broadcast_object_list(box, src=0)
+            state = box[0]
+        optim_sd = unflatten_optimizer_state(opt_tensors, state["optimizer"]) if dist_info.is_main else {}
+        restore_full_state(model, optimizer, model_sd, optim_sd, sharded)
+        scheduler.load_state_dict(state["scheduler"])
+        if not sharded:  # (no randomness in this loop besides the seeded data order; kept for exactness)
+            set_rng_state({k: v for k, v in opt_tensors.items() if k.startswith("rng.")}, state["rng"])
+        start, losses = state["step"], state.get("losses", [])
+        if dist_info.is_main:
+            print(f"[train] resumed from {found} at step {start}")
+    elif args.resume and dist_info.is_main:
+        print(f"[train] --resume {args.resume}: no checkpoint in {ckpt_root} yet, starting from step 0")
+
+    def save(step: int) -> None:
+        model_sd, optim_sd = gather_full_state(model, optimizer)  # collective: every rank calls it
+        if dist_info.is_main:
+            opt_tensors, opt_meta = flatten_optimizer_state(optim_sd)
+            rng_tensors, rng_meta = rng_state()
+            save_checkpoint(ckpt_root, step, model_sd, {**opt_tensors, **rng_tensors},
+                            {"optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta,
+                             "epoch": step / args.steps_per_epoch, "losses": losses, "args": vars(args)},
+                            keep_last=args.keep_last)
+        if sharded:
+            torch.distributed.barrier()
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    writer = SummaryWriter(str(out / "tb")) if dist_info.is_main else None
+    guard = NonFiniteGuard(args.max_nonfinite)
+    end = min(args.total_steps, args.max_steps) if args.max_steps else args.total_steps
+    save_every = args.save_every or args.steps_per_epoch
+    per_rank = args.per_device_batch * args.grad_accum
+    bar = tqdm(range(start, end), initial=start, total=end, disable=not dist_info.is_main, desc="sft")
+    for step in bar:
+        # 1. this rank's share of the global batch, split into micro-batches
+        idx = step_indices(n, step, args.steps_per_epoch, args.global_batch, args.seed)
+        mine = idx[dist_info.rank * per_rank:(dist_info.rank + 1) * per_rank]
+        step_loss = torch.zeros((), device=device)
+        for micro in range(args.grad_accum):
+            chunk = [records[i] for i in mine[micro * args.per_device_batch:(micro + 1) * args.per_device_batch]]
+            # 2. prompt (both images + task) and the labelled answer; labels only on the answer tokens
+            batch = sft_collate(processor, [sft_conversation(r, *load_pil_pair(r, root)) for r in chunk])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if sharded:  # reduce-scatter gradients once, on the last micro-batch
+                model.set_requires_gradient_sync(micro == args.grad_accum - 1)
+            # 3. next-token cross-entropy on the answer tokens, averaged over the accumulation
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not sharded):
+                loss = model(**batch).loss / args.grad_accum
+            loss.backward()
+            step_loss += loss.detach()
+        # 4. clip, step AdamW, advance the cosine schedule (NaN/Inf steps are skipped and counted)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if guard.ok(step_loss):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        loss_value = float(all_reduce_mean(step_loss))  # mean over ranks
+        losses.append(loss_value)
+        if writer is not None:
+            writer.add_scalar("train/loss", loss_value, step + 1)
+            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step + 1)
+            writer.add_scalar("train/grad_norm", float(grad_norm), step + 1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if (step + 1) % save_every == 0 or step + 1 == end:
+            save(step + 1)
+
+    # ---- export: a plain Hugging Face folder (from_pretrained, reward.load_compass, vllm serve) --------
+    if end == args.total_steps:
+        model_sd, _ = gather_full_state(model, None)
+        if dist_info.is_main:
+            export = {"auto": torch.bfloat16 if bf16 else torch.float32, "bfloat16": torch.bfloat16,
+                      "float32": torch.float32}[args.export_dtype]
+            model.config.use_cache = True
+            model.config.dtype = export
+            model.save_pretrained(out, state_dict={k: v.to(export) for k, v in model_sd.items()})
+            processor.save_pretrained(out)
+            print(f"[train] saved the reward model to {out} ({guard.skipped} non-finite steps skipped)")
+        if sharded:
+            torch.distributed.barrier()
+    if dist_info.is_main:
+        atomic_write_text(json.dumps({"losses": losses, "resumed_at": start, "end_step": end}), out / "losses.json")
+    if writer is not None:
+        writer.close()
+    cleanup_distributed()
+    return out
+
+
+# ====================================================================================================
+# 4. Evaluation: pairwise preference accuracy on SRIQA-Bench (§5.1, Table 1)
+# ====================================================================================================
+# Layout (A-FINE's SRIQA-Bench):  LRImages/x{i}_Original.png   images/{Method}/x{i}_{Method}x4.png
+#   images/Original/ (the HR)   MOS/x{i}.txt  MOS_Reg/x{i}.txt  MOS_Gen/x{i}.txt,  lines "name.png,score"
+#   (0-100, higher = better). Pairs: all C(n, 2) of a MOS file. All-Acc from MOS/, Reg-Acc from MOS_Reg/
+#   (regression SR methods), Gen-Acc from MOS_Gen/ (generative ones).
+# Protocol. For a pair (a, b) the ground-truth label is 1 if MOS_a > MOS_b, 0 if <, 0.5 if equal; the
+# predicted label is the same function of the two predicted scores. A pair AGREES when the labels are
+# equal; accuracy = agreeing pairs / pairs. Hence:
+#   - a ground-truth tie counts, and is right only if the prediction also ties ("--gt-ties skip" leaves
+#     such pairs out instead);
+#   - a predicted tie on a non-tie pair is wrong (not half right): a constant scorer then scores exactly
+#     the fraction of ground-truth ties instead of ~50%;
+#   - a missing prediction (an answer that did not parse, a metric without HR) is wrong and counted.
+# COMPASS is scored with the SYNTHETIC prompt (it predicts F, Q_LR, Q_SR) and ranked by Eq.4: SRIQA-Bench
+# LR images are downsampled from the HR, i.e. the synthetic case; the model never sees the HR (GT-free).
+# `--real-prompt` uses the no-F prompt instead, where Eq.4 with F = 1 reduces to R = Q_SR. Q_LR is read once
+# per group (reward.py `score_group`), so the order inside a group comes from F and Q_SR only.
+# Baselines: pyiqa FR metrics against the HR of images/Original/ (PSNR/SSIM on Y of YCbCr as in
+# evaluate.py), NR metrics on the SR alone; lower-is-better metrics are negated.
+
+SRIQA_SUBSETS = {"Reg": "MOS_Reg", "Gen": "MOS_Gen", "All": "MOS"}  # column -> MOS folder
+
+
+@dataclass
+class SriqaGroup:
+    """One MOS file: an LR, its HR (if found) and the rated SR outputs."""
+
+    name: str  # "x12"
+    mos_file: Path
+    lr: Path
+    hr: Path | None
+    srs: list[Path]
+    mos: np.ndarray  # (n,) higher = better
+
+
+def _one_match(folder: Path, name: str) -> Path | None:
+    """The file in `folder` whose stem is `name` or starts with `name` + "_" (x1 -> x1_Original.png)."""
+    if not folder.is_dir():
+        return None
+    hits = sorted(p for p in folder.iterdir() if p.is_file() and (p.stem == name or p.stem.startswith(name + "_")))
+    if len(hits) > 1:
+        raise ValueError(f"{folder}: several files match {name!r}: {[h.name for h in hits]}")
+    return hits[0] if hits else None
+
+
+def read_mos(path: Path) -> list[tuple[str, float]]:
+    """Lines "name.png,score" -> [(name, score)]; blank lines skipped; a bad line raises naming FILE:LINE."""
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        name, _, score = line.strip().rpartition(",")
+        try:
+            rows.append((name.strip(), float(score)))
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: expected 'name.png,score', got {line!r}") from None
+    return rows
+
+
+def load_sriqa(root: str | Path) -> dict[str, list[SriqaGroup]]:
+    """SRIQA-Bench folder -> {"Reg" | "Gen" | "All": groups}; a missing MOS folder gives an empty list.
+
+    SR files named in a MOS file are looked up by file name among images/*/; a name that is missing or
+    present in two method folders raises naming the MOS FILE:LINE.
+    """
+    root = Path(root)
+    if not (root / "images").is_dir():
+        raise FileNotFoundError(f"--sriqa-root {root}: no images/ folder (expected the SRIQA-Bench layout "
+                                "LRImages/, images/{Method}/, MOS/, MOS_Reg/, MOS_Gen/)")
+    where: dict[str, Path] = {}
+    for method in sorted(p for p in (root / "images").iterdir() if p.is_dir()):
+        for p in method.iterdir():
+            if p.is_file():
+                if p.name in where:
+                    raise ValueError(f"{root}: {p.name} is in two method folders: {where[p.name]} and {p}")
+                where[p.name] = p
+    out: dict[str, list[SriqaGroup]] = {}
+    for subset, folder in SRIQA_SUBSETS.items():
+        out[subset] = []
+        mos_dir = root / folder
+        for mos_file in sorted(mos_dir.glob("*.txt")) if mos_dir.is_dir() else []:
+            rows = read_mos(mos_file)
+            missing = [f"{mos_file}:{k + 1}: {name}" for k, (name, _) in enumerate(rows) if name not in where]
+            if missing:
+                raise FileNotFoundError(f"SR image(s) named in MOS files not found under {root / 'images'}: "
+                                        + "; ".join(missing[:5]))
+            name = mos_file.stem
+            lr = _one_match(root / "LRImages", name)
+            if lr is None:
+                raise FileNotFoundError(f"{mos_file}: no LR image {name}_*.png in {root / 'LRImages'}")
+            out[subset].append(SriqaGroup(name, mos_file, lr, _one_match(root / "images" / "Original", name),
+                                          [where[n] for n, _ in rows], np.array([s for _, s in rows])))
+    return out
+
+
+def pair_labels(values: np.ndarray, tol: float = 0.0) -> np.ndarray:
+    """(n,) scores -> (n(n-1)/2,) labels of the pairs i < j: 1 if v_i > v_j, 0 if v_i < v_j, 0.5 if
+    |v_i - v_j| <= tol; NaN if either score is NaN."""
+    v = np.asarray(values, dtype=np.float64)
+    i, j = np.triu_indices(len(v), k=1)
+    d = v[i] - v[j]
+    lab = np.where(d > tol, 1.0, np.where(d < -tol, 0.0, 0.5))
+    return np.where(np.isnan(d), np.nan, lab)
+
+
+def pairwise_accuracy(gt: np.ndarray, pred: np.ndarray, gt_ties: str = "count") -> dict[str, int]:
+    """Counts of one group: {"agree", "pairs", "gt_ties", "pred_ties", "missing"} (rules above).
+
+    gt, pred: (n,) scores, higher = better; NaN in pred = missing prediction (counted as wrong).
+    gt_ties: "count" (a tie is a class; right only if the prediction ties too) or "skip".
+    """
+    g, p = pair_labels(gt), pair_labels(pred)
+    keep = np.ones_like(g, dtype=bool) if gt_ties == "count" else g != 0.5
+    if gt_ties not in ("count", "skip"):
+        raise ValueError(f"gt_ties={gt_ties!r}: use 'count' or 'skip'")
+    agree = (g == p) & keep  # NaN == x is False: a missing prediction never agrees
+    return {"agree": int(agree.sum()), "pairs": int(keep.sum()), "gt_ties": int((g == 0.5).sum()),
+            "pred_ties": int(((p == 0.5) & keep).sum()), "missing": int((np.isnan(p) & keep).sum())}
+
+
+# A scoring function: (lr, hr or None, [sr files]) -> (n,) scores, higher = better, NaN = no score.
+ScoreFn = Callable[[Path, "Path | None", list[Path]], np.ndarray]
+
+
+def evaluate_sriqa(groups: dict[str, list[SriqaGroup]], score_fn: ScoreFn, gt_ties: str = "count"
+                   ) -> dict[str, dict[str, float]]:
+    """Accuracy (%) of one scoring function per subset: {subset: {"acc", "agree", "pairs", ...}}.
+
+    Each (LR, SR) is scored once and reused across MOS/, MOS_Reg/, MOS_Gen/ (their images overlap).
+    """
+    cache: dict[tuple[Path, Path], float] = {}
+    result = {}
+    for subset, gs in groups.items():
+        total = {"agree": 0, "pairs": 0, "gt_ties": 0, "pred_ties": 0, "missing": 0}
+        for g in gs:
+            todo = [s for s in g.srs if (g.lr, s) not in cache]
+            if todo:
+                for s, v in zip(todo, np.asarray(score_fn(g.lr, g.hr, todo), dtype=np.float64)):
+                    cache[(g.lr, s)] = float(v)
+            counts = pairwise_accuracy(g.mos, np.array([cache[(g.lr, s)] for s in g.srs]), gt_ties)
+            total = {k: total[k] + counts[k] for k in total}
+        total["acc"] = 100.0 * total["agree"] / total["pairs"] if total["pairs"] else math.nan
+        result[subset] = total
+    return result
+
+
+def compass_score_fn(scorer, synthetic: bool = True, gamma: float = 7.0) -> ScoreFn:
+    """COMPASS reward (Eq.4) of each SR given its LR, from a reward.LocalScorer / RemoteScorer."""
+    def score(lr: Path, hr: Path | None, srs: list[Path]) -> np.ndarray:
+        # score_group: Q_LR is read once per LR (mean of the per-pair readings), as in RL (reward.py)
+        s = scorer.score_group(to_pil(load_image(lr)), [to_pil(load_image(p)) for p in srs])
+        F = s.F if synthetic else torch.ones_like(s.q_sr)  # no-F prompt: F = 1, so R = Q_SR
+        R = reward.compass_reward(F.float(), s.q_lr.float(), s.q_sr.float(), gamma)  # Eq.4
+        return np.where(s.valid.cpu().numpy(), R.cpu().numpy(), np.nan)
+    return score
+
+
+def pyiqa_score_fn(metric) -> ScoreFn:
+    """A pyiqa metric as a scoring function: FR metrics against the HR (NaN when there is none), NR
+    metrics on the SR alone; the sign is flipped for lower-is-better metrics (LPIPS, DISTS, PIQE)."""
+    sign = -1.0 if metric.lower_better else 1.0
+    def score(lr: Path, hr: Path | None, srs: list[Path]) -> np.ndarray:
+        if metric.metric_mode == "FR" and hr is None:
+            return np.full(len(srs), np.nan)
+        ref = load_image(hr)[None] if hr is not None else None
+        vals = []
+        with torch.no_grad():
+            for p in srs:
+                x = load_image(p)[None]
+                v = metric(x, ref) if metric.metric_mode == "FR" else metric(x)
+                vals.append(sign * float(torch.as_tensor(v).flatten()[0]))
+        return np.array(vals)
+    return score
+
+
+def short_reason(err: BaseException, limit: int = 160) -> str:
+    """One line "Type: message" for the table, with a hint when weights could not be downloaded."""
+    msg = " ".join(str(err).split())[:limit]
+    hint = " (weights not downloadable here: fetch them once with network into $TORCH_HOME)" \
+        if isinstance(err, OSError) else ""
+    return f"{type(err).__name__}: {msg}{hint}"
+
+
+def accuracy_table(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write the Table 1 layout as CSV and markdown. rows: {"type", "method", "Reg", "Gen", "All",
+    "pairs", "note"} with accuracies in % (NaN = unavailable)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cols = ["type", "method", "Reg-Acc", "Gen-Acc", "All-Acc", "pairs_all", "note"]
+    fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
+    csv_path, md_path = out_dir / "sriqa_accuracy.csv", out_dir / "sriqa_accuracy.md"
+    with open(csv_path.with_suffix(".csv.tmp"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([r["type"], r["method"], fmt(r.get("Reg")), fmt(r.get("Gen")), fmt(r.get("All")),
+                        r.get("pairs", 0), r.get("note", "")])
+    os.replace(csv_path.with_suffix(".csv.tmp"), csv_path)
+    lines = ["| Type | Method | Reg-Acc | Gen-Acc | All-Acc | pairs (All) | note |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['type']} | {r['method']} | {fmt(r.get('Reg'))} | {fmt(r.get('Gen'))} | {fmt(r.get('All'))} "
+              f"| {r.get('pairs', 0)} | {r.get('note', '')} |" for r in rows]
+    atomic_write_text("\n".join(lines) + "\n", md_path)
+    return csv_path, md_path
+
+
+@dataclass
+class EvalArgs:
+    """Arguments of `eval`."""
+
+    sriqa_root: str = ""
+    """SRIQA-Bench folder (LRImages/, images/, MOS*/)"""
+    out: str = "out/sriqa"
+    """folder for sriqa_accuracy.csv / .md"""
+    model: str = ""
+    """COMPASS folder / hub name / 'tiny' (in-process)"""
+    server: str = ""
+    """OpenAI-compatible URL of a served COMPASS (instead of --model), e.g. http://127.0.0.1:8000 (vllm serve OUT)"""
+    server_model: str = "compass"
+    """model name on --server"""
+    real_prompt: bool = False
+    """score with the no-F prompt (R = Q_SR)"""
+    gamma: float = 7.0
+    """gamma of Eq.4 (§3.3: 7)"""
+    baselines: list[str] = field(default_factory=lambda: ["PSNR", "SSIM", "LPIPS", "DISTS"])
+    """pyiqa metrics (Table 1's GT-Ref rows; NR names such as piqe or musiq give GT-Free rows)"""
+    gt_ties: str = "count"
+    """ground-truth ties: count | skip"""
+    device: str = "auto"
+    """cuda | cpu | auto"""
+
+
+def run_eval(args: EvalArgs, extra: dict[str, tuple[str, ScoreFn]] | None = None) -> list[dict]:
+    """Score COMPASS and the baselines on SRIQA-Bench and write the table. `extra` adds scoring
+    functions {name: (type, fn)} (tests use an oracle). Returns the table rows."""
+    from evaluate import METRIC_SPECS
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    groups = load_sriqa(args.sriqa_root)
+    n_pairs = sum(len(g.srs) * (len(g.srs) - 1) // 2 for g in groups["All"])
+    print(f"[eval] {args.sriqa_root}: " + ", ".join(f"{k} {len(v)} groups" for k, v in groups.items())
+          + f", {n_pairs} pairs in All")
+    scorers: list[tuple[str, str, ScoreFn | None, str]] = []  # (type, name, fn, note)
+    if args.model or args.server:
+        if args.server:
+            scorer = reward.RemoteScorer(args.server, args.server_model, synthetic=not args.real_prompt)
+        else:
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            model, processor = reward.load_compass(args.model, dtype=dtype, device=device)
+            scorer = reward.LocalScorer(model, processor, synthetic=not args.real_prompt)
+        scorers.append(("GT-Free", "COMPASS", compass_score_fn(scorer, not args.real_prompt, args.gamma),
+                        "Eq.4, " + ("no-F prompt" if args.real_prompt else "synthetic prompt")))
+    import pyiqa  # here, so that TORCH_HOME / HF_HUB_OFFLINE set by the caller take effect
+    for name in args.baselines:
+        pyiqa_name, kwargs = METRIC_SPECS[name][:2] if name in METRIC_SPECS else (name, {})
+        try:
+            metric = pyiqa.create_metric(pyiqa_name, device=torch.device(device), as_loss=False, **kwargs)
+            kind = "GT-Ref" if metric.metric_mode == "FR" else "GT-Free"
+            scorers.append((kind, name, pyiqa_score_fn(metric), ""))
+        except Exception as err:  # noqa: BLE001 - reported in the table, the evaluation goes on
+            kind = ("GT-Ref" if METRIC_SPECS[name][2] else "GT-Free") if name in METRIC_SPECS else "-"
+            scorers.append((kind, name, None, "unavailable: " + short_reason(err)))
+    for name, (kind, fn) in (extra or {}).items():
+        scorers.append((kind, name, fn, ""))
+
+    rows = []
+    for kind, name, fn, note in scorers:
+        row = {"type": kind, "method": name, "note": note}
+        try:
+            res = evaluate_sriqa(groups, fn, args.gt_ties) if fn is not None else None
+        except Exception as err:
+            if name == "COMPASS":
+                raise
+            res, note = None, "failed: " + short_reason(err)
+            row["note"] = note
+        if res is not None:
+            row.update({s: res[s]["acc"] for s in res}, pairs=res["All"]["pairs"])
+            missing = res["All"]["missing"]
+            row["note"] = "; ".join(x for x in (note, f"{missing} pairs without a score" if missing else "",
+                                                f"{res['All']['pred_ties']} predicted ties"
+                                                if res["All"]["pred_ties"] else "") if x)
+        rows.append(row)
+        print(f"[eval] {name}: " + ", ".join(f"{s} {row.get(s, math.nan):.1f}" for s in SRIQA_SUBSETS)
+              + (f"  ({row['note']})" if row["note"] else ""))
+    csv_path, md_path = accuracy_table(rows, args.out)
+    print(f"[eval] wrote {csv_path} and {md_path}")
+    return rows
+
+
+# ====================================================================================================
+# 5. Command line
+# ====================================================================================================
+
+
+@dataclass
+class AnnotateArgs:
+    """Arguments of `annotate` (folder layout in `discover_groups`)."""
+
+    lr_dir: str = ""
+    """folder of LR inputs (synthetic LR or real LQ)"""
+    sr_dir: str = ""
+    """folder with one sub-folder of SR outputs per method"""
+    gt_dir: str = ""
+    """optional folder of GT images (gives F, Eq.1)"""
+    out: str = "compass.jsonl"
+    """JSONL to write (QC report beside it)"""
+    root: str = ""
+    """paths are written relative to this folder (default: the folder of --out)"""
+    fidelity_metric: str = "dists"
+    """Eq.1 distance: dists | lpips | ssim (ssim needs no weights)"""
+    anchor: str = "piqe"
+    """stage 1 scorer: a pyiqa NR metric name (piqe needs no weights) or 'mllm' (--server)"""
+    anchor_mapping: str = "range"
+    """raw -> [1, 5]: range (pyiqa's score_range) | minmax (over the data)"""
+    server: str = ""
+    """OpenAI-compatible URL of the MLLM for --anchor mllm"""
+    server_model: str = ""
+    """model name on --server"""
+    compare: str = "nr"
+    """stage 2 comparator: nr (stage-1 anchors) | fr (--compare-metric vs GT where it exists)"""
+    compare_metric: str = "ssim"
+    """full-reference metric of --compare fr"""
+    rank: str = "winrate"
+    """stage 2 aggregation: winrate | bt"""
+    qc_fraction: float = 0.05
+    """QC report: top / bottom fraction (§3.2: 5%)"""
+    device: str = "auto"
+    """cuda | cpu | auto"""
+
+
+def run_annotate(args: AnnotateArgs) -> list[Record]:
+    """The `annotate` command: folders -> JSONL + QC report."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    groups, counts = discover_groups(args.lr_dir, args.sr_dir, args.gt_dir or None)
+    print(f"[annotate] {len(groups)} groups; unmatched files: {counts}")
+    root = Path(args.root) if args.root else Path(args.out).resolve().parent
+    fidelity = None
+    if args.gt_dir:
+        fs = reward.FidelityScorer(metric=args.fidelity_metric, device=device)
+        fidelity = lambda sr, gt: float(fs.fidelity(sr[None].to(device), gt[None].to(device))[0])
+    import pyiqa
+    kw: dict = {}
+    if args.anchor == "mllm":
+        if not args.server:
+            raise ValueError("--anchor mllm needs --server URL (and --server-model)")
+        remote = reward.RemoteScorer(args.server, args.server_model, synthetic=False)
+        kw["mllm"] = remote.score
+    else:
+        metric = pyiqa.create_metric(args.anchor, device=device, as_loss=False)
+        if metric.metric_mode != "NR":
+            raise ValueError(f"--anchor {args.anchor}: needs a no-reference metric, this one is "
+                             f"{metric.metric_mode} (try piqe, musiq, liqe, topiq_nr)")
+        kw["nr_raw"] = lambda x: float(metric(x[None].to(device)).flatten()[0])
+        kw["lower_better"] = bool(metric.lower_better)
+        if args.anchor_mapping == "range":
+            kw["score_range"] = parse_score_range(metric.score_range)
+        elif args.anchor_mapping != "minmax":
+            raise ValueError(f"--anchor-mapping {args.anchor_mapping}: use range or minmax")
+    fr_compare = None
+    if args.compare == "fr":
+        m = pyiqa.create_metric(args.compare_metric, device=device, as_loss=False)
+        sign = -1.0 if m.lower_better else 1.0
+        fr_compare = lambda sr, gt: sign * float(m(sr[None].to(device), gt[None].to(device)).flatten()[0])
+    records = annotate(groups, root, fidelity=fidelity, compare=args.compare, fr_compare=fr_compare,
+                       rank_method=args.rank, **kw)
+    write_records(records, args.out)
+    qc_path = Path(args.out).with_suffix(".qc.md")
+    qc_report(records, args.qc_fraction, qc_path)
+    print(f"[annotate] wrote {len(records)} records to {args.out} (paths relative to {root}) and {qc_path}")
+    return records
+
+
+def field_docs(cls) -> dict[str, str]:
+    """{field: the docstring written under it} of a dataclass (CleanRL-style attribute docstrings)."""
+    import ast
+    import inspect
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, nxt in itertools.pairwise(body):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    """One --flag per dataclass field, its docstring as help; fields filled at run time are skipped."""
+    docs = field_docs(cls)
+    for f in fields(cls):
+        help_text = docs.get(f.name, "").replace("%", "%%")  # argparse formats help with %
+        if help_text.startswith("(filled at run time)"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif isinstance(default, list):
+            parser.add_argument(flag, nargs="*", default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=help_text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, cls in (("annotate", AnnotateArgs), ("train", TrainArgs), ("eval", EvalArgs)):
+        add_dataclass_args(sub.add_parser(name, help=cls.__doc__.split("\n")[0]), cls)
+    ns = vars(parser.parse_args(argv))
+    command = ns.pop("command")
+    t0 = time.time()
+    if command == "annotate":
+        run_annotate(AnnotateArgs(**ns))
+    elif command == "train":
+        if not ns["data"]:
+            parser.error("train: --data JSONL is required")
+        train(TrainArgs(**ns))
+    else:
+        if not ns["sriqa_root"]:
+            parser.error("eval: --sriqa-root is required")
+        run_eval(EvalArgs(**ns))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[{command}] done in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
