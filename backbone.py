@@ -21,7 +21,6 @@ N = (h/2)*(w/2) packed tokens, C = 16 latent channels, packed channel dim 4C = 6
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 

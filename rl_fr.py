@@ -308,16 +308,11 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
     bb, params, old_params = setup_policy(args, dist_info.device)
     reward_fn = reward_fn_factory(args)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    lora_names = [n for n, p in bb.transformer.named_parameters() if ".default." in n or ".old." in n]
 
     start_step = 0
     resume_from = T.resolve_resume(args.resume, ckpt_root)
     if resume_from is not None:  # both adapters, optimizer, RNGs, step (= data position)
-        weights, state = T.restore_training_checkpoint(resume_from, optimizer, generator, dist_info.rank)
-        named = dict(bb.transformer.named_parameters())
-        with torch.no_grad():
-            for n in lora_names:
-                named[n].copy_(weights[n])
+        state = T.restore_training_checkpoint(resume_from, bb.transformer, optimizer, dist_info, generator)
         start_step = state["step"]
         if dist_info.is_main:
             print(f"resumed from {resume_from} at step {start_step}")
@@ -331,6 +326,8 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
     batches = T.infinite_batches(dataset, args.lrs_per_step, dist_info, args.seed, start_step, 0,
                                  lambda items: items)  # a list of items: LR sizes may differ
     rewards_log = run_dir / "rewards.jsonl"
+    if start_step == 0 and dist_info.is_main:
+        rewards_log.unlink(missing_ok=True)  # a fresh run starts a fresh log; a resumed one appends
     invalid_total = 0
 
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc=f"RL {run_dir.name}",
@@ -410,9 +407,8 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
                 item, _, _, _, _, srs = groups[0]
                 write_group_grid(item, srs, args.scale, run_dir / "samples" / f"step_{done:06d}.png")
         if done % args.save_every == 0 or done == args.steps:
-            named = dict(bb.transformer.named_parameters())
-            T.save_training_checkpoint(ckpt_root, done, {n: named[n] for n in lora_names}, optimizer, generator,
-                                       dist_info, keep_last=args.keep_last, invalid_total=invalid_total)
+            T.save_training_checkpoint(ckpt_root, done, bb.transformer, optimizer, dist_info, generator,
+                                       keep=is_lora, keep_last=args.keep_last, invalid_total=invalid_total)
             if dist_info.is_main:
                 B.save_lora(bb.transformer, out_file, "default")
 
@@ -423,6 +419,11 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
         writer.close()
     T.cleanup_distributed()
     return out_file
+
+
+def is_lora(name: str) -> bool:
+    """Checkpointed RL weights: both adapters (trainable "default" and "old"); the base is not saved."""
+    return ".default." in name or ".old." in name
 
 
 def reward_stats(groups: list, keep: torch.Tensor, r: torch.Tensor, invalid: int) -> dict[str, float]:

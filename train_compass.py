@@ -74,7 +74,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -84,15 +84,16 @@ import reward
 from data import list_images, load_image, to_pil
 from training import (
     NonFiniteGuard,
+    add_dataclass_args,
     all_reduce_mean,
     atomic_write_text,
     cleanup_distributed,
-    load_checkpoint,
+    fully_shard_blocks,
+    gather_full_state,
     resolve_resume,
-    rng_state,
-    save_checkpoint,
+    restore_training_checkpoint,
+    save_training_checkpoint,
     seed_everything,
-    set_rng_state,
     setup_distributed,
 )
 
@@ -642,81 +643,11 @@ def step_indices(n: int, step: int, steps_per_epoch: int, global_batch: int, see
 # The optimizer state is keyed by parameter NAME there, so it is flattened as "optim.<name>.<key>".
 
 
-def gather_full_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """-> (model state dict, optimizer state dict) as full CPU tensors (rank 0; {} on other ranks)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(model, options=opts)
-    seen: set[int] = set()
-    for k, v in model_sd.items():  # tied weights (embeddings = lm_head) share memory: safetensors refuses
-        if v.data_ptr() in seen:
-            model_sd[k] = v.clone()
-        seen.add(v.data_ptr())
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else {}
-    return model_sd, optim_sd
-
-
-def restore_full_state(model, optimizer, model_sd: dict, optim_sd: dict, sharded: bool) -> None:
-    """Load full state dicts back (on rank 0 only when `sharded`; other ranks pass {})."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-    set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True,
-                                                                   broadcast_from_rank0=sharded))
-    # strict=False: parameters that never received a gradient (none in a normal run) have no Adam state
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(
-        full_state_dict=True, broadcast_from_rank0=sharded, strict=False))
-
-
-def flatten_optimizer_state(optim_sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Name-keyed optimizer state dict -> ({"optim.<param name>.<key>": tensor}, JSON part)."""
-    tensors, scalars = {}, {}
-    for name, pstate in optim_sd.get("state", {}).items():
-        for key, value in pstate.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{name}.{key}"] = value
-            else:
-                scalars[f"{name}.{key}"] = value
-    return tensors, {"param_groups": optim_sd.get("param_groups", []), "scalars": scalars}
-
-
-def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    """Inverse of `flatten_optimizer_state` (parameter names contain dots; keys such as exp_avg do not)."""
-    state: dict[str, dict] = {}
-    for flat, value in tensors.items():
-        if flat.startswith("optim."):
-            name, key = flat[len("optim."):].rsplit(".", 1)
-            state.setdefault(name, {})[key] = value
-    for flat, value in meta["scalars"].items():
-        name, key = flat.rsplit(".", 1)
-        state.setdefault(name, {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
 def shard_model(model, world_size: int, device: torch.device, bf16: bool) -> None:
-    """FSDP2: `fully_shard` every vision block and every decoder layer, then the root (embeddings,
-    merger, lm_head). Parameters become DTensors sharded over the ranks; each layer's full weights exist
-    only during its forward / backward. bf16: compute in bfloat16, reduce gradients in float32, keep the
-    float32 master weights sharded (the optimizer state then also stays float32)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(device.type, (world_size,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-        MixedPrecisionPolicy()
+    """FSDP2 for Qwen3-VL: every vision block and every decoder layer, then the root (embeddings, merger,
+    lm_head); see `training.fully_shard_blocks`."""
     inner = model.model  # Qwen3VLModel: .visual.blocks, .language_model.layers
-    for block in inner.visual.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    for layer in inner.language_model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-
+    fully_shard_blocks(model, [*inner.visual.blocks, *inner.language_model.layers], device, world_size, bf16)
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     """LR multiplier at `step`: linear warm-up 0 -> 1 over `warmup` steps, then cosine decay 1 -> 0 at
@@ -836,33 +767,17 @@ def train(args: TrainArgs) -> Path:
         torch.distributed.broadcast_object_list(box, src=0)
         found = box[0]
     if found is not None:
-        model_sd, opt_tensors, state = load_checkpoint(found) if dist_info.is_main else ({}, {}, None)
-        if sharded:
-            box = [state]
-            torch.distributed.broadcast_object_list(box, src=0)
-            state = box[0]
-        optim_sd = unflatten_optimizer_state(opt_tensors, state["optimizer"]) if dist_info.is_main else {}
-        restore_full_state(model, optimizer, model_sd, optim_sd, sharded)
-        scheduler.load_state_dict(state["scheduler"])
-        if not sharded:  # (no randomness in this loop besides the seeded data order; kept for exactness)
-            set_rng_state({k: v for k, v in opt_tensors.items() if k.startswith("rng.")}, state["rng"])
+        state = restore_training_checkpoint(found, model, optimizer, dist_info, None, scheduler, sharded)
         start, losses = state["step"], state.get("losses", [])
         if dist_info.is_main:
             print(f"[train] resumed from {found} at step {start}")
     elif args.resume and dist_info.is_main:
         print(f"[train] --resume {args.resume}: no checkpoint in {ckpt_root} yet, starting from step 0")
 
-    def save(step: int) -> None:
-        model_sd, optim_sd = gather_full_state(model, optimizer)  # collective: every rank calls it
-        if dist_info.is_main:
-            opt_tensors, opt_meta = flatten_optimizer_state(optim_sd)
-            rng_tensors, rng_meta = rng_state()
-            save_checkpoint(ckpt_root, step, model_sd, {**opt_tensors, **rng_tensors},
-                            {"optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta,
-                             "epoch": step / args.steps_per_epoch, "losses": losses, "args": vars(args)},
-                            keep_last=args.keep_last)
-        if sharded:
-            torch.distributed.barrier()
+    def save(step: int) -> None:  # collective under FSDP2: every rank calls it, rank 0 writes
+        save_training_checkpoint(ckpt_root, step, model, optimizer, dist_info, None, scheduler,
+                                 keep_last=args.keep_last, epoch=step / args.steps_per_epoch, losses=losses,
+                                 args=vars(args))
 
     # ---- the loop -----------------------------------------------------------------------------------
     writer = SummaryWriter(str(out / "tb")) if dist_info.is_main else None
@@ -1296,35 +1211,6 @@ def run_annotate(args: AnnotateArgs) -> list[Record]:
     qc_report(records, args.qc_fraction, qc_path)
     print(f"[annotate] wrote {len(records)} records to {args.out} (paths relative to {root}) and {qc_path}")
     return records
-
-
-def field_docs(cls) -> dict[str, str]:
-    """{field: the docstring written under it} of a dataclass (CleanRL-style attribute docstrings)."""
-    import ast
-    import inspect
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs = {}
-    for node, nxt in itertools.pairwise(body):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
-
-
-def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
-    """One --flag per dataclass field, its docstring as help; fields filled at run time are skipped."""
-    docs = field_docs(cls)
-    for f in fields(cls):
-        help_text = docs.get(f.name, "").replace("%", "%%")  # argparse formats help with %
-        if help_text.startswith("(filled at run time)"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif isinstance(default, list):
-            parser.add_argument(flag, nargs="*", default=default, help=help_text)
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=help_text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

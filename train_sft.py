@@ -21,10 +21,9 @@ TensorBoard scalars under out/sft/tb/; LR | SR | HR grids under out/sft/samples/
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -64,6 +63,9 @@ class Args:
     bf16: bool = False
     """bf16 autocast for the transformer forward"""
     gradient_checkpointing: bool = False
+    fsdp: bool = False
+    """shard the transformer over the torchrun processes with FSDP2 (full fine-tuning of the 20B model
+    does not fit one GPU with AdamW); without it, torchrun replicates it with DDP"""
     offload_text_encoder: bool = False
     """keep the frozen text encoder on the CPU (it runs once per LR image)"""
     prompt: str = B.DEFAULT_PROMPT
@@ -82,19 +84,13 @@ class Args:
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action="store_true")
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, default=f.default)
-    args = Args(**vars(p.parse_args(argv)))
+    args, parser = T.parse_dataclass_args(Args, argv, __doc__.split("\n")[0])
     if not args.hr_dir:
-        p.error("--hr-dir is required (an HR folder; add --lr-dir for paired LR images)")
+        parser.error("--hr-dir is required (an HR folder; add --lr-dir for paired LR images)")
+    if args.fsdp and args.lora_rank:
+        parser.error("--fsdp shards a full fine-tune; a LoRA (--lora-rank) fits without sharding: drop --fsdp")
     if args.timestep_sampling not in ("uniform", "logit_normal", "shifted"):
-        p.error(f"--timestep-sampling {args.timestep_sampling}: choose uniform, logit_normal or shifted")
+        parser.error(f"--timestep-sampling {args.timestep_sampling}: choose uniform, logit_normal or shifted")
     return args
 
 
@@ -153,22 +149,26 @@ def main(argv: list[str] | None = None) -> None:
     transformer.train()
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    trainable = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
+    sharded = args.fsdp and dist_info.world_size > 1
+    if sharded:  # FSDP2: each MMDiT block, then the root; parameters become sharded DTensors
+        T.fully_shard_blocks(transformer, list(transformer.transformer_blocks), dist_info.device,
+                             dist_info.world_size, args.bf16)
+        params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
 
     start_step = 0
     resume_from = T.resolve_resume(args.resume, ckpt_root)
     if resume_from is not None:
-        weights, state = T.restore_training_checkpoint(resume_from, optimizer, generator, dist_info.rank, scheduler)
-        with torch.no_grad():
-            for name, p in trainable.items():
-                p.copy_(weights[name])
+        state = T.restore_training_checkpoint(resume_from, transformer, optimizer, dist_info, generator, scheduler,
+                                              sharded)
         start_step = state["step"]
         if dist_info.is_main:
             print(f"resumed from {resume_from} at step {start_step}")
 
-    model = DDP(transformer, find_unused_parameters=True) if dist_info.world_size > 1 else transformer
+    # DDP replicas need find_unused_parameters: the last block's text-stream outputs get no gradient
+    model = DDP(transformer, find_unused_parameters=True) if dist_info.world_size > 1 and not sharded else transformer
     writer = None
     if dist_info.is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def save(step: int) -> None:
         # all ranks hold identical weights under DDP; every rank contributes its noise generator state
-        T.save_training_checkpoint(ckpt_root, step, {n: p.detach() for n, p in trainable.items()}, optimizer,
-                                   generator, dist_info, scheduler, keep_last=args.keep_last)
+        T.save_training_checkpoint(ckpt_root, step, transformer, optimizer, dist_info, generator, scheduler,
+                                   keep=trainable.__contains__, keep_last=args.keep_last)
 
     # ------------------------------------------------------------------ the cold-start loop (Eq.5)
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="SFT",
@@ -216,20 +216,23 @@ def main(argv: list[str] | None = None) -> None:
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
                 writer.add_scalar("train/grad_norm", float(grad_norm), done)
                 writer.add_scalar("train/nonfinite_skipped", guard.skipped, done)
-            if args.sample_every and done % args.sample_every == 0:
-                write_sample_grid(bb, lr_imgs[0], hr_imgs[0], args, out / "samples" / f"step_{done:06d}.png")
+        if args.sample_every and done % args.sample_every == 0 and (dist_info.is_main or sharded):
+            # under FSDP2 every rank takes part in the forward passes; rank 0 writes the picture
+            write_sample_grid(bb, lr_imgs[0], hr_imgs[0], args, out / "samples" / f"step_{done:06d}.png",
+                              dist_info.is_main)
         if done % args.save_every == 0 or done == args.steps:
             save(done)
 
     # ------------------------------------------------------------------ final weights for infer.py / rl_fr.py
-    checksum = T.check_ranks_in_sync(params)
-    if dist_info.is_main:
-        if dist_info.world_size > 1:
+    if not sharded:  # DDP replicas must be identical (FSDP2 shards differ by design)
+        checksum = T.check_ranks_in_sync(params)
+        if dist_info.is_main and dist_info.world_size > 1:
             print(f"{dist_info.world_size} ranks in sync (parameter checksum {checksum:.6f})")
-        if args.lora_rank:
-            transformer.fuse_lora()
-            transformer.unload_lora()
-        final = {k: v for k, v in transformer.state_dict().items()}
+    if args.lora_rank:  # the SFT output is always full weights: merge the LoRA in
+        transformer.fuse_lora()
+        transformer.unload_lora()
+    final, _ = T.gather_full_state(transformer, None)  # collective under FSDP2
+    if dist_info.is_main:
         T.atomic_save_safetensors(final, out / "transformer.safetensors")
         T.atomic_write_text(json.dumps({"losses": losses, "start_step": start_step,
                                         "nonfinite_skipped": guard.skipped, "time": time.time()}),
@@ -240,15 +243,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @torch.no_grad()
-def write_sample_grid(bb: B.Backbone, lr: torch.Tensor, hr: torch.Tensor, args: Args, path: Path) -> None:
+def write_sample_grid(bb: B.Backbone, lr: torch.Tensor, hr: torch.Tensor, args: Args, path: Path,
+                      write: bool = True) -> None:
     """LR (bicubic to HR size) | SR | HR side by side."""
     was_training = bb.transformer.training
     bb.transformer.eval()
     sr = B.super_resolve(bb, lr, args.sample_steps, generator=torch.Generator().manual_seed(0),
                          prompt=args.prompt, scale=args.scale)[0]
     bb.transformer.train(was_training)
-    grid = torch.cat([B.upscale(lr[None].float(), args.scale)[0].cpu(), sr.cpu(), hr.float().cpu()], dim=-1)
-    save_image(grid, path)
+    if write:
+        grid = torch.cat([B.upscale(lr[None].float(), args.scale)[0].cpu(), sr.cpu(), hr.float().cpu()], dim=-1)
+        save_image(grid, path)
 
 
 if __name__ == "__main__":

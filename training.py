@@ -6,7 +6,7 @@ Checkpoint layout (one directory per saved step, written atomically):
 
     out/sft/checkpoints/step_000120/
         model.safetensors      trainable weights (full model for SFT, LoRA adapters for RL)
-        optimizer.safetensors  optimizer state tensors, flattened (see `optimizer_state_to_tensors`)
+        optimizer.safetensors  optimizer state by parameter name, RNG states (see `flatten_optimizer_state`)
         state.json             step, RNG states, data position, anything JSON-serialisable
 
 A step directory is first written as `step_000120.tmp/` and then renamed, so a run killed while saving
@@ -23,7 +23,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -116,33 +116,8 @@ def atomic_write_text(text: str, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Optimizer and RNG state as safetensors + JSON (no pickles)
+# RNG state as safetensors + JSON (no pickles)
 # ----------------------------------------------------------------------------------------------------
-
-
-def optimizer_state_to_tensors(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split `optimizer.state_dict()` into flat tensors ("state.<param>.<key>") and a JSON part."""
-    tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, Any] = {"param_groups": state_dict["param_groups"], "scalars": {}}
-    for pid, pstate in state_dict["state"].items():
-        for key, value in pstate.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{pid}.{key}"] = value
-            else:
-                meta["scalars"][f"{pid}.{key}"] = value
-    return tensors, meta
-
-
-def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    """Inverse of `optimizer_state_to_tensors`."""
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        _, pid, key = name.split(".", 2)
-        state.setdefault(int(pid), {})[key] = value
-    for name, value in meta["scalars"].items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -236,33 +211,6 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return model, optimizer, state
 
 
-def pack_training_state(optimizer: torch.optim.Optimizer,
-                        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                        **extra: Any) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer + scheduler + global RNG as (tensors, JSON) for `save_checkpoint`."""
-    opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer.state_dict())
-    rng_tensors, rng_meta = rng_state()
-    state = {"optimizer": opt_meta, "rng": rng_meta, **extra}
-    if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
-    return {**opt_tensors, **rng_tensors}, state
-
-
-def unpack_training_state(tensors: dict[str, torch.Tensor], state: dict,
-                          optimizer: torch.optim.Optimizer,
-                          scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
-    """Inverse of `pack_training_state`: restores optimizer, scheduler and global RNG in place."""
-    opt_tensors = {k: v for k, v in tensors.items() if k.startswith("state.")}
-    optimizer.load_state_dict(optimizer_state_from_tensors(opt_tensors, state["optimizer"]))
-    if scheduler is not None and "scheduler" in state:
-        scheduler.load_state_dict(state["scheduler"])
-    set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng.")}, state["rng"])
-
-
-def generator_state(gen: torch.Generator) -> torch.Tensor:
-    return gen.get_state()
-
-
 class NonFiniteGuard:
     """Skip steps whose loss is NaN/Inf, count them, and stop after `max_skips` of them.
 
@@ -354,29 +302,205 @@ def check_ranks_in_sync(params: list[torch.Tensor], atol: float = 0.0) -> float:
     return float(checksum)
 
 
-def save_training_checkpoint(ckpt_root: str | Path, step: int, model: dict[str, torch.Tensor],
-                             optimizer: torch.optim.Optimizer, generator: torch.Generator, dist_info: DistInfo,
-                             scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, keep_last: int = 3,
-                             **extra: Any) -> None:
-    """Everything a resumed run needs, from every rank: weights, optimizer, scheduler, global RNG and
-    each rank's own noise generator. Call on ALL ranks (it gathers); rank 0 writes."""
-    state = generator.get_state()
-    states = [state]
-    if dist_info.world_size > 1:
-        states = [torch.empty_like(state) for _ in range(dist_info.world_size)]
-        dist.all_gather(states, state)
+# ----------------------------------------------------------------------------------------------------
+# Full state dicts that work the same for plain, DDP and FSDP2-sharded models
+# ----------------------------------------------------------------------------------------------------
+
+
+def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+                      ) -> tuple[dict[str, torch.Tensor], dict]:
+    """(model state dict, optimizer state dict keyed by parameter NAME) as full CPU tensors.
+
+    Collective under FSDP2 (every rank must call it; rank 0 gets the tensors). Works unchanged on a
+    plain module, which is why every script checkpoints through it.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=opts)
+    seen: set[int] = set()
+    for k, v in model_sd.items():  # tied weights share memory, which safetensors refuses: copy them
+        if v.data_ptr() in seen:
+            model_sd[k] = v.clone()
+        seen.add(v.data_ptr())
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else {}
+    return model_sd, optim_sd
+
+
+def restore_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, model_sd: dict,
+                       optim_sd: dict, sharded: bool = False) -> None:
+    """Load full state dicts back (`sharded`: rank 0 holds them and broadcasts; other ranks pass {}).
+
+    The model state may be partial (e.g. only the LoRA adapters): missing keys keep their values.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    set_model_state_dict(model, model_sd, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=sharded, strict=False))
+    if optimizer is not None:
+        # strict=False: parameters that never received a gradient have no Adam state
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=sharded, strict=False))
+
+
+def flatten_optimizer_state(optim_sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Name-keyed optimizer state dict -> ({"optim.<param name>.<key>": tensor}, JSON part)."""
+    tensors, scalars = {}, {}
+    for name, pstate in optim_sd.get("state", {}).items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{name}.{key}"] = value
+            else:
+                scalars[f"{name}.{key}"] = value
+    return tensors, {"param_groups": optim_sd.get("param_groups", []), "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Inverse of `flatten_optimizer_state` (parameter names contain dots; keys such as exp_avg do not)."""
+    state: dict[str, dict] = {}
+    for flat, value in tensors.items():
+        if flat.startswith("optim."):
+            name, key = flat[len("optim."):].rsplit(".", 1)
+            state.setdefault(name, {})[key] = value
+    for flat, value in meta["scalars"].items():
+        name, key = flat.rsplit(".", 1)
+        state.setdefault(name, {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def fully_shard_blocks(model: torch.nn.Module, blocks: list[torch.nn.Module], device: torch.device,
+                       world_size: int, bf16: bool = False) -> None:
+    """FSDP2: `fully_shard` every block, then the root. Parameters become DTensors sharded over the
+    ranks; a block's full weights exist only during its forward/backward. bf16: compute in bfloat16,
+    reduce gradients in float32, keep float32 master weights (and so the optimizer state) sharded."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+def save_training_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module,
+                             optimizer: torch.optim.Optimizer, dist_info: DistInfo,
+                             generator: torch.Generator | None = None,
+                             scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                             keep: Callable[[str], bool] | None = None, keep_last: int = 3, **extra: Any) -> None:
+    """Everything a resumed run needs: weights (those whose name passes `keep`, default all),
+    optimizer (by parameter name), scheduler, global RNG and every rank's own noise generator.
+
+    Call on ALL ranks (it gathers, and shards under FSDP2); rank 0 writes.
+    """
+    model_sd, optim_sd = gather_full_state(model, optimizer)
+    states = []
+    if generator is not None:
+        state = generator.get_state()
+        states = [state]
+        if dist_info.world_size > 1:
+            states = [torch.empty_like(state) for _ in range(dist_info.world_size)]
+            dist.all_gather(states, state)
     if dist_info.is_main:
-        tensors, meta = pack_training_state(optimizer, scheduler, **extra)
-        tensors.update({f"generator.{r}": s for r, s in enumerate(states)})
-        save_checkpoint(ckpt_root, step, model, tensors, meta, keep_last=keep_last)
+        weights = {k: v for k, v in model_sd.items() if keep is None or keep(k)}
+        opt_tensors, opt_meta = flatten_optimizer_state(optim_sd)
+        rng_tensors, rng_meta = rng_state()
+        tensors = {**opt_tensors, **rng_tensors, **{f"generator.{r}": s for r, s in enumerate(states)}}
+        meta = {"optimizer": opt_meta, "rng": rng_meta, **extra}
+        if scheduler is not None:
+            meta["scheduler"] = scheduler.state_dict()
+        save_checkpoint(ckpt_root, step, weights, tensors, meta, keep_last=keep_last)
+    if dist_info.world_size > 1:
+        dist.barrier()
 
 
-def restore_training_checkpoint(path: str | Path, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                                rank: int = 0, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-                                ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Inverse of `save_training_checkpoint`: restores optimizer, scheduler, RNGs in place; returns
-    (model tensors, state JSON). A run resumed on a different number of ranks reuses rank 0's stream."""
-    model, tensors, state = load_checkpoint(path)
-    unpack_training_state(tensors, state, optimizer, scheduler)
-    generator.set_state(tensors.get(f"generator.{rank}", tensors["generator.0"]))
-    return model, state
+def restore_training_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                                dist_info: DistInfo, generator: torch.Generator | None = None,
+                                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                                sharded: bool = False) -> dict:
+    """Inverse of `save_training_checkpoint`; returns the JSON state (step, extras).
+
+    `sharded` (FSDP2): only rank 0 reads the tensors and broadcasts them into the shards. A run resumed
+    on a different number of ranks reuses rank 0's noise stream for the new ranks.
+    """
+    read = dist_info.is_main or not sharded
+    weights, tensors, state = load_checkpoint(path) if read else ({}, {}, None)
+    if sharded:
+        box = [state]
+        dist.broadcast_object_list(box, src=0)
+        state = box[0]
+    optim_sd = unflatten_optimizer_state(tensors, state["optimizer"]) if read else {}
+    restore_full_state(model, optimizer, weights, optim_sd, sharded)
+    if scheduler is not None and "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    if read:
+        set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng.")}, state["rng"])
+    if generator is not None:
+        gens = tensors if read else {}
+        if sharded:  # every rank needs its own stream: broadcast the generator states from rank 0
+            box = [{k: v for k, v in tensors.items() if k.startswith("generator.")} if dist_info.is_main else None]
+            dist.broadcast_object_list(box, src=0)
+            gens = box[0]
+        generator.set_state(gens.get(f"generator.{dist_info.rank}", gens["generator.0"]))
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command lines from argument dataclasses (CleanRL style: one field = one flag, its docstring = --help)
+# ----------------------------------------------------------------------------------------------------
+
+
+def field_docs(cls) -> dict[str, str]:
+    """{field: the docstring written under it} of a dataclass."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def add_dataclass_args(parser, cls, defaults: dict | None = None) -> None:
+    """One --flag per dataclass field (underscores -> dashes), its docstring as help.
+
+    Fields documented as "(filled at run time)" are skipped; `defaults` overrides field defaults.
+    """
+    import argparse
+    from dataclasses import MISSING, fields
+
+    docs, defaults = field_docs(cls), defaults or {}
+    for f in fields(cls):
+        help_text = docs.get(f.name, "").replace("%", "%%")
+        if help_text.startswith("(filled at run time)"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, f.default_factory() if f.default_factory is not MISSING else f.default)
+        kind = str(f.type)
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif isinstance(default, (list, tuple)):
+            parser.add_argument(flag, nargs="*", default=list(default), help=help_text)
+        else:
+            conv = int if kind.startswith("int") else float if kind.startswith("float") else str
+            parser.add_argument(flag, type=conv, default=default, help=help_text)
+
+
+def parse_dataclass_args(cls, argv: list[str] | None = None, description: str = "", defaults: dict | None = None):
+    """Parse a command line into an instance of the argument dataclass `cls`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    add_dataclass_args(parser, cls, defaults)
+    return cls(**vars(parser.parse_args(argv))), parser
