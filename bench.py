@@ -106,13 +106,13 @@ def bench_rl_vs_sft(tmp: Path, k: int, steps: int) -> dict:
 
     hr = tmp / "hr"
     hr.mkdir()
-    img = torch.from_numpy(skdata.astronaut()).permute(2, 0, 1).float() / 255
-    save_image(torch.nn.functional.interpolate(img[None], size=(128, 128), mode="area")[0], hr / "astronaut.png")
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):  # K images: an SFT batch of K, one RL group of K
+        img = torch.from_numpy(getattr(skdata, name)()).permute(2, 0, 1).float() / 255
+        save_image(torch.nn.functional.interpolate(img[None], size=(128, 128), mode="area")[0], hr / f"{name}.png")
     py = sys.executable
     _, sft_mb = run_and_measure([py, "train_sft.py", "--model", "tiny", "--hr-dir", str(hr), "--crop-size", "64",
                                  "--batch-size", str(k), "--steps", str(steps), "--sample-every", "0",
                                  "--out", str(tmp / "sft")])
-    # ONE sample image reused: the SFT batch is K copies of it (sampler repeats), as the RL group is K samples
     _, rl_mb = run_and_measure([py, "rl_fr.py", "--model", "tiny", "--hr-dir", str(hr), "--crop-size", "64",
                                 "--group-size", str(k), "--rollout-batch", str(k), "--train-batch", str(k),
                                 "--steps", str(steps), "--fidelity", "ssim", "--sample-every", "0",

@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> Path:
     done("2. COMPASS reward model")
 
     rl_common = ["--model", "tiny", "--crop-size", "64", "--group-size", str(n["group"]), "--rollout-batch",
-                 str(n["group"]), "--train-batch", str(n["group"]), "--rollout-steps", "4", "--lr", "3e-3",
+                 str(n["group"]), "--train-batch", str(n["group"]), "--rollout-steps", "4", "--lr", "3e-2",
                  "--sample-every", "4", "--save-every", "4"]
     stage("3. full-reference RL")
     run(["python", "rl_fr.py", *rl_common, "--lr-dir", str(dirs["lr_annot"]), "--hr-dir", str(dirs["hr_annot"]),

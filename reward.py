@@ -753,7 +753,9 @@ class RemoteScorer:
         max_new_tokens: int = 64,
         top_logprobs: int = 20,
     ):
-        self.url = base_url.rstrip("/") + "/v1/chat/completions"
+        base = base_url.rstrip("/")
+        base = base[: -len("/v1")] if base.endswith("/v1") else base  # accept ".../v1" as OpenAI clients do
+        self.url = base + "/v1/chat/completions"
         self.model_name, self.concurrency, self.timeout = model_name, concurrency, timeout
         self.retries, self.backoff, self.synthetic = retries, backoff, synthetic
         self.max_new_tokens, self.top_logprobs = max_new_tokens, top_logprobs

@@ -30,11 +30,10 @@ all-reduce per backward, cannot handle without deadlocking).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -123,21 +122,12 @@ class Args:
 
 
 def parse_args(argv: list[str] | None = None, defaults: dict | None = None, doc: str = __doc__) -> Args:
-    """CLI from the Args dataclass (one flag per field); `defaults` lets rl_nr.py change a few."""
-    defaults = defaults or {}
-    p = argparse.ArgumentParser(description=doc.split("\n")[0])
-    for f in fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        default = defaults.get(f.name, f.default)
-        if f.type == "bool":
-            p.add_argument(flag, action="store_true", default=default)
-        else:
-            p.add_argument(flag, type={"int": int, "float": float}.get(str(f.type), str), default=default)
-    args = Args(**vars(p.parse_args(argv)))
+    """CLI from the Args dataclass (one flag per field, its docstring as help); rl_nr.py changes `defaults`."""
+    args, parser = T.parse_dataclass_args(Args, argv, doc.split("\n")[0], defaults)
     if args.init == "sft" and not args.sft:
-        p.error("--init sft needs --sft (the folder train_sft.py wrote)")
+        parser.error("--init sft needs --sft (the folder train_sft.py wrote)")
     if args.group_size < 2:
-        p.error("--group-size must be >= 2 (group statistics need two samples)")
+        parser.error("--group-size must be >= 2 (group statistics need two samples)")
     return args
 
 

@@ -7,13 +7,9 @@ the answer format and serve it with a real `transformers serve` process).
 import base64
 import io
 import math
-import os
 import socket
-import subprocess
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
@@ -424,39 +420,13 @@ def test_taught_model_readout_matches_labels(taught):
     torch.testing.assert_close(torch.stack([t.F, t.q_lr, t.q_sr], 1)[0], torch.tensor(TAUGHT))
 
 
-def _transformers_cli() -> list[str]:
-    script = Path(sys.executable).parent / "transformers"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; main()"]
-
-
 @pytest.mark.slow
 def test_transformers_serve_remote_scorer(taught, tmp_path):
-    import requests
+    import serving
 
     _, _, path, (lrs, srs), _ = taught
-    port = _free_port()
-    with open(tmp_path / "serve.log", "w") as log:
-        server = subprocess.Popen(
-            _transformers_cli() + ["serve", str(path), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, HF_HUB_OFFLINE="1"),
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90  # bounded wait for readiness
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
-            try:
-                if requests.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.time() < deadline, "transformers serve not ready after 90 s"
-            time.sleep(0.5)
-
+    # a real `transformers serve` on 127.0.0.1, stopped by PID when the block ends
+    with serving.serve_locally(path, timeout=120, log_path=tmp_path / "serve.log") as url:
         n = 4
         scorer = R.RemoteScorer(url, str(path), concurrency=4, synthetic=True, max_new_tokens=90)
         s = scorer.score(lrs * n, srs * n)
@@ -476,10 +446,8 @@ def test_transformers_serve_remote_scorer(taught, tmp_path):
 
         timings = R.time_remote_scoring(url, str(path), lrs[0], srs * 2, concurrency=(1, 2), max_new_tokens=90)
         assert set(timings) == {1, 2} and all(t > 0 for t in timings.values())
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+
+
+def test_remote_base_url_with_or_without_v1():
+    for base in ("http://127.0.0.1:8000", "http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1"):
+        assert R.RemoteScorer(base, "compass").url == "http://127.0.0.1:8000/v1/chat/completions"

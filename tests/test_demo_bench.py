@@ -1,0 +1,58 @@
+"""The README's demo and the benchmark, on their shortened settings (what a newcomer runs first)."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_a_complete_report(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    for section in ("## 1. Cold start", "## 2. COMPASS reward model", "## 3-4. Online RL",
+                    "## 5. Inference and metrics", "![curves](curves.png)", "![comparison](comparison.png)"):
+        assert section in report, section
+    for picture in ("curves.png", "comparison.png"):
+        assert (out / picture).stat().st_size > 1000
+    # 1. the SFT loss fell
+    first, last = map(float, re.search(r"first \d+ steps: \*\*([\d.]+)\*\*, of the last \d+ steps: \*\*([\d.]+)",
+                                       report).groups())
+    assert last < first
+    # 2. the trained reward model follows the answer format on held-out pairs
+    parse = json.loads((out / "compass_parse.json").read_text())
+    assert parse["parse_rate"] > parse["parse_rate_untrained"]
+    assert re.search(r"\| GT-Free \| COMPASS \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", report)
+    # 3-4. both RL stages logged a finite reward per step and wrote their LoRA files
+    for stage in ("fr", "nr"):
+        log = [json.loads(x) for x in (out / stage / "rewards.jsonl").read_text().splitlines()]
+        assert log and all(math.isfinite(e["reward_mean"]) for e in log), stage
+        assert (out / f"{stage}.safetensors").exists()
+    # 5. the metric table has PSNR/SSIM for the three policies
+    assert len(re.findall(r"\| SFT( \+ (FR|NR))? \| \d+\.\d+ \| 0\.\d+ \|", report)) == 3
+
+
+@pytest.mark.slow
+def test_bench_quick_prints_every_ratio(tmp_path):
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(tmp_path / "bench.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in ("1. infer / stock pipeline time ratio", "2. batched vs one-by-one rollouts",
+                 "3. RL step / SFT step peak RSS", "4. RL step share outside model compute",
+                 "5. remote scoring"):
+        assert line in proc.stdout, line
+    r = json.loads((tmp_path / "bench.json").read_text())
+    values = [r["infer_vs_stock"]["time_ratio"], r["infer_vs_stock"]["max_abs_diff"],
+              r["batched_rollouts"]["speedup_per_sample"], r["rl_vs_sft"]["rss_ratio"],
+              r["rl_vs_sft"]["rl_outside_model_share"], r["remote_scoring"]["speedup"]]
+    assert all(math.isfinite(v) and v >= 0 for v in values)
+    assert r["infer_vs_stock"]["max_abs_diff"] < 1e-4  # same condition and noise: same image
