@@ -168,6 +168,8 @@ def epoch_means(log: list[dict], per_epoch: int) -> list[float]:
 
 
 def plot_curves(fr: list[dict], nr: list[dict], sft_losses: list[float], path: Path) -> None:
+    """SFT loss per step; RL reward per LR image across its visits (one line per image, so the trend of
+    each image is visible although every step draws a different image), and the kept-group fraction."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,15 +178,30 @@ def plot_curves(fr: list[dict], nr: list[dict], sft_losses: list[float], path: P
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     axes[0].plot(sft_losses, lw=1)
     axes[0].set(title="1. SFT loss (Eq.5)", xlabel="step")
-    for ax, log, title in ((axes[1], fr, "3. FR RL reward (Eq.4, F = SSIM)"), (axes[2], nr, "4. NR RL reward (COMPASS)")):
-        steps = [e["step"] for e in log]
-        ax.plot(steps, [e["reward_mean"] for e in log], "o-", ms=3, label="mean reward of the K rollouts")
-        ax.plot(steps, [e["kept_fraction"] for e in log], "--", lw=1, label="kept-group fraction")
-        ax.set(title=title, xlabel="RL step")
-        ax.legend(fontsize=7)
+    for ax, log, title in ((axes[1], fr, "3. FR RL reward per image (Eq.4, F = SSIM)"),
+                           (axes[2], nr, "4. NR RL reward per image (COMPASS)")):
+        per_image: dict[str, list[tuple[int, float]]] = {}
+        for e in log:
+            for name, value in e.get("group_rewards", {}).items():
+                per_image.setdefault(name, []).append((e["step"], value))
+        for name, points in sorted(per_image.items()):
+            ax.plot(*zip(*points), "o-", ms=3, lw=1, label=name)
+        ax.set(title=title, xlabel="RL step", ylabel="mean reward of the K rollouts")
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def per_image_change(log: list[dict]) -> tuple[float, int, int]:
+    """Mean over images of (reward at the last visit - reward at the first visit), and how many images
+    went up / were visited at least twice."""
+    per_image: dict[str, list[float]] = {}
+    for e in log:
+        for name, value in e.get("group_rewards", {}).items():
+            per_image.setdefault(name, []).append(value)
+    deltas = [v[-1] - v[0] for v in per_image.values() if len(v) > 1]
+    return (float(np.mean(deltas)) if deltas else float("nan")), sum(d > 0 for d in deltas), len(deltas)
 
 
 def comparison_grid(lr_dir: Path, columns: list[tuple[str, Path]], hr_dir: Path, path: Path) -> None:
@@ -242,13 +259,15 @@ def write_report(out: Path, dirs: dict[str, Path], timings: dict[str, float], qu
         *[f"| {r['type']} | {r['method']} | {r.get('Reg-Acc', '')} | {r.get('Gen-Acc', '')} | {r.get('All-Acc', '')} | "
           f"{r.get('note', '')} |" for r in compass_rows], "",
         "## 3-4. Online RL (rl_fr.py, rl_nr.py; NFT, Eq.6-8)", "",
-        "| stage | steps | reward mean, first half | reward mean, second half | kept-group fraction | invalid rewards |",
-        "|---|---|---|---|---|---|",
+        "| stage | steps | reward mean, first half | reward mean, second half | per image, last - first visit "
+        "| kept-group fraction | invalid rewards |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, log in (("FR (F = SSIM vs HR)", fr), ("NR (COMPASS served)", nr)):
         a, b = half(log, "reward_mean")
-        lines.append(f"| {name} | {len(log)} | {a:.4f} | {b:.4f} | {np.mean([e['kept_fraction'] for e in log]):.2f} | "
-                     f"{int(sum(e['invalid'] for e in log))} |")
+        delta, up, seen = per_image_change(log)
+        lines.append(f"| {name} | {len(log)} | {a:.4f} | {b:.4f} | {delta:+.4f} ({up} of {seen} up) | "
+                     f"{np.mean([e['kept_fraction'] for e in log]):.2f} | {int(sum(e['invalid'] for e in log))} |")
     # one step = one LR image; an epoch sees every training image once, so epoch means are comparable
     n_fr, n_nr = len(list_images(dirs["lr_annot"])), len(list_images(dirs["lq"]))
     lines += ["", f"Reward mean per epoch (FR: {n_fr} images per epoch, NR: {n_nr}); the per-step values "

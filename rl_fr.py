@@ -381,13 +381,14 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
                      old_deviation=nft.old_policy_deviation(old_params, params),
                      policy_time_share=model_time / step_time, reward_time_share=reward_time / step_time,
                      other_time_share=1 - (model_time + reward_time) / step_time, step_time=step_time)
+        group_rewards = {g[0]["name"]: float(g[4][~torch.isnan(g[4])].mean()) for g in groups}  # per LR image
         if dist_info.is_main:
             bar.set_postfix(R=f"{stats['reward_mean']:.3f}", kept=f"{stats['kept_fraction']:.2f}")
             with open(rewards_log, "a") as f:
-                f.write(json.dumps(stats) + "\n")
+                f.write(json.dumps({**stats, "group_rewards": group_rewards}) + "\n")
             if done % args.log_every == 0:
                 for key, value in stats.items():
-                    if key != "step" and value == value:  # skip NaN
+                    if key != "step" and value == value:  # skip NaN (stats holds floats only)
                         writer.add_scalar(f"rl/{key}", value, done)
                 writer.add_scalar("rl/invalid_total", invalid_total, done)
                 finite_r = r[~torch.isnan(r)]

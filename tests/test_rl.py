@@ -163,3 +163,48 @@ def test_rl_loop_raises_a_planted_reward(tmp_path):
     assert len(rewards) == 24
     gain = rewards[-4:].mean() - rewards[:4].mean()
     assert gain > 2 * stds[:4].mean(), (rewards.round(4).tolist(), stds[:4].mean())
+
+
+def test_nr_reward_url_that_does_not_answer_names_it_and_keeps_checkpoint(fr_lora, tmp_path):
+    import reward
+    import serving
+
+    lq = tmp_path / "lq"
+    lq.mkdir()
+    Image.fromarray((np.random.default_rng(1).random((16, 16, 3)) * 255).astype(np.uint8)).save(lq / "a.png")
+    out = tmp_path / "nr.safetensors"
+    common = [*FAST, "--lora", str(fr_lora), "--lr-dir", str(lq), "--out", str(out), "--save-every", "1"]
+    rl_nr.main([*common, "--steps", "1"])  # in-process scorer: one finished step, checkpointed
+    saved = T.load_checkpoint(tmp_path / "nr" / "checkpoints" / "step_000001")[0]
+    url = f"http://127.0.0.1:{serving.free_port()}"
+    with pytest.raises(reward.RewardServerError, match=url):
+        rl_nr.main([*common, "--steps", "2", "--resume", "latest", "--reward-url", url])
+    again = T.load_checkpoint(tmp_path / "nr" / "checkpoints" / "step_000001")[0]
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+    assert B.read_lora_file(out)[0]  # the last written LoRA file is intact
+
+
+@pytest.mark.slow
+def test_nr_with_remote_scorer_against_transformers_serve(fr_lora, tmp_path):
+    """rl_nr.py --reward-url: the paper's deployment, here a `transformers serve` of a tiny COMPASS started
+    and stopped (by PID) around the run. The untrained model's replies do not parse: every reward is
+    counted invalid (never a silent 0), groups with < 2 valid rewards are skipped, the run completes."""
+    import reward
+    import serving
+
+    model, processor = reward.build_tiny_compass()
+    model.save_pretrained(tmp_path / "compass")
+    processor.save_pretrained(tmp_path / "compass")
+    lq = tmp_path / "lq"
+    lq.mkdir()
+    Image.fromarray((np.random.default_rng(2).random((16, 16, 3)) * 255).astype(np.uint8)).save(lq / "a.png")
+    out = tmp_path / "nr.safetensors"
+    with serving.serve_locally(tmp_path / "compass", timeout=120) as url:
+        rl_nr.main([*FAST, "--lora", str(fr_lora), "--lr-dir", str(lq), "--steps", "2", "--out", str(out),
+                    "--reward-url", url, "--reward-model-name", str(tmp_path / "compass"),
+                    "--reward-concurrency", "4"])
+    log = [json.loads(x) for x in (tmp_path / "nr" / "rewards.jsonl").read_text().splitlines()]
+    assert [e["invalid"] for e in log] == [4.0, 4.0] and all(e["kept_fraction"] == 0.0 for e in log)
+    start, _ = B.read_lora_file(fr_lora)
+    end, _ = B.read_lora_file(out)
+    assert all(torch.equal(start[k], end[k]) for k in start)  # nothing valid to learn from: LoRA unchanged
