@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     bb = load_policy(args.model, args.sft, args.lora, dtype, device)
     out_dir = Path(args.output)
     failures: list[str] = []
-    bar = tqdm(inputs, desc="super-resolving", unit="img", disable=len(inputs) < 2 and not sys.stderr.isatty())
+    bar = tqdm(inputs, desc="super-resolving", unit="img")
     for path in bar:
         try:
             lr = load_image(path)
