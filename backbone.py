@@ -63,7 +63,7 @@ DEFAULT_PROMPT = (
 )
 
 # Attention projections of every MMDiT block (image and text streams), as in diffusers' Qwen-Image
-# LoRA trainer. The MLPs and modulation layers can be added with --lora-targets.
+# LoRA trainer. Pass `targets=` to `add_lora` to include the MLPs too (DiffSynth-style trainers do).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 # Where the VL text encoder's system prefix ends is found by tokenizing it (see `prompt_drop_index`).
