@@ -213,7 +213,8 @@ def comparison_grid(lr_dir: Path, columns: list[tuple[str, Path]], hr_dir: Path,
         tiles += [load_image(folder / f"{lr_path.stem}.png") for _, folder in columns]
         tiles.append(load_image(hr_dir / f"{lr_path.stem}.png"))
         rows.append(torch.cat(tiles, dim=-1))
-    save_image(torch.cat(rows, dim=-2), path)
+    grid = torch.cat(rows, dim=-2)
+    save_image(F.interpolate(grid[None], scale_factor=2, mode="nearest")[0], path)  # 2x: tiles are 64 px
 
 
 def metric_row(csv_path: Path) -> dict[str, str]:
