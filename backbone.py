@@ -277,10 +277,6 @@ class Condition:
         h, w = self.latent_hw
         return [[(1, h // 2, w // 2), (1, h // 2, w // 2)]] * batch
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Condition":
-        return Condition(self.prompt_embeds.to(device, dtype), self.prompt_mask.to(device),
-                         self.image_latents.to(device, dtype), self.height, self.width)
-
 
 def stack_conditions(conds: list[Condition]) -> Condition:
     """Batch conditions of equal output size: tensors concatenated on dim 0, text padded to max L."""

@@ -133,14 +133,12 @@ def bench_remote_scoring(tmp: Path, k: int, concurrency: int) -> dict:
     folder = tmp / "compass"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    lr = [B.to_pil(torch.rand(3, 16, 16))] * k
+    lr = B.to_pil(torch.rand(3, 16, 16))
     sr = [B.to_pil(torch.rand(3, 64, 64)) for _ in range(k)]
     with serving.serve_locally(folder) as url:
-        fast = reward.RemoteScorer(url, str(folder), concurrency=concurrency)
-        slow = reward.RemoteScorer(url, str(folder), concurrency=1)
-        fast.score(lr[:2], sr[:2])  # warm-up
-        t_one = best_time(lambda: slow.score(lr, sr), 1)
-        t_many = best_time(lambda: fast.score(lr, sr), 1)
+        reward.time_remote_scoring(url, str(folder), lr, sr[:2], concurrency=(2,))  # warm-up
+        seconds = reward.time_remote_scoring(url, str(folder), lr, sr, concurrency=(1, concurrency))
+    t_one, t_many = seconds[1], seconds[concurrency]
     return {"K": k, "concurrency": concurrency, "one_at_a_time_s": t_one, "concurrent_s": t_many,
             "speedup": t_one / t_many}
 

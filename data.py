@@ -51,7 +51,7 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -971,6 +971,34 @@ def _format_names(names: Sequence[str], limit: int = 10) -> str:
     return f"{shown} (+{len(names) - limit} more)" if len(names) > limit else shown
 
 
+def check_images(paths: Sequence[Path], folder: Path, size_problem: Callable[[Path, int, int], str | None],
+                 decode: bool = False, advice: str = "remove them") -> int:
+    """Check that every file reads and has a usable size; raise ONE ValueError listing every bad file.
+
+    Reads headers only unless `decode` (then truncated files are caught too). `size_problem(path, w, h)`
+    returns a message for an unusable size, or None. Returns the number of files checked.
+    """
+    problems = []
+    for path in paths:
+        try:
+            if decode:
+                _, h, w = load_image(path).shape
+            else:
+                w, h = _image_size(path)
+        except ImageReadError as err:
+            problems.append(str(err))
+            continue
+        problem = size_problem(path, w, h)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ValueError(
+            f"{len(problems)} of {len(paths)} images in {folder} cannot be used "
+            f"({advice}):\n  " + "\n  ".join(problems)
+        )
+    return len(paths)
+
+
 class HRFolderDataset(torch.utils.data.Dataset):
     """HR images -> (random crop, flip) -> Real-ESRGAN degradation on the fly.
 
@@ -1020,25 +1048,7 @@ class HRFolderDataset(torch.utils.data.Dataset):
         Reads headers only (fast) unless `decode=True`, which decodes every file fully
         (catches truncated files too). Returns the number of files checked.
         """
-        problems = []
-        for path in self.paths:
-            try:
-                if decode:
-                    _, h, w = load_image(path).shape
-                else:
-                    w, h = _image_size(path)
-            except ImageReadError as err:
-                problems.append(str(err))
-                continue
-            problem = self._size_problem(path, w, h)
-            if problem:
-                problems.append(problem)
-        if problems:
-            raise ValueError(
-                f"{len(problems)} of {len(self.paths)} images in {self.folder} cannot be used "
-                "(remove them or lower crop_size):\n  " + "\n  ".join(problems)
-            )
-        return len(self.paths)
+        return check_images(self.paths, self.folder, self._size_problem, decode, "remove them or lower crop_size")
 
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
@@ -1187,6 +1197,14 @@ class LRFolderDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def check(self, min_side: int = 1, decode: bool = False) -> int:
+        """Raise ONE ValueError listing every unreadable file or image with a side below `min_side`."""
+        def size_problem(path: Path, w: int, h: int) -> str | None:
+            return f"{path}: image is {w}x{h} px, smaller than {min_side} px on a side" if min(w, h) < min_side \
+                else None
+
+        return check_images(self.paths, self.folder, size_problem, decode, "remove or re-export them")
 
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]

@@ -89,7 +89,16 @@ def pair_by_stem(sr_paths: Sequence[Path], hr_paths: Sequence[Path]) -> tuple[li
     return pairs, sr_only, hr_only
 
 
-def _short_reason(error: BaseException, limit: int = 160) -> str:
+def create_metric(column: str, device: str | torch.device = "cpu"):
+    """The pyiqa metric of a Table 2 column ("SSIM" -> Y-channel SSIM, see METRIC_SPECS) or of any pyiqa
+    name. Raises whatever pyiqa raises when the weights cannot be loaded (callers report it)."""
+    import pyiqa  # imported here so that TORCH_HOME / HF_HUB_OFFLINE set by the caller take effect
+
+    name, kwargs = METRIC_SPECS[column][:2] if column in METRIC_SPECS else (column, {})
+    return pyiqa.create_metric(name, device=torch.device(device), as_loss=False, **kwargs)
+
+
+def short_reason(error: BaseException, limit: int = 160) -> str:
     """One line 'Type: message', shortened, plus a hint when weights could not be fetched."""
     message = " ".join(str(error).split())
     if len(message) > limit:
@@ -131,7 +140,6 @@ def evaluate_folders(
         FileNotFoundError / ValueError (from data.list_images) if a folder is missing or holds no image;
         ValueError if a pair differs in size or a folder has two files with the same stem.
     """
-    import pyiqa  # imported here so that TORCH_HOME / HF_HUB_OFFLINE set by the caller take effect
 
     sr_paths = list_images(sr_dir)  # raises naming the folder if it is missing or holds no image
     hr_for: dict[str, Path] = {}
@@ -155,11 +163,10 @@ def evaluate_folders(
         if column in NOT_IN_PYIQA:
             unavailable[column] = NOT_IN_PYIQA[column]
             continue
-        name, kwargs = METRIC_SPECS[column][:2] if column in METRIC_SPECS else (column, {})
         try:
-            metric = pyiqa.create_metric(name, device=torch.device(device), as_loss=False, **kwargs)
+            metric = create_metric(column, device)
         except Exception as error:  # noqa: BLE001 - any failure is reported, the table goes on
-            unavailable[column] = _short_reason(error)
+            unavailable[column] = short_reason(error)
             continue
         if metric.metric_mode == "FR" and hr_dir is None:
             unavailable[column] = "full-reference metric: no HR folder given"
@@ -187,7 +194,7 @@ def evaluate_folders(
                 with torch.no_grad():
                     value = metric(sr, hr) if metric.metric_mode == "FR" else metric(sr)
             except Exception as error:  # noqa: BLE001
-                unavailable[column] = f"failed on {Path(sr_path).name}: {_short_reason(error)}"
+                unavailable[column] = f"failed on {Path(sr_path).name}: {short_reason(error)}"
                 del created[column]
                 continue
             row[column] = float(torch.as_tensor(value).flatten()[0])

@@ -18,7 +18,6 @@ A folder run reports unreadable files, keeps going, and exits non-zero at the en
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import backbone as B
+import training as T
 from data import ImageReadError, list_images, load_image, save_image
 
 # The smallest LR side we accept: below it the VL encoder and the VAE see almost nothing.
@@ -46,10 +46,11 @@ class Args:
     sft: str | None = None
     """transformer weights from train_sft.py (folder or .safetensors); None keeps the base weights"""
     lora: tuple[str, ...] = ()
-    """LoRA files to merge, each PATH or PATH:SCALE (rl_fr.py / rl_nr.py output)"""
+    """LoRA files to merge, each PATH or PATH:SCALE (rl_fr.py / rl_nr.py output); repeatable"""
     steps: int = 40
     """Euler steps (paper §5.1: 40 at inference)"""
     seed: int = 0
+    """noise seed (the same for every image, so one image's result does not depend on the others)"""
     scale: int = 4
     """upscaling factor (the model is trained for 4x)"""
     process_size: int = 512
@@ -61,37 +62,26 @@ class Args:
     dtype: str = "fp32"
     """'fp32' | 'bf16'"""
     device: str = "auto"
+    """'auto' (CUDA when available), 'cuda', 'cpu'"""
     prompt: str = B.DEFAULT_PROMPT
+    """the "enhance" instruction c"""
     hr: str | None = None
     """optional HR folder: evaluate the outputs against it (paired by file name) and print the table"""
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", default=Args.output)
-    p.add_argument("--model", default=Args.model)
-    p.add_argument("--sft", default=None)
-    p.add_argument("--lora", action="append", default=[], help="PATH or PATH:SCALE; repeatable")
-    p.add_argument("--steps", type=int, default=Args.steps)
-    p.add_argument("--seed", type=int, default=Args.seed)
-    p.add_argument("--scale", type=int, default=Args.scale)
-    p.add_argument("--process-size", type=int, default=Args.process_size)
-    p.add_argument("--tile-overlap", type=int, default=Args.tile_overlap)
-    p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=Args.color_fix)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default=Args.dtype)
-    p.add_argument("--device", default=Args.device)
-    p.add_argument("--prompt", default=Args.prompt)
-    p.add_argument("--hr", default=None)
-    ns = p.parse_args(argv)
-    if ns.steps < 2:
-        p.error(f"--steps {ns.steps}: at least 2 (the paper uses 40 at inference)")
-    if ns.process_size % 16 or ns.process_size < 64:
-        p.error(f"--process-size {ns.process_size}: must be a multiple of 16 and >= 64")
-    if not 0 <= ns.tile_overlap < ns.process_size // 2:
-        p.error(f"--tile-overlap {ns.tile_overlap}: must be in [0, process_size/2)")
-    return Args(**{**vars(ns), "lora": tuple(ns.lora)})
+    args, p = T.parse_dataclass_args(Args, argv, __doc__.split("\n")[0])
+    if args.color_fix not in COLOR_FIXES:
+        p.error(f"--color-fix {args.color_fix}: choose one of {', '.join(COLOR_FIXES)}")
+    if args.dtype not in ("fp32", "bf16"):
+        p.error(f"--dtype {args.dtype}: choose fp32 or bf16")
+    if args.steps < 2:
+        p.error(f"--steps {args.steps}: at least 2 (the paper uses 40 at inference)")
+    if args.process_size % 16 or args.process_size < 64:
+        p.error(f"--process-size {args.process_size}: must be a multiple of 16 and >= 64")
+    if not 0 <= args.tile_overlap < args.process_size // 2:
+        p.error(f"--tile-overlap {args.tile_overlap}: must be in [0, process_size/2)")
+    return Args(**{**vars(args), "lora": tuple(args.lora)})
 
 
 def parse_lora_arg(spec: str) -> tuple[Path, float]:
@@ -169,14 +159,13 @@ def _blend_window(h: int, w: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def super_resolve_image(bb: B.Backbone, lr: torch.Tensor, args: Args, generator: torch.Generator,
-                        progress: tqdm | None = None) -> torch.Tensor:
+def super_resolve_image(bb: B.Backbone, lr: torch.Tensor, args: Args, generator: torch.Generator) -> torch.Tensor:
     """LR (3,h,w) in [0,1] -> SR (3, scale*h, scale*w) in [0,1]."""
     s = args.scale
     h, w = lr.shape[-2:]
     if min(h, w) < MIN_LR_SIDE:
         raise ValueError(f"image is {w}x{h}; the smallest side must be at least {MIN_LR_SIDE} px")
-    # pad the LR so that the output sides are multiples of 16 (8x VAE, 2x2 packing); reflect keeps edges natural
+    # pad the LR so that the output sides are multiples of 16 (8x VAE, 2x2 packing), repeating the edge
     unit = 16 // math.gcd(16, s)
     ph, pw = (-h) % unit, (-w) % unit
     x = F.pad(lr[None], (0, pw, 0, ph), mode="replicate")[0] if ph or pw else lr
@@ -186,19 +175,14 @@ def super_resolve_image(bb: B.Backbone, lr: torch.Tensor, args: Args, generator:
     xs = tile_starts(W, tile, args.tile_overlap, align=16)
     out = torch.zeros(1, 3, H, W)
     weight = torch.zeros(1, 1, H, W)
+    th, tw = min(tile, H), min(tile, W)
+    win = _blend_window(th, tw) if len(ys) * len(xs) > 1 else torch.ones(1, 1, th, tw)
     for y in ys:
         for x0 in xs:
-            th, tw = min(tile, H), min(tile, W)
             patch = x[:, y // s:(y + th) // s, x0 // s:(x0 + tw) // s]
-            cond = B.encode_condition(bb, patch.to(bb.device), args.prompt, s)
-            noise = B.initial_noise(cond, 1, generator)
-            sigmas = B.sigma_schedule(bb.scheduler, args.steps, cond.num_tokens)
-            sr = B.decode(bb, B.sample(bb.transformer, cond, noise, sigmas), cond).float().cpu()
-            win = _blend_window(th, tw) if len(ys) * len(xs) > 1 else torch.ones(1, 1, th, tw)
+            sr = B.super_resolve(bb, patch.to(bb.device), args.steps, 1, generator, args.prompt, s).float().cpu()
             out[:, :, y:y + th, x0:x0 + tw] += sr * win
             weight[:, :, y:y + th, x0:x0 + tw] += win
-            if progress is not None:
-                progress.update(1)
     out = out / weight
     out = COLOR_FIXES[args.color_fix](out, B.upscale(x[None].float(), s))
     return out[0, :, :h * s, :w * s]

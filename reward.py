@@ -860,6 +860,18 @@ class RemoteScorer:
         return share_group_q_lr(self.score([lr_image] * len(sr_images), sr_images))
 
 
+def make_scorer(model: str = "tiny", url: str | None = None, model_name: str = "compass", synthetic: bool = True,
+                concurrency: int = 8, device: str = "cpu") -> "LocalScorer | RemoteScorer":
+    """The COMPASS scorer the scripts use: remote when `url` is given (vLLM / `transformers serve`, the
+    model named `model_name` there), else `model` ('tiny', hub name, folder) in-process on `device`
+    (bfloat16 on CUDA, float32 otherwise)."""
+    if url:
+        return RemoteScorer(url, model_name, concurrency=concurrency, synthetic=synthetic)
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    compass, processor = load_compass(model, dtype=dtype, device=device)
+    return LocalScorer(compass, processor, synthetic=synthetic)
+
+
 def time_remote_scoring(
     base_url: str,
     model_name: str,
@@ -900,13 +912,13 @@ class FidelityScorer:
     """
 
     def __init__(self, metric: str = "dists", device: str = "cpu"):
-        import pyiqa
+        from evaluate import create_metric  # the same metric settings as the evaluation table (SSIM on Y)
 
-        options = {"dists": {}, "lpips": {}, "ssim": {"test_y_channel": True, "color_space": "ycbcr"}}
+        options = ("dists", "lpips", "ssim")
         if metric not in options:
-            raise ValueError(f"FidelityScorer: metric must be one of {sorted(options)}, got {metric!r}")
+            raise ValueError(f"FidelityScorer: metric must be one of {list(options)}, got {metric!r}")
         try:
-            self.metric = pyiqa.create_metric(metric, device=device, **options[metric])
+            self.metric = create_metric(metric.upper(), device)
         except Exception as err:  # pyiqa raises URLError / OSError / RuntimeError when weights are missing
             raise FidelityMetricError(
                 f"FidelityScorer: could not build the {metric!r} metric ({type(err).__name__}: {err}). Its pretrained "

@@ -190,11 +190,23 @@ def setup_policy(args: Args, device: torch.device) -> tuple[B.Backbone, list[tor
 # ====================================================================================================
 
 
+@dataclass
+class Group:
+    """The K rollouts of one LR image (a group of Eq.8's statistics) and what was computed for them."""
+
+    item: dict             # the dataset item: "lr" (3,h,w), "name", and "hr" in the FR stage
+    cond: B.Condition      # encoded once, shared by the rollouts and the update
+    sigmas: torch.Tensor   # the rollout's sigma grid (N+1,), also the 'rollout_grid' training timesteps
+    x0: torch.Tensor       # (K,N,64) rollout results in latent tokens
+    srs: torch.Tensor      # (K,3,H,W) decoded SR images
+    scores: "object"       # reward.Scores (F, q_lr, q_sr, valid)
+    R: torch.Tensor        # (K,) Eq.4 reward, NaN where the score is invalid
+
+
 @torch.no_grad()
-def rollout(bb: B.Backbone, cond: B.Condition, k: int, num_steps: int, chunk: int,
+def rollout(bb: B.Backbone, cond: B.Condition, k: int, sigmas: torch.Tensor, chunk: int,
             generator: torch.Generator) -> torch.Tensor:
-    """K samples x0 (K,N,64) for ONE condition from the OLD policy, `chunk` per forward pass."""
-    sigmas = B.sigma_schedule(bb.scheduler, num_steps, cond.num_tokens)
+    """K samples x0 (K,N,64) for ONE condition from the OLD policy on `sigmas`, `chunk` per forward pass."""
     noise = B.initial_noise(cond, k, generator)
     with active_adapter(bb.transformer, "old"):
         return torch.cat([B.sample(bb.transformer, cond, noise[i:i + chunk], sigmas) for i in range(0, k, chunk)])
@@ -255,11 +267,8 @@ def make_compass_scorer(args: Args, synthetic: bool):
     """The COMPASS scorer: a remote OpenAI-compatible server (--reward-url) or in-process (--reward-model)."""
     import reward
 
-    if args.reward_url:
-        return reward.RemoteScorer(args.reward_url, args.reward_model_name, concurrency=args.reward_concurrency,
-                                   synthetic=synthetic)
-    model, processor = reward.load_compass(args.reward_model)
-    return reward.LocalScorer(model, processor, synthetic=synthetic)
+    return reward.make_scorer(args.reward_model, args.reward_url, args.reward_model_name, synthetic,
+                              args.reward_concurrency)
 
 
 def make_fr_reward(args: Args) -> RewardFn:
@@ -326,13 +335,14 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
         t_start = time.perf_counter()
         model_time = reward_time = 0.0  # policy forward/backward, reward scoring; the rest is RL bookkeeping
         _, items = next(batches)
-        groups = []  # (item, cond, x0 (K,N,64), scores, R (K,))
+        groups: list[Group] = []
         for item in items:
             t0 = time.perf_counter()
             # 1. condition once per LR
             cond = B.encode_condition(bb, item["lr"].to(bb.device), args.prompt, args.scale)
             # 2. K rollouts from the old policy (6 Euler steps), batched
-            x0 = rollout(bb, cond, args.group_size, args.rollout_steps, args.rollout_batch, generator)
+            sigmas = B.sigma_schedule(bb.scheduler, args.rollout_steps, cond.num_tokens)
+            x0 = rollout(bb, cond, args.group_size, sigmas, args.rollout_batch, generator)
             srs = B.decode(bb, x0, cond)
             model_time += time.perf_counter() - t0
             # 3. reward: Eq.4 from (F, Q_LR, Q_SR); invalid scores drop out of their group
@@ -341,28 +351,26 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
             reward_time += time.perf_counter() - t0
             R = reward.combine_reward(scores.F, scores.q_lr, scores.q_sr, args.reward_form, args.gamma).float()
             R = torch.where(scores.valid, R, torch.full_like(R, float("nan")))
-            groups.append((item, cond, x0, scores, R, srs))
+            groups.append(Group(item, cond, sigmas, x0, srs, scores, R))
 
         # 4. group filter and optimality r, per group (a group = the K samples of one LR, on this rank)
-        all_R = torch.cat([g[4] for g in groups])
+        all_R = torch.cat([g.R for g in groups])
         group_ids = torch.cat([torch.full((args.group_size,), i) for i in range(len(groups))])
         keep = nft.keep_groups(all_R, group_ids, args.filter_mean, args.filter_var, args.reward_scale)
         r = nft.optimality(all_R, group_ids, args.clip, args.std_mode)
         n_keep = torch.tensor([float(keep.sum())])
         n_keep_global = float(T.all_reduce_mean(n_keep)) * dist_info.world_size
-        invalid = int(sum((~g[3].valid).sum() for g in groups))
+        invalid = int(sum((~g.scores.valid).sum() for g in groups))
         invalid_total += invalid
 
         # 5. NFT update of the LoRA on fresh noise of the kept samples (Eq.6-8), gradients summed over ranks
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         t0 = time.perf_counter()
-        rollout_sigmas = B.sigma_schedule(bb.scheduler, args.rollout_steps, groups[0][1].num_tokens)
-        for gi, (item, cond, x0, scores, R, _) in enumerate(groups):
-            kept = keep[gi * args.group_size:(gi + 1) * args.group_size]
+        for g, kept, r_g in zip(groups, keep.split(args.group_size), r.split(args.group_size)):
             if kept.any():
-                loss_sum += nft_backward(bb, cond, x0[kept], r[gi * args.group_size:(gi + 1) * args.group_size][kept],
-                                         args, generator, rollout_sigmas, max(n_keep_global, 1.0))
+                loss_sum += nft_backward(bb, g.cond, g.x0[kept], r_g[kept], args, generator, g.sigmas,
+                                         max(n_keep_global, 1.0))
         model_time += time.perf_counter() - t0
         all_reduce_grads(params)
         loss = torch.tensor(loss_sum / max(n_keep_global, 1.0))
@@ -381,7 +389,7 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
                      old_deviation=nft.old_policy_deviation(old_params, params),
                      policy_time_share=model_time / step_time, reward_time_share=reward_time / step_time,
                      other_time_share=1 - (model_time + reward_time) / step_time, step_time=step_time)
-        group_rewards = {g[0]["name"]: float(g[4][~torch.isnan(g[4])].mean()) for g in groups}  # per LR image
+        group_rewards = {g.item["name"]: float(g.R[~torch.isnan(g.R)].mean()) for g in groups}  # per LR image
         if dist_info.is_main:
             bar.set_postfix(R=f"{stats['reward_mean']:.3f}", kept=f"{stats['kept_fraction']:.2f}")
             with open(rewards_log, "a") as f:
@@ -395,8 +403,7 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
                 if finite_r.numel():
                     writer.add_histogram("rl/r", finite_r, done)
             if args.sample_every and done % args.sample_every == 0:
-                item, _, _, _, _, srs = groups[0]
-                write_group_grid(item, srs, args.scale, run_dir / "samples" / f"step_{done:06d}.png")
+                write_group_grid(groups[0].item, groups[0].srs, args.scale, run_dir / "samples" / f"step_{done:06d}.png")
         if done % args.save_every == 0 or done == args.steps:
             T.save_training_checkpoint(ckpt_root, done, bb.transformer, optimizer, dist_info, generator,
                                        keep=is_lora, keep_last=args.keep_last, invalid_total=invalid_total)
@@ -417,14 +424,14 @@ def is_lora(name: str) -> bool:
     return ".default." in name or ".old." in name
 
 
-def reward_stats(groups: list, keep: torch.Tensor, r: torch.Tensor, invalid: int) -> dict[str, float]:
+def reward_stats(groups: list[Group], keep: torch.Tensor, r: torch.Tensor, invalid: int) -> dict[str, float]:
     """Means over this step's samples (NaN-safe) for logging and the demo report."""
     def nanmean(x: torch.Tensor) -> float:
         x = x.float()
         return float(x[~torch.isnan(x)].mean()) if (~torch.isnan(x)).any() else float("nan")
 
-    R = torch.cat([g[4] for g in groups])
-    cat = lambda attr: torch.cat([getattr(g[3], attr).float() for g in groups])  # noqa: E731
+    R = torch.cat([g.R for g in groups])
+    cat = lambda attr: torch.cat([getattr(g.scores, attr).float() for g in groups])  # noqa: E731
     valid = ~torch.isnan(R)
     return dict(reward_mean=nanmean(R), reward_std=float(R[valid].std()) if valid.sum() > 1 else 0.0,
                 F=nanmean(cat("F")), q_lr=nanmean(cat("q_lr")), q_sr=nanmean(cat("q_sr")),

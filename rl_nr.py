@@ -36,7 +36,8 @@ def make_nr_reward(args: rl_fr.Args) -> rl_fr.RewardFn:
 
 
 class CroppedLRDataset(torch.utils.data.Dataset):
-    """Unpaired LR images, centre-cropped to `size` x `size` when larger (output = 4*size, paper: 512)."""
+    """Unpaired LR images, centre-cropped to `size` x `size` when larger (output = 4*size, paper: 512).
+    Smaller ones are used whole, trimmed to a multiple of 4; `inner.check(min_side=8)` rejects tiny ones."""
 
     def __init__(self, folder: str, size: int):
         self.inner = LRFolderDataset(folder)
@@ -56,8 +57,6 @@ class CroppedLRDataset(torch.utils.data.Dataset):
         else:
             top, left = (h - s) // 2, (w - s) // 2
             lr = lr[:, top:top + s, left:left + s]
-        if min(lr.shape[1:]) < 8:
-            raise ValueError(f"{self.inner.paths[index]}: image is {w}x{h}; rl_nr.py needs at least 8 px per side")
         return {"lr": lr.contiguous(), "name": item["name"]}
 
 
@@ -68,15 +67,10 @@ def main(argv: list[str] | None = None):
     if not args.lora:
         print("note: no --lora given; the paper starts this stage from the full-reference LoRA (rl_fr.py output)")
     dataset = CroppedLRDataset(args.lr_dir, args.crop_size // args.scale)
-    bad = []  # decode every file up front: unreadable files are reported by name before any rollout
-    for i in range(len(dataset)):
-        try:
-            dataset[i]
-        except ValueError as err:  # data.ImageReadError is a ValueError
-            bad.append(str(err))
-    if bad:
-        raise SystemExit(f"{len(bad)} of {len(dataset)} images in {args.lr_dir} cannot be used "
-                         "(remove or re-export them):\n  " + "\n  ".join(bad))
+    try:  # every unreadable or too small file reported by name before any rollout
+        dataset.inner.check(min_side=8)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     return rl_fr.run(args, dataset, make_nr_reward)
 
 

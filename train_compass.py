@@ -82,6 +82,7 @@ import torch
 
 import reward
 from data import list_images, load_image, to_pil
+from evaluate import METRIC_SPECS, create_metric, short_reason
 from training import (
     NonFiniteGuard,
     add_dataclass_args,
@@ -1018,14 +1019,6 @@ def pyiqa_score_fn(metric) -> ScoreFn:
     return score
 
 
-def short_reason(err: BaseException, limit: int = 160) -> str:
-    """One line "Type: message" for the table, with a hint when weights could not be downloaded."""
-    msg = " ".join(str(err).split())[:limit]
-    hint = " (weights not downloadable here: fetch them once with network into $TORCH_HOME)" \
-        if isinstance(err, OSError) else ""
-    return f"{type(err).__name__}: {msg}{hint}"
-
-
 def accuracy_table(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
     """Write the Table 1 layout as CSV and markdown. rows: {"type", "method", "Reg", "Gen", "All",
     "pairs", "note"} with accuracies in % (NaN = unavailable)."""
@@ -1077,7 +1070,6 @@ class EvalArgs:
 def run_eval(args: EvalArgs, extra: dict[str, tuple[str, ScoreFn]] | None = None) -> list[dict]:
     """Score COMPASS and the baselines on SRIQA-Bench and write the table. `extra` adds scoring
     functions {name: (type, fn)} (tests use an oracle). Returns the table rows."""
-    from evaluate import METRIC_SPECS
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     groups = load_sriqa(args.sriqa_root)
     n_pairs = sum(len(g.srs) * (len(g.srs) - 1) // 2 for g in groups["All"])
@@ -1085,19 +1077,13 @@ def run_eval(args: EvalArgs, extra: dict[str, tuple[str, ScoreFn]] | None = None
           + f", {n_pairs} pairs in All")
     scorers: list[tuple[str, str, ScoreFn | None, str]] = []  # (type, name, fn, note)
     if args.model or args.server:
-        if args.server:
-            scorer = reward.RemoteScorer(args.server, args.server_model, synthetic=not args.real_prompt)
-        else:
-            dtype = torch.bfloat16 if device == "cuda" else torch.float32
-            model, processor = reward.load_compass(args.model, dtype=dtype, device=device)
-            scorer = reward.LocalScorer(model, processor, synthetic=not args.real_prompt)
+        scorer = reward.make_scorer(args.model, args.server or None, args.server_model, not args.real_prompt,
+                                    device=device)
         scorers.append(("GT-Free", "COMPASS", compass_score_fn(scorer, not args.real_prompt, args.gamma),
                         "Eq.4, " + ("no-F prompt" if args.real_prompt else "synthetic prompt")))
-    import pyiqa  # here, so that TORCH_HOME / HF_HUB_OFFLINE set by the caller take effect
     for name in args.baselines:
-        pyiqa_name, kwargs = METRIC_SPECS[name][:2] if name in METRIC_SPECS else (name, {})
         try:
-            metric = pyiqa.create_metric(pyiqa_name, device=torch.device(device), as_loss=False, **kwargs)
+            metric = create_metric(name, device)
             kind = "GT-Ref" if metric.metric_mode == "FR" else "GT-Free"
             scorers.append((kind, name, pyiqa_score_fn(metric), ""))
         except Exception as err:  # noqa: BLE001 - reported in the table, the evaluation goes on
@@ -1181,7 +1167,6 @@ def run_annotate(args: AnnotateArgs) -> list[Record]:
     if args.gt_dir:
         fs = reward.FidelityScorer(metric=args.fidelity_metric, device=device)
         fidelity = lambda sr, gt: float(fs.fidelity(sr[None].to(device), gt[None].to(device))[0])
-    import pyiqa
     kw: dict = {}
     if args.anchor == "mllm":
         if not args.server:
@@ -1189,7 +1174,7 @@ def run_annotate(args: AnnotateArgs) -> list[Record]:
         remote = reward.RemoteScorer(args.server, args.server_model, synthetic=False)
         kw["mllm"] = remote.score
     else:
-        metric = pyiqa.create_metric(args.anchor, device=device, as_loss=False)
+        metric = create_metric(args.anchor, device)
         if metric.metric_mode != "NR":
             raise ValueError(f"--anchor {args.anchor}: needs a no-reference metric, this one is "
                              f"{metric.metric_mode} (try piqe, musiq, liqe, topiq_nr)")
@@ -1201,7 +1186,7 @@ def run_annotate(args: AnnotateArgs) -> list[Record]:
             raise ValueError(f"--anchor-mapping {args.anchor_mapping}: use range or minmax")
     fr_compare = None
     if args.compare == "fr":
-        m = pyiqa.create_metric(args.compare_metric, device=device, as_loss=False)
+        m = create_metric(args.compare_metric, device)
         sign = -1.0 if m.lower_better else 1.0
         fr_compare = lambda sr, gt: sign * float(m(sr[None].to(device), gt[None].to(device)).flatten()[0])
     records = annotate(groups, root, fidelity=fidelity, compare=args.compare, fr_compare=fr_compare,

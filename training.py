@@ -475,7 +475,9 @@ def field_docs(cls) -> dict[str, str]:
 def add_dataclass_args(parser, cls, defaults: dict | None = None) -> None:
     """One --flag per dataclass field (underscores -> dashes), its docstring as help.
 
-    Fields documented as "(filled at run time)" are skipped; `defaults` overrides field defaults.
+    Fields without a default are required; a list field takes several values (`--x a b`, replacing the
+    default); a tuple field is repeatable and accumulates (`--x a --x b c`). Fields documented as
+    "(filled at run time)" are skipped; `defaults` overrides field defaults.
     """
     import argparse
     from dataclasses import MISSING, fields
@@ -488,12 +490,16 @@ def add_dataclass_args(parser, cls, defaults: dict | None = None) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = defaults.get(f.name, f.default_factory() if f.default_factory is not MISSING else f.default)
         kind = str(f.type)
-        if kind == "bool":
+        conv = int if kind.startswith("int") else float if kind.startswith("float") else str
+        if default is MISSING:
+            parser.add_argument(flag, type=conv, required=True, help=help_text)
+        elif kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif isinstance(default, (list, tuple)):
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, action="extend", nargs="+", default=list(default), help=help_text)
+        elif isinstance(default, list):
             parser.add_argument(flag, nargs="*", default=list(default), help=help_text)
         else:
-            conv = int if kind.startswith("int") else float if kind.startswith("float") else str
             parser.add_argument(flag, type=conv, default=default, help=help_text)
 
 

@@ -153,6 +153,6 @@ def test_missing_weights_reported_not_crash(folders, tmp_path):
 
 
 def test_short_reason_is_one_short_line():
-    reason = evaluate._short_reason(OSError("line one\n" + "x" * 500))
+    reason = evaluate.short_reason(OSError("line one\n" + "x" * 500))
     assert "\n" not in reason and reason.startswith("OSError: line one x") and "weights" in reason
     assert len(reason) < 400

@@ -7,7 +7,6 @@ the answer format and serve it with a real `transformers serve` process).
 import base64
 import io
 import math
-import socket
 import time
 from collections import Counter
 from urllib.error import URLError
@@ -18,6 +17,7 @@ import torch
 from PIL import Image
 
 import reward as R
+import serving
 
 # ----------------------------------------------------------------------------------------------------
 # Eq.4 and Table 8, hand-worked
@@ -321,14 +321,8 @@ def test_remote_reply_paths_logprobs_retry_invalid(monkeypatch):
     assert not s.valid.any() and torch.isnan(s.q_lr).all() and stats["retried"] == 1 and stats["invalid"] == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_remote_wrong_port_raises_naming_url():
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{serving.free_port()}"
     scorer = R.RemoteScorer(url, "compass", retries=2, backoff=0.01, timeout=2)
     start = time.perf_counter()
     with pytest.raises(R.RewardServerError, match=f"{url}/v1/chat/completions.*3 attempts"):

@@ -14,6 +14,7 @@ from PIL import Image
 import backbone as B
 import rl_fr
 import rl_nr
+import serving
 import training as T
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +123,8 @@ def test_torchrun_two_processes(hr_dir, fr_lora, tmp_path):
     lq.mkdir()
     for i in range(2):
         Image.fromarray((np.random.default_rng(i).random((16, 16, 3)) * 255).astype(np.uint8)).save(lq / f"{i}.png")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(serving.free_port()),
            "rl_nr.py", *FAST, "--lora", str(fr_lora), "--lr-dir", str(lq), "--steps", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

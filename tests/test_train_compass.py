@@ -384,7 +384,10 @@ def test_sft_collate_keeps_mm_token_type_ids_and_masks_the_prompt(sft_data):
 
 def _run(args, tmp_path, torchrun=False, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    launcher = [str(Path(PY).parent / "torchrun"), "--nproc_per_node", "2"] if torchrun else [PY]
+    import serving  # a free rendezvous port: a fixed one may still be held by an earlier run
+
+    launcher = [str(Path(PY).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
+                str(serving.free_port())] if torchrun else [PY]
     proc = subprocess.run(launcher + [str(ROOT / "train_compass.py"), *map(str, args)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_sft
+import serving
 import training as T
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +101,8 @@ def test_timestep_sampling_modes():
 def test_torchrun_two_processes_stay_in_sync(hr_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(serving.free_port()),
            "train_sft.py", "--model", "tiny", "--hr-dir", str(hr_dir), "--crop-size", "64", "--steps", "4",
            "--batch-size", "1", "--lr", "1e-3", "--out", str(out), "--save-every", "4", "--sample-every", "0"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -119,8 +121,8 @@ def test_torchrun_fsdp_matches_single_process(hr_dir, tmp_path):
     common = ["train_sft.py", "--model", "tiny", "--hr-dir", str(hr_dir), "--crop-size", "64", "--batch-size", "1",
               "--lr", "1e-3", "--sample-every", "0", "--save-every", "2", "--fsdp"]
     run = lambda out, *extra: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537", *common,
-         "--out", str(out), *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(serving.free_port()), *common, "--out", str(out), *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     full = run(tmp_path / "a", "--steps", "4")
     assert full.returncode == 0, full.stderr[-3000:]
     part = run(tmp_path / "b", "--steps", "2")
