@@ -4,18 +4,24 @@ Paper §4 and §5.1: the policy v_theta(x_t, t | x_LR, c) is Qwen-Image-Edit-250
 transformer, a Qwen2.5-VL text encoder, a 3-D causal VAE). For SR the "edit" input is the LR image
 upscaled 4x, and the instruction c is a fixed "enhance" prompt.
 
-One code path, two doors:
+One code path, three doors:
     load_backbone("Qwen/Qwen-Image-Edit-2509")  # or a local folder: diffusers `from_pretrained`
+    load_backbone("mini")                       # small configs of the SAME classes, weights trained on a
+                                                # CPU by build_mini_backbone.py and shipped in mini/
     load_backbone("tiny")                       # the SAME classes from tiny configs, random weights
 The tiny preset is deterministic (weights drawn from a fixed seed inside a forked RNG), so separate
-processes (SFT, RL, inference) all build identical base weights; it needs no download.
+processes (SFT, RL, inference) all build identical base weights; it needs no download. The mini preset
+is the base model of the paper in miniature (a general image-to-image model); `--sft mini` selects its
+cold start (`mini/sft/transformer.safetensors`, made by train_sft.py).
 
 The functions below re-state what `QwenImageEditPlusPipeline.__call__` does, split into the pieces the
 training stages need (condition encoding once per LR, VAE, packing, sigma schedule, one velocity call,
 a batched Euler sampler). `tests/test_backbone.py` checks they reproduce the stock pipeline.
 
-Shapes: B batch, K samples per condition, H x W output pixels, h = H/8, w = W/8 latent size,
-N = (h/2)*(w/2) packed tokens, C = 16 latent channels, packed channel dim 4C = 64.
+Shapes: B batch, K samples per condition, H x W output pixels, f = the VAE's spatial factor
+(`vae_scale_factor`: 8 for the real model and the tiny preset, 4 for the mini preset), h = H/f, w = W/f
+latent size, N = (h/2)*(w/2) packed tokens, C = the VAE's z_dim latent channels (16 real), packed
+channel dim 4C (64 real). Output sides must be multiples of 2f (`Backbone.size_multiple`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from diffusers import (
     QwenImageTransformer2DModel,
 )
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     CONDITION_IMAGE_SIZE,
     calculate_dimensions,
@@ -50,6 +57,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
+import presets
 from byte_tokenizer import build_byte_tokenizer
 from data import to_pil
 
@@ -96,7 +104,13 @@ class Backbone:
     vae_scale_factor: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.vae_scale_factor = 2 ** len(self.vae.temperal_downsample)  # 8
+        # as the stock pipeline: one 2x spatial downsample per entry (8 for the real VAE)
+        self.vae_scale_factor = 2 ** len(self.vae.temperal_downsample)
+
+    @property
+    def size_multiple(self) -> int:
+        """Output sides must be multiples of this: the VAE factor times the transformer's 2x2 packing."""
+        return self.vae_scale_factor * self.transformer.config.patch_size
 
     @property
     def device(self) -> torch.device:
@@ -124,12 +138,13 @@ def prompt_drop_index(tokenizer) -> int:
     return len(tokenizer(_TEMPLATE_PREFIX, add_special_tokens=False).input_ids)
 
 
-def build_tiny_components(seed: int = 0) -> dict:
+def build_tiny_components(seed: int = 0, words_from: tuple[str, ...] = ()) -> dict:
     """Tiny configs of the real classes with deterministic random weights (~11 MB, no download).
 
     The RNG is forked, so building the preset neither depends on nor changes the caller's RNG state.
+    `words_from`: texts whose words become single tokens (byte_tokenizer.word_merges; the mini preset).
     """
-    tokenizer = build_byte_tokenizer()
+    tokenizer = build_byte_tokenizer(words_from=words_from)
     ids = tokenizer.convert_tokens_to_ids
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -167,7 +182,8 @@ def build_tiny_components(seed: int = 0) -> dict:
 
 def load_backbone(model: str = "tiny", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   text_encoder_device: str | torch.device | None = None, seed: int = 0) -> Backbone:
-    """Load Qwen-Image-Edit-2509 by hub name or local folder, or build the tiny preset (`model="tiny"`).
+    """Load Qwen-Image-Edit-2509 by hub name or local folder, the shipped mini preset (`model="mini"`),
+    or build the tiny preset (`model="tiny"`).
 
     `text_encoder_device` lets the (frozen, used once per LR) text encoder live elsewhere, e.g. "cpu"
     while the transformer trains on the GPU.
@@ -175,18 +191,46 @@ def load_backbone(model: str = "tiny", dtype: torch.dtype = torch.float32, devic
     if model == "tiny":
         parts = build_tiny_components(seed)
     else:
-        path = Path(model)
+        path = presets.mini_backbone() if model == "mini" else Path(model)  # "mini": files checked, named
         if path.exists() and not (path / "model_index.json").exists():
             raise FileNotFoundError(
                 f"--model {model}: folder has no model_index.json. Pass a diffusers pipeline folder "
-                f"(e.g. a download of {REAL_MODEL}) or 'tiny'.")
-        pipe = QwenImageEditPlusPipeline.from_pretrained(model, dtype=dtype)
+                f"(e.g. a download of {REAL_MODEL}), 'mini' or 'tiny'.")
+        pipe = QwenImageEditPlusPipeline.from_pretrained(str(path), dtype=dtype)
         parts = dict(transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder,
                      processor=pipe.processor, scheduler=pipe.scheduler)
+    single_frame_convs(parts["vae"])
     te_device = text_encoder_device or device
     for name, dev in (("transformer", device), ("vae", device), ("text_encoder", te_device)):
         place(parts[name].requires_grad_(False).eval(), dev, dtype)
     return Backbone(**parts, prompt_drop_idx=prompt_drop_index(parts["processor"].tokenizer), name=model)
+
+
+class SingleFrameCausalConv3d(QwenImageCausalConv3d):
+    """The VAE's causal 3-D convolution, computed as a 2-D convolution when it sees ONE frame (exact).
+
+    An image is a video of one frame. The causal padding puts zero frames BEFORE it in time, so only the
+    kernel's last time slice ever meets data: conv3d(pad(x)) = conv2d(x, W[:, :, -1]) + b. The 2-D form
+    skips the multiplications by those zeros (about 3x less work for the 3x3x3 kernels; the same numbers
+    up to float rounding, checked in tests/test_backbone.py). Several frames, a feature cache or a
+    temporal stride take the original 3-D path.
+    """
+
+    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        if cache_x is not None or x.shape[2] != 1 or self.stride[0] != 1:
+            return super().forward(x, cache_x)
+        pad_w, _, pad_h = self._padding[:3]  # (w, w, h, h, 2t, 0): zeros around each frame
+        out = F.conv2d(x[:, :, 0], self.weight[:, :, -1], self.bias, self.stride[1:], (pad_h, pad_w))
+        return out.unsqueeze(2)
+
+
+def single_frame_convs(vae: AutoencoderKLQwenImage) -> AutoencoderKLQwenImage:
+    """Make every causal conv of `vae` a `SingleFrameCausalConv3d` in place (same weights, same state dict,
+    still an instance of the stock class). `load_backbone` does this for every door; returns `vae`."""
+    for module in vae.modules():
+        if type(module) is QwenImageCausalConv3d:
+            module.__class__ = SingleFrameCausalConv3d
+    return vae
 
 
 def place(module: torch.nn.Module, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -214,7 +258,7 @@ def _latent_stats(vae: AutoencoderKLQwenImage, like: torch.Tensor) -> tuple[torc
 
 
 def vae_encode(vae: AutoencoderKLQwenImage, images: torch.Tensor) -> torch.Tensor:
-    """(B,3,H,W) in [0,1] -> normalised latents (B,16,1,H/8,W/8): posterior mode, (z - mean) / std."""
+    """(B,3,H,W) in [0,1] -> normalised latents (B,C,1,H/f,W/f): posterior mode, (z - mean) / std."""
     x = images.to(vae.dtype).unsqueeze(2) * 2 - 1  # the VAE works in [-1,1] with a time axis of 1
     z = vae.encode(x).latent_dist.mode()
     mean, std = _latent_stats(vae, z)
@@ -222,7 +266,7 @@ def vae_encode(vae: AutoencoderKLQwenImage, images: torch.Tensor) -> torch.Tenso
 
 
 def vae_decode(vae: AutoencoderKLQwenImage, latents: torch.Tensor) -> torch.Tensor:
-    """Normalised latents (B,16,1,h,w) -> images (B,3,8h,8w) in [0,1] (inverse of `vae_encode`)."""
+    """Normalised latents (B,C,1,h,w) -> images (B,3,f*h,f*w) in [0,1] (inverse of `vae_encode`)."""
     mean, std = _latent_stats(vae, latents)
     z = latents.to(vae.dtype) * std + mean
     x = vae.decode(z, return_dict=False)[0][:, :, 0]
@@ -253,8 +297,9 @@ class Condition:
     """Everything the transformer needs about (x_LR, c), for ONE LR image.
 
     prompt_embeds (1,L,D) and prompt_mask (1,L): the VL text encoder's last hidden state of
-    "Picture 1: <LR> <prompt>"; image_latents (1,N,64): the packed, normalised VAE latents of the LR
-    upscaled to the output size; height/width: output size in pixels.
+    "Picture 1: <LR> <prompt>"; image_latents (1,N,4C): the packed, normalised VAE latents of the LR
+    upscaled to the output size; height/width: output size in pixels; vae_scale: the VAE's spatial
+    factor f (pixels per latent).
     """
 
     prompt_embeds: torch.Tensor
@@ -262,10 +307,16 @@ class Condition:
     image_latents: torch.Tensor
     height: int
     width: int
+    vae_scale: int = 8
 
     @property
     def latent_hw(self) -> tuple[int, int]:
-        return self.height // 8, self.width // 8
+        return self.height // self.vae_scale, self.width // self.vae_scale
+
+    @property
+    def latent_channels(self) -> int:
+        """C, the VAE's z_dim (a packed token holds a 2x2 patch of C channels)."""
+        return self.image_latents.shape[-1] // 4
 
     @property
     def num_tokens(self) -> int:
@@ -287,13 +338,13 @@ def stack_conditions(conds: list[Condition]) -> Condition:
     embeds = torch.cat([F.pad(c.prompt_embeds, (0, 0, 0, length - c.prompt_embeds.shape[1])) for c in conds])
     mask = torch.cat([F.pad(c.prompt_mask, (0, length - c.prompt_mask.shape[1])) for c in conds])
     latents = torch.cat([c.image_latents for c in conds])
-    return Condition(embeds, mask, latents, conds[0].height, conds[0].width)
+    return Condition(embeds, mask, latents, conds[0].height, conds[0].width, conds[0].vae_scale)
 
 
 def repeat_condition(cond: Condition, k: int) -> Condition:
     """View of one condition for a batch of K samples (no recomputation)."""
     return Condition(cond.prompt_embeds.expand(k, -1, -1), cond.prompt_mask.expand(k, -1),
-                     cond.image_latents.expand(k, -1, -1), cond.height, cond.width)
+                     cond.image_latents.expand(k, -1, -1), cond.height, cond.width, cond.vae_scale)
 
 
 def upscale(lr: torch.Tensor, scale: int = 4) -> torch.Tensor:
@@ -338,15 +389,19 @@ def encode_condition_image(backbone: Backbone, cond_image: torch.Tensor, prompt:
     """The "edit" input (3,H,W) in [0,1] at OUTPUT size -> its Condition.
 
     The VL encoder sees it at ~384^2 pixels (as the stock pipeline), the VAE at full size. H and W must
-    be multiples of 16 (8x VAE, 2x2 packing): `infer.py` pads inputs to that.
+    be multiples of `backbone.size_multiple` (16 for the 8x VAE, 8 for the mini's 4x VAE, times the 2x2
+    packing): `infer.py` pads inputs to that.
     """
     height, width = cond_image.shape[-2:]
-    if height % 16 or width % 16:
-        raise ValueError(f"output size {height}x{width} must be a multiple of 16 on both sides; pad the input first")
+    unit = backbone.size_multiple
+    if height % unit or width % unit:
+        raise ValueError(f"output size {height}x{width} must be a multiple of {unit} on both sides "
+                         f"({backbone.vae_scale_factor}x VAE, 2x2 packing); pad the input first")
     embeds, mask = encode_prompt(backbone, vl_view(cond_image), prompt, pass_mm_token_type_ids)
     dev, dt = backbone.device, backbone.dtype
     latents = pack_latents(vae_encode(backbone.vae, cond_image.unsqueeze(0).to(backbone.vae.device)))
-    return Condition(embeds.to(dev, dt), mask.to(dev), latents.to(dev, dt), int(height), int(width))
+    return Condition(embeds.to(dev, dt), mask.to(dev), latents.to(dev, dt), int(height), int(width),
+                     backbone.vae_scale_factor)
 
 
 def encode_condition(backbone: Backbone, lr: torch.Tensor, prompt: str = DEFAULT_PROMPT, scale: int = 4,
@@ -379,7 +434,7 @@ def sigma_schedule(scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int, i
 
 def velocity(transformer: QwenImageTransformer2DModel, x_t: torch.Tensor, sigma: torch.Tensor,
              cond: Condition) -> torch.Tensor:
-    """v_theta(x_t, t | x_LR, c): (B,N,64) noisy target tokens, sigma (B,) in [0,1] -> velocity (B,N,64).
+    """v_theta(x_t, t | x_LR, c): (B,N,4C) noisy target tokens, sigma (B,) in [0,1] -> velocity (B,N,4C).
 
     The condition latents are appended AFTER the target tokens along the sequence; the output is sliced
     back to the target tokens. `cond` must have batch B (see `repeat_condition`/`stack_conditions`).
@@ -394,18 +449,18 @@ def velocity(transformer: QwenImageTransformer2DModel, x_t: torch.Tensor, sigma:
 
 def initial_noise(cond: Condition, k: int, generator: torch.Generator | None = None,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """K packed Gaussian noise latents (K,N,64), drawn in (K,1,C,h,w) order like the stock pipeline."""
+    """K packed Gaussian noise latents (K,N,4C), drawn in (K,1,C,h,w) order like the stock pipeline."""
     h, w = cond.latent_hw
-    eps = torch.randn((k, 1, 16, h, w), generator=generator, dtype=dtype)
+    eps = torch.randn((k, 1, cond.latent_channels, h, w), generator=generator, dtype=dtype)
     return pack_latents(eps.permute(0, 2, 1, 3, 4))
 
 
 @torch.no_grad()
 def sample(transformer: QwenImageTransformer2DModel, cond: Condition, noise: torch.Tensor,
            sigmas: torch.Tensor, progress=None) -> torch.Tensor:
-    """Batched Euler sampler: K samples for ONE condition in one batch -> x0 tokens (K,N,64).
+    """Batched Euler sampler: K samples for ONE condition in one batch -> x0 tokens (K,N,4C).
 
-    noise (K,N,64) is x at sigma=1; each step x <- x + (s_next - s) * v_theta(x, s) (Eq.5's v = eps - x0
+    noise (K,N,4C) is x at sigma=1; each step x <- x + (s_next - s) * v_theta(x, s) (Eq.5's v = eps - x0
     integrated from t=1 to 0). The condition is encoded once and shared by all K rows.
     """
     k = noise.shape[0]
@@ -421,7 +476,7 @@ def sample(transformer: QwenImageTransformer2DModel, cond: Condition, noise: tor
 
 
 def decode(backbone: Backbone, tokens: torch.Tensor, cond: Condition) -> torch.Tensor:
-    """Packed x0 tokens (K,N,64) -> images (K,3,H,W) in [0,1]."""
+    """Packed x0 tokens (K,N,4C) -> images (K,3,H,W) in [0,1]."""
     h, w = cond.latent_hw
     return vae_decode(backbone.vae, unpack_latents(tokens, h, w))
 
@@ -442,20 +497,24 @@ def super_resolve(backbone: Backbone, lr: torch.Tensor, num_steps: int = 40, k: 
 # ====================================================================================================
 
 
-def load_transformer_weights(transformer: QwenImageTransformer2DModel, path: str | Path) -> None:
-    """Load full transformer weights (e.g. `out/sft/transformer.safetensors`) in place; keys must match."""
-    path = Path(path)
+def load_transformer_weights(transformer: QwenImageTransformer2DModel, path: str | Path, model: str = "") -> None:
+    """Load full transformer weights (e.g. `out/sft/transformer.safetensors`, or "mini" for the shipped
+    mini SFT) in place. Keys and shapes must match the transformer (`model` names it in the error)."""
+    path = presets.mini_sft() if str(path) == "mini" else Path(path)
     if path.is_dir():
         path = path / "transformer.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"--sft {path}: no such file. Pass the folder train_sft.py wrote "
-                                "(it holds transformer.safetensors) or the file itself.")
+                                "(it holds transformer.safetensors), the file itself, or 'mini'.")
     state = load_file(str(path))
-    missing, unexpected = transformer.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: transformer weights do not match this model ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[:3]}). "
-                         "Was it trained for another --model?")
+    own = transformer.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    wrong = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(f"--sft {path} does not fit the transformer of --model {model or '?'}: {len(missing)} "
+                         f"missing, {len(unexpected)} unexpected and {len(wrong)} differently shaped weights (e.g. "
+                         f"{(missing + unexpected + wrong)[:3]}). It was trained for another --model.")
+    transformer.load_state_dict(state)
 
 
 def add_lora(transformer: QwenImageTransformer2DModel, rank: int = 32, alpha: int = 64,

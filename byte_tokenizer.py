@@ -12,6 +12,9 @@ Deterministic: the vocabulary is a pure function of the code, so every process b
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import Qwen2Tokenizer
 
@@ -62,17 +65,45 @@ QWEN_VL_CHAT_TEMPLATE = (
 )
 
 
-def build_byte_tokenizer(model_max_length: int = 32768) -> Qwen2Tokenizer:
+def word_merges(texts: Iterable[str]) -> list[tuple[str, str]]:
+    """BPE merges that make every WORD of `texts` one token (letters only, with its leading space).
+
+    The words are the byte-level pre-tokens of the texts (" quality" -> "Ġquality") made only of letters,
+    so digits, punctuation and newlines stay one token per byte: a number such as "0.83" is still the
+    four tokens "0" "." "8" "3", which the COMPASS digit read-out needs. Special tokens ("<|im_end|>")
+    are not words. Each word is built left to right ("Ġq" + "u" -> "Ġqu", ...). Merges of words after
+    a space come first, then those of words at a line start, each group by the length of what it
+    produces: a word-start merge then never loses a pair to a merge from inside another word, so every
+    listed word is exactly one token.
+    """
+    produced: dict[str, tuple[str, str]] = {}
+    for text in texts:
+        text = re.sub(r"<\|[A-Za-z0-9_]+\|>", "\n", text)
+        for piece, _ in ByteLevel(add_prefix_space=False, use_regex=True).pre_tokenize_str(text):
+            if not re.fullmatch(r"Ġ?[A-Za-z]{2,}", piece):
+                continue
+            for end in range(2, len(piece) + 1):
+                produced.setdefault(piece[:end], (piece[:end - 1], piece[end - 1]))
+    return [produced[t] for t in sorted(produced, key=lambda t: (not t.startswith("Ġ"), len(t), t))]
+
+
+def build_byte_tokenizer(model_max_length: int = 32768, words_from: Iterable[str] = ()) -> Qwen2Tokenizer:
     """Return a `Qwen2Tokenizer` over the 256 byte-level symbols plus the Qwen special tokens.
 
-    Token ids: 0..255 are the byte symbols in `ByteLevel.alphabet()` sorted order, then the special
-    tokens in `QWEN_SPECIAL_TOKENS` order. No merges: one token per byte.
+    Token ids: 0..255 are the byte symbols in `ByteLevel.alphabet()` sorted order, then (with
+    `words_from`) one token per merge of `word_merges(words_from)`, then the special tokens in
+    `QWEN_SPECIAL_TOKENS` order. Without `words_from` there are no merges: one token per byte (the tiny
+    presets). The mini presets pass the fixed texts they read (system prompt, instructions, task text):
+    each of their words becomes one token, so a 300-character prompt costs ~50 tokens instead of 300.
     """
     alphabet = sorted(ByteLevel.alphabet())
     vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+    merges = word_merges(words_from)
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
-        merges=[],
+        merges=merges,
         unk_token=None,
         bos_token=None,
         eos_token="<|im_end|>",

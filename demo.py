@@ -118,36 +118,6 @@ def make_sr_candidates(lr_dir: Path, sr_dir: Path, out: Path, sft: Path, steps: 
              "--steps", str(steps), *extra], out / f"candidates_{method}_{lr_dir.name}.log", f"{method} candidates")
 
 
-def make_sriqa_layout(records_path: Path, root: Path, dst: Path, gamma: float = 7.0) -> None:
-    """Held-out labelled pairs -> the SRIQA-Bench layout, MOS = Eq.4 of the labels x 20 (0-100).
-
-    Reg = the classical methods, Gen = the generative (tiny model) outputs, All = both.
-    """
-    from reward import compass_reward
-
-    records = [json.loads(x) for x in records_path.read_text().splitlines() if x.strip()]
-    groups: dict[str, list[dict]] = {}
-    for r in records:
-        groups.setdefault(r["group"], []).append(r)
-    for sub in ("LRImages", "images/Original", "MOS", "MOS_Reg", "MOS_Gen"):
-        (dst / sub).mkdir(parents=True, exist_ok=True)
-    for i, (group, recs) in enumerate(sorted(groups.items())):
-        key = f"x{i}"
-        shutil.copy(root / recs[0]["lr"], dst / "LRImages" / f"{key}_Original.png")
-        if recs[0].get("gt"):
-            shutil.copy(root / recs[0]["gt"], dst / "images" / "Original" / f"{key}_Original.png")
-        lines = {"MOS": [], "MOS_Reg": [], "MOS_Gen": []}
-        for r in recs:
-            name = f"{key}_{r['method']}x4.png"
-            (dst / "images" / r["method"]).mkdir(parents=True, exist_ok=True)
-            shutil.copy(root / r["sr"], dst / "images" / r["method"] / name)
-            mos = 20 * float(compass_reward(r["F"] if r.get("F") is not None else 1.0, r["q_lr"], r["q_sr"], gamma))
-            lines["MOS"].append(f"{name},{mos:.4f}")
-            lines["MOS_Gen" if r["method"].startswith("tiny") else "MOS_Reg"].append(f"{name},{mos:.4f}")
-        for sub, rows in lines.items():
-            (dst / sub / f"{key}.txt").write_text("\n".join(rows) + "\n")
-
-
 # ====================================================================================================
 # 6. report
 # ====================================================================================================
@@ -351,7 +321,10 @@ def main(argv: list[str] | None = None) -> Path:
          "--root", str(out / "data"), "--out", str(out / "compass"), "--epochs", str(n["compass_epochs"]),
          "--global-batch", "4", "--per-device-batch", "4", "--lr", "5e-3", "--warmup-steps", "5", "--device", "cpu"],
         out / "compass_train.log", "COMPASS training")
-    make_sriqa_layout(out / "data" / "compass_heldout.jsonl", out / "data", out / "data" / "sriqa_heldout")
+    from train_compass import load_records, write_sriqa_layout
+
+    write_sriqa_layout(load_records(out / "data" / "compass_heldout.jsonl", out / "data"), out / "data",
+                       out / "data" / "sriqa_heldout", generative=lambda method: method.startswith("tiny"))
     run(["python", "train_compass.py", "eval", "--model", str(out / "compass"), "--sriqa-root",
          str(out / "data" / "sriqa_heldout"), "--out", str(out / "compass_eval"), "--baselines", "PSNR", "SSIM",
          "--device", "cpu"], out / "compass_eval.log", "COMPASS evaluation")

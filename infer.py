@@ -100,7 +100,7 @@ def load_policy(model: str, sft: str | None = None, loras: tuple[str, ...] = (),
     """Base weights -> optional SFT transformer weights -> LoRA files merged (paper §4: Delta_NR into SFT)."""
     bb = B.load_backbone(model, dtype=torch.float32, device="cpu")  # merge in fp32, then cast
     if sft:
-        B.load_transformer_weights(bb.transformer, sft)
+        B.load_transformer_weights(bb.transformer, sft, model)
     B.merge_lora_files(bb.transformer, [parse_lora_arg(s) for s in loras])
     for module in (bb.transformer, bb.vae, bb.text_encoder):
         B.place(module, device, dtype)
@@ -138,7 +138,7 @@ COLOR_FIXES = {"adain": adain_color_fix, "wavelet": wavelet_color_fix, "none": l
 
 
 # ----------------------------------------------------------------------------------------------------
-# One image: pad to a multiple of 16 at the output, tile if large, crop back to exactly scale x input
+# One image: pad to the backbone's size multiple at the output, tile if large, crop back to scale x input
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -165,14 +165,16 @@ def super_resolve_image(bb: B.Backbone, lr: torch.Tensor, args: Args, generator:
     h, w = lr.shape[-2:]
     if min(h, w) < MIN_LR_SIDE:
         raise ValueError(f"image is {w}x{h}; the smallest side must be at least {MIN_LR_SIDE} px")
-    # pad the LR so that the output sides are multiples of 16 (8x VAE, 2x2 packing), repeating the edge
-    unit = 16 // math.gcd(16, s)
+    # pad the LR so that the output sides are multiples of bb.size_multiple (16 for the 8x VAE with its
+    # 2x2 packing), repeating the edge
+    multiple = bb.size_multiple
+    unit = multiple // math.gcd(multiple, s)
     ph, pw = (-h) % unit, (-w) % unit
     x = F.pad(lr[None], (0, pw, 0, ph), mode="replicate")[0] if ph or pw else lr
     H, W = x.shape[-2] * s, x.shape[-1] * s
     tile = args.process_size
-    ys = tile_starts(H, tile, args.tile_overlap, align=16)
-    xs = tile_starts(W, tile, args.tile_overlap, align=16)
+    ys = tile_starts(H, tile, args.tile_overlap, align=multiple)
+    xs = tile_starts(W, tile, args.tile_overlap, align=multiple)
     out = torch.zeros(1, 3, H, W)
     weight = torch.zeros(1, 1, H, W)
     th, tw = min(tile, H), min(tile, W)

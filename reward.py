@@ -102,15 +102,15 @@ GAMMA = 7.0  # §3.3 / Table 3: gamma = 7 chosen by ablation
 
 def _check_fidelity(F) -> None:
     """F ** (Q_LR / gamma) with F < 0 is NaN: refuse it instead of returning NaN rewards."""
-    bad = (F < 0) | (F > 1)
-    if bool(bad.any() if isinstance(bad, torch.Tensor) else bad):
+    bad = (F < 0) | (F > 1)  # a bool, a numpy array or a tensor
+    if bool(bad.any() if hasattr(bad, "any") else bad):
         raise ValueError(f"fidelity F must lie in [0, 1] (Eq.1), got {F}; clamp it first (FidelityScorer and the scorers already do)")
 
 
 def compass_reward(F, q_lr, q_sr, gamma: float = GAMMA):
     """COMPASS reward, Eq.4: R = F * Q_LR + F ** (Q_LR / gamma) * (Q_SR - Q_LR).
 
-    F in [0, 1], q_lr and q_sr in [1, 5]; floats or broadcastable tensors (e.g. (N,)). F = 1 gives
+    F in [0, 1], q_lr and q_sr in [1, 5]; floats, numpy arrays or tensors, broadcastable (e.g. (N,)). F = 1 gives
     R = Q_SR; F = 0 gives R = 0. A higher Q_LR raises the exponent, so the gain term falls faster when
     fidelity drops (conservative on good inputs, permissive on badly degraded ones).
     """
@@ -152,16 +152,27 @@ def combine_reward(F, q_lr, q_sr, form: str = "compass", gamma: float = GAMMA):
 TINY_MIN_PIXELS = 32 * 32
 TINY_MAX_PIXELS = 128 * 128
 
+TINY_COMPASS = dict(
+    text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, mrope_section=[2, 3, 3]),
+    vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, deepstack_visual_indexes=[1]),
+    patch_size=16, min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS,
+)
+"""The tiny preset (~0.23M params): text hidden 64 x 2 layers, vision depth 2 x 32, patch 16 like the real 8B."""
 
-def build_tiny_compass(seed: int = 0):
-    """Tiny Qwen3-VL COMPASS (~0.23M params) and its processor, from configs of the real classes.
 
-    Same classes as Qwen3-VL-8B (`Qwen3VLForConditionalGeneration`, `Qwen3VLProcessor`), same patch size
-    (16) and merge size (2); text hidden 64, 2 layers, vision depth 2, deepstack from vision layer 1,
-    mrope_section (2, 3, 3) summing to head_dim / 2 = 8. Tokenizer: the byte-level Qwen2Tokenizer of
-    byte_tokenizer.py (270 tokens; digits are single tokens as in the real vocabulary). Weights are
-    drawn under `torch.manual_seed(seed)` inside a forked RNG scope: every build with the same seed is
-    identical and the caller's global RNG is untouched.
+def build_compass(seed: int = 0, text: dict = TINY_COMPASS["text"], vision: dict = TINY_COMPASS["vision"],
+                  patch_size: int = 16, min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS,
+                  words_from: Sequence[str] = ()):
+    """A Qwen3-VL COMPASS with random weights and its processor, from configs of the real classes.
+
+    Same classes as Qwen3-VL-8B (`Qwen3VLForConditionalGeneration`, `Qwen3VLProcessor`), merge size 2;
+    `text` and `vision` set the sizes (mrope_section must sum to head_dim / 2; deepstack indexes lie within
+    the vision depth), `patch_size` and the processor's pixel budget set how many vision tokens an image
+    costs: (side / patch / 2)^2 for a square image inside [min_pixels, max_pixels]. Tokenizer: the
+    byte-level Qwen2Tokenizer of byte_tokenizer.py (digits are single tokens as in the real vocabulary),
+    with one token per word of `words_from`. Weights are drawn under `torch.manual_seed(seed)` inside a
+    forked RNG scope: every build with the same arguments is identical and the caller's RNG is untouched.
 
     Returns (model in eval mode, processor).
     """
@@ -175,32 +186,25 @@ def build_tiny_compass(seed: int = 0):
 
     from byte_tokenizer import QWEN_VL_CHAT_TEMPLATE, build_byte_tokenizer
 
-    tokenizer = build_byte_tokenizer()
+    tokenizer = build_byte_tokenizer(words_from=words_from)
     tid = tokenizer.convert_tokens_to_ids
+    text = dict(text)
+    mrope = text.pop("mrope_section")
     config = Qwen3VLConfig(
         text_config=dict(
             vocab_size=len(tokenizer),  # must cover every token id, specials included
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
             max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+            rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": mrope, "mrope_interleaved": True},
             pad_token_id=tid("<|endoftext|>"),
+            **text,
         ),
         vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            patch_size=16,
+            patch_size=patch_size,
             spatial_merge_size=2,
             temporal_patch_size=2,
-            out_hidden_size=64,  # = text hidden size
+            out_hidden_size=text["hidden_size"],  # the merger projects into the text width
             num_position_embeddings=64,  # 8x8 learned grid, interpolated to the image grid
-            deepstack_visual_indexes=[1],  # within the vision depth; feeds text layer 0
+            **vision,
         ),
         image_token_id=tid("<|image_pad|>"),
         video_token_id=tid("<|video_pad|>"),
@@ -216,15 +220,16 @@ def build_tiny_compass(seed: int = 0):
     model.generation_config.do_sample = False
 
     image_processor = Qwen2VLImageProcessor(
-        size={"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS},
-        patch_size=16,
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        patch_size=patch_size,
         temporal_patch_size=2,
         merge_size=2,
         image_mean=[0.5, 0.5, 0.5],  # Qwen3-VL's normalisation
         image_std=[0.5, 0.5, 0.5],
     )
     video_processor = Qwen3VLVideoProcessor(  # unused, but Qwen3VLProcessor requires one
-        size={"shortest_edge": TINY_MIN_PIXELS, "longest_edge": 4 * TINY_MAX_PIXELS}, patch_size=16, temporal_patch_size=2, merge_size=2
+        size={"shortest_edge": min_pixels, "longest_edge": 4 * max_pixels}, patch_size=patch_size,
+        temporal_patch_size=2, merge_size=2
     )
     processor = Qwen3VLProcessor(
         image_processor=image_processor,
@@ -235,8 +240,14 @@ def build_tiny_compass(seed: int = 0):
     return model, processor
 
 
+def build_tiny_compass(seed: int = 0):
+    """The tiny COMPASS preset (`TINY_COMPASS`, random weights): (model in eval mode, processor)."""
+    return build_compass(seed)
+
+
 def load_compass(model: str = "tiny", dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """COMPASS model and processor: "tiny" (seed 0 preset) or a hub name / local folder (from_pretrained).
+    """COMPASS model and processor: "tiny" (seed 0 preset), "mini" (the trained mini preset shipped in
+    mini/compass, built by build_mini_compass.py) or a hub name / local folder (from_pretrained).
 
     A checkpoint folder written by train_compass.py (`save_pretrained` of model and processor) loads
     back to identical outputs. Returns (model in eval mode on `device`, processor).
@@ -246,14 +257,17 @@ def load_compass(model: str = "tiny", dtype: torch.dtype = torch.float32, device
         return m.to(device=device, dtype=dtype), processor
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
+    import presets
+
+    model = str(presets.mini_compass()) if model == "mini" else model  # files checked, named if damaged
     try:
         m = Qwen3VLForConditionalGeneration.from_pretrained(model, dtype=dtype)
         processor = AutoProcessor.from_pretrained(model)
     except OSError as err:
         raise OSError(
             f"could not load the COMPASS model {model!r}: pass a folder written by train_compass.py "
-            f"(model + processor via save_pretrained), a hub name reachable from this machine, or 'tiny' "
-            f"for the test preset. ({err})"
+            f"(model + processor via save_pretrained), a hub name reachable from this machine, 'mini' or "
+            f"'tiny' for the presets. ({err})"
         ) from err
     return m.to(device).eval(), processor
 
@@ -296,9 +310,7 @@ def build_messages(lr_image: Image.Image, sr_image: Image.Image, synthetic: bool
     Q_LR, Q_SR only.
     """
     sr = sr_image.convert("RGB")
-    lr = lr_image.convert("RGB")
-    if lr.size != sr.size:
-        lr = lr.resize(sr.size, Image.BICUBIC)
+    lr = lr_at_sr_size(lr_image, sr)
     return [
         {
             "role": "user",
@@ -311,6 +323,12 @@ def build_messages(lr_image: Image.Image, sr_image: Image.Image, synthetic: bool
             ],
         }
     ]
+
+
+def lr_at_sr_size(lr_image: Image.Image, sr_image: Image.Image) -> Image.Image:
+    """The LR as the reward model sees it: RGB, resized to the SR's size with PIL bicubic (see above)."""
+    lr = lr_image.convert("RGB")
+    return lr if lr.size == sr_image.size else lr.resize(sr_image.size, Image.BICUBIC)
 
 
 def _png_data_url(image: Image.Image) -> str:
@@ -863,7 +881,7 @@ class RemoteScorer:
 def make_scorer(model: str = "tiny", url: str | None = None, model_name: str = "compass", synthetic: bool = True,
                 concurrency: int = 8, device: str = "cpu") -> "LocalScorer | RemoteScorer":
     """The COMPASS scorer the scripts use: remote when `url` is given (vLLM / `transformers serve`, the
-    model named `model_name` there), else `model` ('tiny', hub name, folder) in-process on `device`
+    model named `model_name` there), else `model` ('tiny', 'mini', hub name, folder) in-process on `device`
     (bfloat16 on CUDA, float32 otherwise)."""
     if url:
         return RemoteScorer(url, model_name, concurrency=concurrency, synthetic=synthetic)

@@ -159,7 +159,7 @@ def setup_policy(args: Args, device: torch.device) -> tuple[B.Backbone, list[tor
     """Load the backbone, attach both adapters; returns (backbone, trainable params, old params) aligned."""
     bb = B.load_backbone(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32, device=device)
     if args.init == "sft":
-        B.load_transformer_weights(bb.transformer, args.sft)
+        B.load_transformer_weights(bb.transformer, args.sft, args.model)
     tr = bb.transformer
     for name in ("default", "old"):
         if args.lora:

@@ -71,6 +71,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -81,8 +82,8 @@ import numpy as np
 import torch
 
 import reward
-from data import list_images, load_image, to_pil
-from evaluate import METRIC_SPECS, create_metric, short_reason
+from data import list_images, load_image, to_pil, to_tensor
+from evaluate import METRIC_SPECS, create_metric, short_reason, snb_quality
 from training import (
     NonFiniteGuard,
     add_dataclass_args,
@@ -464,7 +465,8 @@ def annotate(groups: Sequence[Group], root: Path, *,
              score_range: tuple[float, float] | None = None,
              mllm: Callable[[list, list], reward.Scores] | None = None,
              compare: str = "nr", fr_compare: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
-             rank_method: str = "winrate", log: Callable[[str], None] = print) -> list[Record]:
+             rank_method: str = "winrate", calibration: str = "rank", lr_view: str = "native",
+             log: Callable[[str], None] = print) -> list[Record]:
     """Run Eq.1 + stages 1-3 on `groups` and return one Record per (LR, SR) pair.
 
     fidelity(sr, gt) -> F in [0, 1] (Eq.1), used where the group has a GT (None: no F at all).
@@ -474,7 +476,13 @@ def annotate(groups: Sequence[Group], root: Path, *,
     Stage 2 comparator: "nr" compares the stage-1 SR anchors (weights-free, but then r only re-states
     the anchors' order), "fr" compares `fr_compare(sr, gt)` (higher = better) where a GT exists and
     falls back to "nr" (counted) where it does not; any other pairwise model plugs into `group_rank`.
+    calibration "rank" (paper): Q_SR from stages 2-3; "none": Q_SR = the stage-1 anchor (absolute scores,
+    Table 3 case 1). lr_view "native" (paper): `nr_raw` scores the LR file as it is; "sr": the LR resized to
+    its group's SR size first (reward.lr_at_sr_size, what the reward model sees), for NR metrics that mean
+    little on a 16x16 image.
     """
+    if calibration not in ("rank", "none") or lr_view not in ("native", "sr"):
+        raise ValueError(f"annotate: calibration {calibration!r} (rank | none), lr_view {lr_view!r} (native | sr)")
     pairs = [(g, m, p) for g in groups for m, p in g.srs.items()]
     # Eq.1 on the synthetic subset
     F = {}
@@ -501,7 +509,13 @@ def annotate(groups: Sequence[Group], root: Path, *,
     else:
         if nr_raw is None:
             raise ValueError("annotate: give nr_raw (a no-reference metric) or mllm (a scorer)")
-        lr_raw = {g.name: float(nr_raw(load_image(g.lr))) for g in groups}
+        def lr_image(g: Group) -> torch.Tensor:
+            if lr_view == "native":
+                return load_image(g.lr)
+            sr = to_pil(load_image(next(iter(g.srs.values()))))
+            return to_tensor(reward.lr_at_sr_size(to_pil(load_image(g.lr)), sr))
+
+        lr_raw = {g.name: float(nr_raw(lr_image(g))) for g in groups}
         sr_raw = {(g.name, m): float(nr_raw(load_image(p))) for g, m, p in pairs}
         keys_lr, keys_sr = list(lr_raw), list(sr_raw)
         q_all, n_clamped = anchor_scores(np.array([lr_raw[k] for k in keys_lr] + [sr_raw[k] for k in keys_sr]),
@@ -515,17 +529,20 @@ def annotate(groups: Sequence[Group], root: Path, *,
     for g in groups:
         methods = list(g.srs)
         anchors = np.array([q_sr_anchor[(g.name, m)] for m in methods])
-        if compare == "fr" and g.gt is not None and fr_compare is not None:
-            gt = load_image(g.gt)
-            comparator = value_comparator([fr_compare(load_image(g.srs[m]), gt) for m in methods], True)
+        if calibration == "none":  # Table 3 case 1: absolute anchor scores, no intra-group ranking
+            q_hat = anchors
         else:
-            n_fallback += compare == "fr"
-            comparator = value_comparator(anchors, higher_better=True)
-        r = group_rank(len(methods), comparator, method=rank_method)
-        alpha, beta = calibrate_group(r, anchors)
-        n_degenerate += alpha == 0.0
-        q_hat, c = calibrated_scores(r, alpha, beta)
-        n_clamped_cal += c
+            if compare == "fr" and g.gt is not None and fr_compare is not None:
+                gt = load_image(g.gt)
+                comparator = value_comparator([fr_compare(load_image(g.srs[m]), gt) for m in methods], True)
+            else:
+                n_fallback += compare == "fr"
+                comparator = value_comparator(anchors, higher_better=True)
+            r = group_rank(len(methods), comparator, method=rank_method)
+            alpha, beta = calibrate_group(r, anchors)
+            n_degenerate += alpha == 0.0
+            q_hat, c = calibrated_scores(r, alpha, beta)
+            n_clamped_cal += c
         for k, m in enumerate(methods):
             f = F.get((g.name, m))
             records.append(Record(
@@ -939,6 +956,36 @@ def load_sriqa(root: str | Path) -> dict[str, list[SriqaGroup]]:
     return out
 
 
+def write_sriqa_layout(records: Sequence[Record], root: Path, dst: Path, generative: Callable[[str], bool],
+                       gamma: float = 7.0) -> Path:
+    """Labelled pairs (e.g. held-out groups of `annotate`) -> the SRIQA-Bench layout, for `eval`.
+
+    MOS = 20 x Eq.4 of the labels (0-100, F = 1 where there is no GT); Gen = the methods `generative`
+    accepts, Reg = the others, All = both. Files are copied under their SRIQA names (x{i}_{Method}x4.png).
+    """
+    groups: dict[str, list[Record]] = {}
+    for r in records:
+        groups.setdefault(r.group, []).append(r)
+    for sub in ("LRImages", "images/Original", "MOS", "MOS_Reg", "MOS_Gen"):
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+    for i, (_, recs) in enumerate(sorted(groups.items())):
+        key = f"x{i}"
+        shutil.copy(root / recs[0].lr, dst / "LRImages" / f"{key}_Original.png")
+        if recs[0].gt:
+            shutil.copy(root / recs[0].gt, dst / "images" / "Original" / f"{key}_Original.png")
+        lines: dict[str, list[str]] = {"MOS": [], "MOS_Reg": [], "MOS_Gen": []}
+        for r in recs:
+            name = f"{key}_{r.method}x4.png"
+            (dst / "images" / r.method).mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / r.sr, dst / "images" / r.method / name)
+            mos = f"{name},{20 * record_score(r, gamma):.4f}"
+            lines["MOS"].append(mos)
+            lines["MOS_Gen" if generative(r.method) else "MOS_Reg"].append(mos)
+        for sub, rows in lines.items():
+            (dst / sub / f"{key}.txt").write_text("\n".join(rows) + "\n")
+    return dst
+
+
 def pair_labels(values: np.ndarray, tol: float = 0.0) -> np.ndarray:
     """(n,) scores -> (n(n-1)/2,) labels of the pairs i < j: 1 if v_i > v_j, 0 if v_i < v_j, 0.5 if
     |v_i - v_j| <= tol; NaN if either score is NaN."""
@@ -1138,7 +1185,12 @@ class AnnotateArgs:
     fidelity_metric: str = "dists"
     """Eq.1 distance: dists | lpips | ssim (ssim needs no weights)"""
     anchor: str = "piqe"
-    """stage 1 scorer: a pyiqa NR metric name (piqe needs no weights) or 'mllm' (--server)"""
+    """stage 1 scorer: a pyiqa NR metric name (piqe needs no weights), 'snb' (evaluate.snb_quality, weights-free,
+    already in [1, 5]) or 'mllm' (--server)"""
+    lr_view: str = "native"
+    """stage 1 on the LR: native (the file as it is, paper) | sr (resized to the SR size, as the reward model sees it)"""
+    calibration: str = "rank"
+    """rank (stages 2-3, paper) | none (Q_SR = the stage-1 anchor: Table 3 case 1, absolute scores)"""
     anchor_mapping: str = "range"
     """raw -> [1, 5]: range (pyiqa's score_range) | minmax (over the data)"""
     server: str = ""
@@ -1173,6 +1225,9 @@ def run_annotate(args: AnnotateArgs) -> list[Record]:
             raise ValueError("--anchor mllm needs --server URL (and --server-model)")
         remote = reward.RemoteScorer(args.server, args.server_model, synthetic=False)
         kw["mllm"] = remote.score
+    elif args.anchor == "snb":  # weights-free sharpness / noise / blocking score, already on the [1, 5] scale
+        kw.update(nr_raw=lambda x: float(snb_quality(x[None].to(device))[0]), lower_better=False,
+                  score_range=Q_RANGE)
     else:
         metric = create_metric(args.anchor, device)
         if metric.metric_mode != "NR":
@@ -1190,7 +1245,7 @@ def run_annotate(args: AnnotateArgs) -> list[Record]:
         sign = -1.0 if m.lower_better else 1.0
         fr_compare = lambda sr, gt: sign * float(m(sr[None].to(device), gt[None].to(device)).flatten()[0])
     records = annotate(groups, root, fidelity=fidelity, compare=args.compare, fr_compare=fr_compare,
-                       rank_method=args.rank, **kw)
+                       rank_method=args.rank, calibration=args.calibration, lr_view=args.lr_view, **kw)
     write_records(records, args.out)
     qc_path = Path(args.out).with_suffix(".qc.md")
     qc_report(records, args.qc_fraction, qc_path)

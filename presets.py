@@ -1,0 +1,83 @@
+"""The mini presets shipped in `mini/`: where their files are, how they are checked, how to rebuild them.
+
+Every model of the project has three doors on one code path (README, "Models"): the real checkpoint by
+name or folder, the `tiny` preset (random weights from tiny configs, for unit tests) and the `mini`
+preset: small configs of the same classes whose weights were trained on a CPU by a script of this
+repository and are committed in `mini/`:
+
+    mini/backbone/                    diffusers pipeline folder of the mini BASE model  (--model mini)
+    mini/sft/transformer.safetensors  its cold start, made by train_sft.py             (--sft mini)
+    mini/compass/                     the mini COMPASS reward model (save_pretrained)  (--reward-model mini)
+
+`build_mini_backbone.py` rebuilds the first two, `build_mini_compass.py` the third. A missing or damaged
+file is reported by name with the command that rebuilds it, before any model code tries to read it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent / "mini"
+MINI_BACKBONE = ROOT / "backbone"
+MINI_SFT = ROOT / "sft" / "transformer.safetensors"
+MINI_COMPASS = ROOT / "compass"
+REBUILD_BACKBONE = "python build_mini_backbone.py"
+REBUILD_COMPASS = "python build_mini_compass.py"
+
+
+def check_files(files: list[Path], what: str, rebuild: str) -> None:
+    """Raise if one of `files` is missing or unreadable, naming it and the command that rebuilds it.
+
+    A safetensors file must hold a JSON header whose tensors end exactly at the end of the file (a
+    truncated copy or a git-lfs pointer fails); a JSON file must parse.
+    """
+    for path in files:
+        advice = f"Rebuild the {what} with `{rebuild}` (or restore it with `git checkout -- {path}`)."
+        if not path.is_file():
+            raise FileNotFoundError(f"{what}: {path} is missing. {advice}")
+        try:
+            if path.suffix == ".safetensors":
+                _check_safetensors(path)
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception as err:  # noqa: BLE001 - any failure to read means the file is damaged
+            raise ValueError(f"{what}: {path} is damaged ({type(err).__name__}: {err}). {advice}") from err
+
+
+def _check_safetensors(path: Path) -> None:
+    """Header length (8 bytes, little endian), JSON header, then exactly the data its offsets describe."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if size < 8 + header_len:
+            raise ValueError(f"{size} bytes, shorter than its {header_len}-byte header")
+        header = json.loads(f.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + header_len + end:
+        raise ValueError(f"{size} bytes, but the header describes {8 + header_len + end}")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The files a save_pretrained folder needs: its JSON configs and safetensors weights (recursively)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix in (".json", ".safetensors"))
+
+
+def mini_backbone() -> Path:
+    """The checked mini base pipeline folder."""
+    check_files([MINI_BACKBONE / "model_index.json"], "mini backbone", REBUILD_BACKBONE)
+    check_files(weight_files(MINI_BACKBONE), "mini backbone", REBUILD_BACKBONE)
+    return MINI_BACKBONE
+
+
+def mini_sft() -> Path:
+    """The checked mini SFT transformer weights."""
+    check_files([MINI_SFT], "mini SFT weights", REBUILD_BACKBONE)
+    return MINI_SFT
+
+
+def mini_compass() -> Path:
+    """The checked mini COMPASS folder."""
+    check_files([MINI_COMPASS / "config.json"], "mini COMPASS", REBUILD_COMPASS)
+    check_files(weight_files(MINI_COMPASS), "mini COMPASS", REBUILD_COMPASS)
+    return MINI_COMPASS
