@@ -27,6 +27,8 @@ channel dim 4C (64 real). Output sides must be multiples of 2f (`Backbone.size_m
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +36,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from diffusers import (
+
+# bitsandbytes (pulled in by diffusers, transformers and pyiqa) logs a warning about an optional 4-bit CPU
+# kernel when it is imported; nothing here uses 4-bit weights.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+from diffusers import (  # noqa: E402
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
     QwenImageEditPlusPipeline,
@@ -492,6 +498,20 @@ def super_resolve(backbone: Backbone, lr: torch.Tensor, num_steps: int = 40, k: 
     return decode(backbone, sample(backbone.transformer, cond, noise, sigmas), cond)
 
 
+@torch.no_grad()
+def super_resolve_many(backbone: Backbone, lrs: torch.Tensor, num_steps: int = 40, seed: int = 0,
+                       prompt: str = DEFAULT_PROMPT, scale: int = 4) -> torch.Tensor:
+    """One SR sample for each of N LR images of one size (N,3,h,w) -> (N,3,scale*h,scale*w), in ONE batch.
+
+    LR i's noise comes from its own generator (seed + i), so any subset of the LRs (same seeds) gets the
+    same samples: evaluations on a fixed held-out set with fixed noise, comparable across policies.
+    """
+    cond = stack_conditions([encode_condition(backbone, lr, prompt, scale) for lr in lrs])
+    noise = torch.cat([initial_noise(cond, 1, torch.Generator().manual_seed(seed + i)) for i in range(len(lrs))])
+    sigmas = sigma_schedule(backbone.scheduler, num_steps, cond.num_tokens)
+    return decode(backbone, sample(backbone.transformer, cond, noise, sigmas), cond)
+
+
 # ====================================================================================================
 # Transformer weights (the SFT output) and LoRA files in the stock pipeline's format
 # ====================================================================================================
@@ -523,7 +543,9 @@ def add_lora(transformer: QwenImageTransformer2DModel, rank: int = 32, alpha: in
     from peft import LoraConfig
 
     cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
-    transformer.add_adapter(cfg, adapter_name=adapter_name)
+    with warnings.catch_warnings():  # peft warns about a second adapter; the RL's old policy is one on purpose
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        transformer.add_adapter(cfg, adapter_name=adapter_name)
 
 
 def lora_state_dict(transformer: QwenImageTransformer2DModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:

@@ -62,7 +62,7 @@ def bench_infer_vs_stock(bb: B.Backbone, size: int, steps: int, repeats: int) ->
 
     def theirs():
         return pipe(image=pil, prompt=B.DEFAULT_PROMPT, latents=noise, height=size, width=size,
-                    num_inference_steps=steps, output_type="pt").images
+                    num_inference_steps=steps, true_cfg_scale=1.0, output_type="pt").images  # no CFG (as ours)
 
     ours(), theirs()  # warm-up
     t_ours, t_theirs = best_time(ours, repeats), best_time(theirs, repeats)
@@ -70,7 +70,7 @@ def bench_infer_vs_stock(bb: B.Backbone, size: int, steps: int, repeats: int) ->
     sig = B.sigma_schedule(bb.scheduler, steps, cond.num_tokens)
     a = B.decode(bb, B.sample(bb.transformer, cond, noise, sig), cond)
     b = pipe(image=pil, prompt_embeds=cond.prompt_embeds, prompt_embeds_mask=cond.prompt_mask, latents=noise,
-             height=size, width=size, num_inference_steps=steps, output_type="pt").images
+             height=size, width=size, num_inference_steps=steps, true_cfg_scale=1.0, output_type="pt").images
     return {"infer_time_s": t_ours, "stock_time_s": t_theirs, "time_ratio": t_ours / t_theirs,
             "max_abs_diff": float((a - b).abs().max())}
 

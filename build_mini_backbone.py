@@ -187,7 +187,8 @@ def vae_stage(args: Args, work: Path) -> Path:
     start = resume(work / "vae" / "checkpoints", vae, opt, g, sched)
     # monitoring only: crops of the TRAINING photos from another stream (held-out photos are for eval)
     monitor = photos.random_crops(photos.TRAIN, 16, HR_SIZE, torch.Generator().manual_seed(args.seed + 3))
-    log = open(work / "vae" / "log.txt", "a")
+    T.truncate_jsonl(work / "vae" / "log.jsonl", start)  # a resumed run logs each step once
+    log = open(work / "vae" / "log.jsonl", "a")
     for step in tqdm(range(start, args.vae_steps), initial=start, total=args.vae_steps, desc="VAE"):
         x = photos.random_crops(photos.TRAIN, args.vae_batch, args.vae_crop, g)
         y = decode_unclamped(vae, encode_raw(vae, x))
@@ -297,7 +298,8 @@ def base_stage(args: Args, work: Path, out: Path, vae_dir: Path) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, 100, args.base_steps))
     g = torch.Generator().manual_seed(args.seed + 5)
     start = resume(work / "base" / "checkpoints", tr, opt, g, sched)
-    log = open(work / "base" / "log.txt", "a")
+    T.truncate_jsonl(work / "base" / "log.jsonl", start)
+    log = open(work / "base" / "log.jsonl", "a")
     for step in tqdm(range(start, args.base_steps), initial=start, total=args.base_steps, desc="base"):
         hr = photos.random_crops(photos.TRAIN, args.base_batch, HR_SIZE, g)
         cond, x0 = base_batch(bb, hr, g)
@@ -362,17 +364,6 @@ def eval_set(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return hr, {"realesrgan": real, "plain": plain_lr(hr)}
 
 
-@torch.no_grad()
-def super_resolve_batch(bb: B.Backbone, lrs: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
-    """One SR sample per LR (N,3,h,w) -> (N,3,4h,4w), all LRs in one batch; LR i's noise comes from its
-    own generator (seed + i), so a subset of the LRs gets exactly the same samples."""
-    cond = B.stack_conditions([B.encode_condition(bb, lr) for lr in lrs])
-    noise = torch.cat([B.initial_noise(cond, 1, torch.Generator().manual_seed(seed + i))
-                       for i in range(len(lrs))])
-    sigmas = B.sigma_schedule(bb.scheduler, steps, cond.num_tokens)
-    return B.decode(bb, B.sample(bb.transformer, cond, noise, sigmas), cond)
-
-
 def evaluate_methods(bb: B.Backbone, sft: str | Path, hr: torch.Tensor, lrs: dict[str, torch.Tensor],
                      steps: int, seed: int = 0) -> dict:
     """{"table": {lr kind: {method: {metric: per-crop values}}}, "outputs": the images} for bicubic, base,
@@ -382,11 +373,11 @@ def evaluate_methods(bb: B.Backbone, sft: str | Path, hr: torch.Tensor, lrs: dic
     base_weights = {k: v.clone() for k, v in bb.transformer.state_dict().items()}
     with torch.no_grad():
         recon = B.vae_decode(bb.vae, B.vae_encode(bb.vae, hr))
-    outputs = {kind: {"bicubic": B.upscale(lr), "base": super_resolve_batch(bb, lr, steps, seed)}
+    outputs = {kind: {"bicubic": B.upscale(lr), "base": B.super_resolve_many(bb, lr, steps, seed)}
                for kind, lr in lrs.items()}
     B.load_transformer_weights(bb.transformer, sft, "mini")
     for kind, lr in lrs.items():
-        outputs[kind]["SFT"] = super_resolve_batch(bb, lr, steps, seed)
+        outputs[kind]["SFT"] = B.super_resolve_many(bb, lr, steps, seed)
         outputs[kind]["VAE"] = recon
         outputs[kind]["HR"] = hr
     bb.transformer.load_state_dict(base_weights)

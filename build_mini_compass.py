@@ -57,7 +57,7 @@ import photos
 import presets
 import reward
 import training as T
-from build_mini_backbone import gaussian_blur, plain_lr, super_resolve_batch
+from build_mini_backbone import gaussian_blur, plain_lr
 
 ROOT = Path(__file__).resolve().parent
 
@@ -177,7 +177,7 @@ def compass_data(folder: Path, names: tuple[str, ...], n: int, seed: int, bb: B.
             B.load_transformer_weights(bb.transformer, weights, "mini")
         for steps, suffix in ((40, ""), (6, "_6")):  # inference (§5.1: 40) and the RL rollouts' 6 steps
             methods[prefix + suffix] = torch.cat([
-                super_resolve_batch(bb, lr[i:i + chunk], steps, seed * 1000 + steps * 10_000 + i)
+                B.super_resolve_many(bb, lr[i:i + chunk], steps, seed * 1000 + steps * 10_000 + i)
                 for i in tqdm(range(0, n, chunk), desc=f"{prefix}{suffix} samples")])
     bb.transformer.load_state_dict(base_weights)
     methods["mini_sft_sharpened"] = torch.cat([unsharp(methods["mini_sft"][i:i + 1], uniform(g, 1.0, 2.5))

@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import math
 import os
 import re
@@ -92,6 +93,10 @@ from typing import Protocol
 
 import torch
 from PIL import Image
+
+# bitsandbytes (pulled in by diffusers, transformers and pyiqa) logs a warning about an optional 4-bit CPU
+# kernel when it is imported; nothing here uses 4-bit weights.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 # =====================================================================================================
 # 1. The reward: Eq.4 and the Table 8 ablation forms (pure; floats or tensors, broadcasting)

@@ -12,6 +12,12 @@ forward-process objective (DiffusionNFT, Eq.6-8, nft.py). Per step and per LR im
 One copy of the backbone in memory: the trainable policy is peft adapter "default", the old policy a
 second adapter "old" on the same modules, the reference (for the optional KL) the adapters disabled.
 
+`--objective flow_grpo` swaps the NFT rollout and update for Flow-GRPO's (flow_grpo.py, the paper's
+Table 7 comparison): rollouts from the current policy with the ODE turned into an SDE, per-step Gaussian
+log-probabilities recorded, group-normalised advantages, the PPO-clipped likelihood ratio on the first
+`--timestep-fraction` of the steps, and the optional KL to the reference. Data, rewards, group filter,
+LoRA on the base, checkpoints and logs are shared.
+
 Tiny preset on a CPU (SSIM fidelity needs no weights; tiny COMPASS built locally):
     python rl_fr.py --model tiny --hr-dir data/hr --crop-size 64 --group-size 8 --steps 20 --fidelity ssim
 Full scale, 8 GPUs (paper: LSDIR, K=24, reward model served by vLLM on another machine):
@@ -42,6 +48,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import backbone as B
+import flow_grpo
 import nft
 import training as T
 from data import HRFolderDataset, PairedFolderDataset, save_image
@@ -74,31 +81,44 @@ class Args:
     rollout_steps: int = 6
     """Euler steps per rollout (paper §5.1: 6 for training)"""
     train_batch: int = 4
-    """samples per forward/backward in the NFT update (gradients are accumulated over all kept samples)"""
+    """samples per forward/backward in the NFT update (gradients are accumulated over all kept samples;
+    Flow-GRPO trains on the rollout chunks of --rollout-batch, so its ratios are exactly 1 before the update)"""
+    objective: str = "nft"
+    """'nft' (paper: the negative-aware forward-process objective, Eq.6-8) or 'flow_grpo' (Table 7)"""
     steps: int = 1000
     lr: float = 3e-4
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     lora_rank: int = 32
     lora_alpha: int = 64
-    lam: float = 1.0
-    """lambda of Eq.6-7"""
-    clip: float = 1.0
-    """clip range of the normalised reward in r (paper: 1)"""
-    std_mode: str = "group"
-    """'group' (paper) or 'global' (DiffusionNFT global_std)"""
+    lam: float | None = None
+    """NFT only: lambda of Eq.6-7 (default 1)"""
+    clip: float | None = None
+    """NFT only: clip range of the normalised reward in r (paper: 1)"""
+    std_mode: str | None = None
+    """group normalisation: 'group' (std of the group; default for nft, paper) or 'global' (std of the batch;
+    default for flow_grpo as its public code, DiffusionNFT's global_std)"""
     filter_mean: float = 0.9
     filter_var: float = 0.05
     reward_scale: float = 5.0
     """the filter compares mean/var of R / reward_scale (Eq.4 spans ~[0,5]; the paper does not say)"""
-    loss_normalize: str = "none"
-    """'none' (Eq.8 as written) or 'x0_adaptive' (DiffusionNFT's x0-space adaptive weighting)"""
+    loss_normalize: str | None = None
+    """NFT only: 'none' (Eq.8 as written, default) or 'x0_adaptive' (DiffusionNFT's x0-space weighting)"""
     kl_weight: float = 0.0
-    """weight of ||v_theta - v_ref||^2 (DiffusionNFT uses 1e-4; the paper does not mention a KL)"""
-    train_timesteps: str = "uniform"
-    """'uniform' t~U(0,1) or 'rollout_grid' (DiffusionNFT: the rollout's sigmas)"""
-    old_decay: str = "nft"
-    """old-policy EMA schedule: 'nft' decay=min(0.001*step, 0.5) (DiffusionNFT) or 'copy' (old = theta)"""
+    """weight of the KL to the reference (adapters off): NFT ||v_theta - v_ref||^2 (DiffusionNFT uses 1e-4; the
+    paper does not mention a KL), Flow-GRPO the transition KL (its public default: 0)"""
+    train_timesteps: str | None = None
+    """NFT only: 'uniform' t~U(0,1) (default) or 'rollout_grid' (DiffusionNFT: the rollout's sigmas)"""
+    old_decay: str | None = None
+    """NFT only: old-policy EMA 'nft' decay=min(0.001*step, 0.5) (default, DiffusionNFT) or 'copy' (old = theta)"""
+    noise_level: float | None = None
+    """Flow-GRPO only: SDE noise level a (public default 0.7; its Qwen-Image-Edit-2509 config: 0.9)"""
+    clip_range: float | None = None
+    """Flow-GRPO only: PPO clip of the likelihood ratio (public default 1e-4)"""
+    adv_clip: float | None = None
+    """Flow-GRPO only: advantage clip (public default 5)"""
+    timestep_fraction: float | None = None
+    """Flow-GRPO only: train the first int(rollout steps x fraction) steps (public default 0.99: all but the last)"""
     fidelity: str = "dists"
     """F against the HR: 'dists' (paper, Eq.1), 'lpips', 'ssim' (no downloaded weights)"""
     reward_model: str = "tiny"
@@ -121,9 +141,29 @@ class Args:
     resume: str | None = None
 
 
+# Options of one objective only, with their defaults (None in Args = "the objective's default").
+OBJECTIVE_OPTIONS = {
+    "nft": dict(lam=1.0, clip=1.0, loss_normalize="none", train_timesteps="uniform", old_decay="nft"),
+    "flow_grpo": dict(noise_level=0.7, clip_range=1e-4, adv_clip=5.0, timestep_fraction=0.99),
+}
+STD_MODE = {"nft": "group", "flow_grpo": "global"}
+
+
 def parse_args(argv: list[str] | None = None, defaults: dict | None = None, doc: str = __doc__) -> Args:
-    """CLI from the Args dataclass (one flag per field, its docstring as help); rl_nr.py changes `defaults`."""
+    """CLI from the Args dataclass (one flag per field, its docstring as help); rl_nr.py changes `defaults`.
+
+    Options of the other objective are refused by name; unset ones get the chosen objective's defaults."""
     args, parser = T.parse_dataclass_args(Args, argv, doc.split("\n")[0], defaults)
+    if args.objective not in OBJECTIVE_OPTIONS:
+        parser.error(f"--objective {args.objective}: choose one of {', '.join(OBJECTIVE_OPTIONS)}")
+    for objective, options in OBJECTIVE_OPTIONS.items():
+        for name, default in options.items():
+            if objective != args.objective and getattr(args, name) is not None:
+                parser.error(f"--{name.replace('_', '-')} is an option of --objective {objective}; it does nothing "
+                             f"with --objective {args.objective}")
+            if objective == args.objective and getattr(args, name) is None:
+                setattr(args, name, default)
+    args.std_mode = args.std_mode or STD_MODE[args.objective]
     if args.init == "sft" and not args.sft:
         parser.error("--init sft needs --sft (the folder train_sft.py wrote)")
     if args.group_size < 2:
@@ -197,24 +237,104 @@ class Group:
     item: dict             # the dataset item: "lr" (3,h,w), "name", and "hr" in the FR stage
     cond: B.Condition      # encoded once, shared by the rollouts and the update
     sigmas: torch.Tensor   # the rollout's sigma grid (N+1,), also the 'rollout_grid' training timesteps
-    x0: torch.Tensor       # (K,N,64) rollout results in latent tokens
+    x0: torch.Tensor       # (K,N,4C) rollout results in latent tokens
     srs: torch.Tensor      # (K,3,H,W) decoded SR images
     scores: "object"       # reward.Scores (F, q_lr, q_sr, valid)
     R: torch.Tensor        # (K,) Eq.4 reward, NaN where the score is invalid
+    trajectory: "Trajectory | None" = None  # Flow-GRPO only: the stochastic path and its log-probabilities
+
+
+@dataclass
+class Trajectory:
+    """What Flow-GRPO keeps of one group's SDE rollouts for its update (the memory NFT does not need)."""
+
+    latents: torch.Tensor    # (K,T+1,N,4C) x_0 .. x_T: the inputs and outputs of the T trained steps
+    log_probs: torch.Tensor  # (K,T) log p(x_{j+1} | x_j) under the rollout policy (flow_grpo.sde_step)
 
 
 @torch.no_grad()
 def rollout(bb: B.Backbone, cond: B.Condition, k: int, sigmas: torch.Tensor, chunk: int,
             generator: torch.Generator) -> torch.Tensor:
-    """K samples x0 (K,N,64) for ONE condition from the OLD policy on `sigmas`, `chunk` per forward pass."""
+    """K samples x0 (K,N,4C) for ONE condition from the OLD policy on `sigmas`, `chunk` per forward pass."""
     noise = B.initial_noise(cond, k, generator)
     with active_adapter(bb.transformer, "old"):
         return torch.cat([B.sample(bb.transformer, cond, noise[i:i + chunk], sigmas) for i in range(0, k, chunk)])
 
 
+@torch.no_grad()
+def rollout_sde(bb: B.Backbone, cond: B.Condition, k: int, sigmas: torch.Tensor, chunk: int,
+                generator: torch.Generator, args: Args) -> tuple[torch.Tensor, Trajectory]:
+    """Flow-GRPO rollouts: K samples of the CURRENT policy (adapter "default") with every Euler step made
+    stochastic (flow_grpo.sde_step); the first T = len(train steps) transitions and their log-probabilities
+    are kept. Returns (x0 (K,N,4C), Trajectory)."""
+    trained = flow_grpo.train_step_indices(len(sigmas) - 1, args.timestep_fraction)
+    noise = B.initial_noise(cond, k, generator)
+    tr, dt = bb.transformer, cond.image_latents.dtype
+    x0s, paths, log_probs = [], [], []
+    with active_adapter(tr, "default"):
+        for i in range(0, k, chunk):
+            x = noise[i:i + chunk].to(cond.image_latents.device, torch.float32)
+            m = x.shape[0]
+            cond_m = B.repeat_condition(cond, m)
+            path, lps = [x], []
+            for j in range(len(sigmas) - 1):
+                s, s_next = sigmas[j].expand(m).to(x.device), sigmas[j + 1].expand(m).to(x.device)
+                v = B.velocity(tr, x.to(dt), s, cond_m)
+                x, lp, _, _ = flow_grpo.sde_step(x, v, s, s_next, float(sigmas[1]), args.noise_level, generator)
+                if j in trained:
+                    path.append(x)
+                    lps.append(lp)
+            x0s.append(x)
+            paths.append(torch.stack(path, dim=1))
+            log_probs.append(torch.stack(lps, dim=1))
+    return torch.cat(x0s), Trajectory(torch.cat(paths), torch.cat(log_probs))
+
+
+def grpo_backward(bb: B.Backbone, group: "Group", keep: torch.Tensor, advantages: torch.Tensor, args: Args,
+                  normaliser: float) -> tuple[float, list[torch.Tensor]]:
+    """Accumulate d/dtheta of Flow-GRPO's loss over one group's kept samples and trained steps.
+
+    The micro-batches are the rollout's chunks (same samples, same batch size), so before the optimizer
+    step every recomputed log-probability equals the recorded one and the ratio is exactly 1. Each
+    (sample, step) loss is divided by `normaliser` (kept samples x trained steps over all ranks). Returns
+    (summed loss, the ratios of the kept samples (T per chunk)).
+    """
+    tr, traj, sigmas = bb.transformer, group.trajectory, group.sigmas
+    dt = group.cond.image_latents.dtype
+    autocast = torch.autocast(group.x0.device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    total, ratios = 0.0, []
+    for i in range(0, traj.latents.shape[0], args.rollout_batch):
+        kept = keep[i:i + args.rollout_batch]
+        if not kept.any():
+            continue
+        lat, old_lp, adv = traj.latents[i:i + args.rollout_batch], traj.log_probs[i:i + args.rollout_batch], \
+            advantages[i:i + args.rollout_batch].nan_to_num(0.0)
+        m = lat.shape[0]
+        cond_m = B.repeat_condition(group.cond, m)
+        for j in range(traj.log_probs.shape[1]):
+            s, s_next = sigmas[j].expand(m).to(lat.device), sigmas[j + 1].expand(m).to(lat.device)
+            # 1. the current policy's transition x_j -> x_{j+1} (recorded at rollout), with gradients
+            with autocast:
+                v = B.velocity(tr, lat[:, j].to(dt), s, cond_m)
+            _, lp, mean, std_t = flow_grpo.sde_step(lat[:, j], v, s, s_next, float(sigmas[1]), args.noise_level,
+                                                    x_next=lat[:, j + 1])
+            # 2. PPO-clipped likelihood ratio against the rollout's log-probability
+            loss = flow_grpo.clipped_surrogate(lp, old_lp[:, j], adv, args.clip_range)  # (m,)
+            if args.kl_weight > 0:  # 3. optional KL to the reference transition (adapters disabled)
+                with torch.no_grad(), active_adapter(tr, None), autocast:
+                    v_ref = B.velocity(tr, lat[:, j].to(dt), s, cond_m)
+                mean_ref = flow_grpo.sde_step_mean(lat[:, j].float(), v_ref.float(), s.float(), s_next.float(), std_t)
+                loss = loss + args.kl_weight * flow_grpo.sde_kl(mean, mean_ref, std_t)
+            loss = loss * kept
+            (loss.sum() / normaliser).backward()
+            total += float(loss.detach().sum())
+            ratios.append(torch.exp(lp - old_lp[:, j]).detach()[kept])
+    return total, ratios
+
+
 def nft_backward(bb: B.Backbone, cond: B.Condition, x0: torch.Tensor, r: torch.Tensor, args: Args,
                  generator: torch.Generator, rollout_sigmas: torch.Tensor, normaliser: float) -> float:
-    """Accumulate d/dtheta of Eq.8 over the kept samples x0 (M,N,64) of one condition, with r (M,).
+    """Accumulate d/dtheta of Eq.8 over the kept samples x0 (M,N,4C) of one condition, with r (M,).
 
     The loss of each sample is divided by `normaliser` (the number of kept samples over all ranks), so
     the accumulated gradient is the mean over the global batch. Returns the summed (unnormalised) loss.
@@ -308,26 +428,24 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
     reward_fn = reward_fn_factory(args)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
-    start_step = 0
+    start_step, invalid_total = 0, 0
     resume_from = T.resolve_resume(args.resume, ckpt_root)
     if resume_from is not None:  # both adapters, optimizer, RNGs, step (= data position)
         state = T.restore_training_checkpoint(resume_from, bb.transformer, optimizer, dist_info, generator)
-        start_step = state["step"]
+        start_step, invalid_total = state["step"], state.get("invalid_total", 0)
         if dist_info.is_main:
             print(f"resumed from {resume_from} at step {start_step}")
 
-    writer = None
-    if dist_info.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tb"))
     guard = T.NonFiniteGuard(10)
     batches = T.infinite_batches(dataset, args.lrs_per_step, dist_info, args.seed, start_step, 0,
                                  lambda items: items)  # a list of items: LR sizes may differ
     rewards_log = run_dir / "rewards.jsonl"
-    if start_step == 0 and dist_info.is_main:
-        rewards_log.unlink(missing_ok=True)  # a fresh run starts a fresh log; a resumed one appends
-    invalid_total = 0
+    writer = None
+    if dist_info.is_main:  # logs continue at the checkpoint: what a killed run logged after it is dropped
+        writer = T.summary_writer(run_dir / "tb", start_step)
+        if start_step == 0:
+            rewards_log.unlink(missing_ok=True)
+        T.truncate_jsonl(rewards_log, start_step)
 
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc=f"RL {run_dir.name}",
                disable=not dist_info.is_main)
@@ -340,9 +458,14 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
             t0 = time.perf_counter()
             # 1. condition once per LR
             cond = B.encode_condition(bb, item["lr"].to(bb.device), args.prompt, args.scale)
-            # 2. K rollouts from the old policy (6 Euler steps), batched
+            # 2. K rollouts (6 Euler steps), batched: NFT samples the old policy's ODE; Flow-GRPO the
+            #    current policy's SDE, keeping the path and its log-probabilities
             sigmas = B.sigma_schedule(bb.scheduler, args.rollout_steps, cond.num_tokens)
-            x0 = rollout(bb, cond, args.group_size, sigmas, args.rollout_batch, generator)
+            trajectory = None
+            if args.objective == "nft":
+                x0 = rollout(bb, cond, args.group_size, sigmas, args.rollout_batch, generator)
+            else:
+                x0, trajectory = rollout_sde(bb, cond, args.group_size, sigmas, args.rollout_batch, generator, args)
             srs = B.decode(bb, x0, cond)
             model_time += time.perf_counter() - t0
             # 3. reward: Eq.4 from (F, Q_LR, Q_SR); invalid scores drop out of their group
@@ -351,42 +474,59 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
             reward_time += time.perf_counter() - t0
             R = reward.combine_reward(scores.F, scores.q_lr, scores.q_sr, args.reward_form, args.gamma).float()
             R = torch.where(scores.valid, R, torch.full_like(R, float("nan")))
-            groups.append(Group(item, cond, sigmas, x0, srs, scores, R))
+            groups.append(Group(item, cond, sigmas, x0, srs, scores, R, trajectory))
 
-        # 4. group filter and optimality r, per group (a group = the K samples of one LR, on this rank)
+        # 4. group filter, then per group (the K samples of one LR, on this rank) the optimality r (NFT)
+        #    or the advantage (Flow-GRPO)
         all_R = torch.cat([g.R for g in groups])
         group_ids = torch.cat([torch.full((args.group_size,), i) for i in range(len(groups))])
         keep = nft.keep_groups(all_R, group_ids, args.filter_mean, args.filter_var, args.reward_scale)
-        r = nft.optimality(all_R, group_ids, args.clip, args.std_mode)
+        if args.objective == "nft":
+            r = nft.optimality(all_R, group_ids, args.clip, args.std_mode)
+        else:
+            r = flow_grpo.group_advantages(all_R, group_ids, args.std_mode, clip=args.adv_clip)
+        weight = 1 if args.objective == "nft" else len(flow_grpo.train_step_indices(args.rollout_steps,
+                                                                                     args.timestep_fraction))
         n_keep = torch.tensor([float(keep.sum())])
         n_keep_global = float(T.all_reduce_mean(n_keep)) * dist_info.world_size
         invalid = int(sum((~g.scores.valid).sum() for g in groups))
         invalid_total += invalid
 
-        # 5. NFT update of the LoRA on fresh noise of the kept samples (Eq.6-8), gradients summed over ranks
+        # 5. update of the LoRA, gradients summed over ranks: NFT on fresh noise of the kept samples
+        #    (Eq.6-8), Flow-GRPO on their recorded transitions
         optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
+        loss_sum, ratios = 0.0, []
+        normaliser = max(n_keep_global, 1.0) * weight
         t0 = time.perf_counter()
         for g, kept, r_g in zip(groups, keep.split(args.group_size), r.split(args.group_size)):
-            if kept.any():
-                loss_sum += nft_backward(bb, g.cond, g.x0[kept], r_g[kept], args, generator, g.sigmas,
-                                         max(n_keep_global, 1.0))
+            if not kept.any():
+                continue
+            if args.objective == "nft":
+                loss_sum += nft_backward(bb, g.cond, g.x0[kept], r_g[kept], args, generator, g.sigmas, normaliser)
+            else:
+                group_loss, group_ratios = grpo_backward(bb, g, kept, r_g, args, normaliser)
+                loss_sum += group_loss
+                ratios += group_ratios
         model_time += time.perf_counter() - t0
         all_reduce_grads(params)
-        loss = torch.tensor(loss_sum / max(n_keep_global, 1.0))
+        loss = torch.tensor(loss_sum / normaliser)
         grad_norm = torch.tensor(0.0)
         if n_keep_global > 0 and guard.ok(loss):
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
-            # 6. old policy <- EMA of theta (schedule: DiffusionNFT's min(0.001 * step, 0.5) by default)
-            nft.update_old_policy(old_params, params, nft.old_policy_decay(step, args.old_decay))
+            if args.objective == "nft":  # 6. old policy <- EMA of theta (DiffusionNFT's min(0.001 step, 0.5))
+                nft.update_old_policy(old_params, params, nft.old_policy_decay(step, args.old_decay))
         step_time = time.perf_counter() - t_start
 
         # ------------------------------------------------------------------ logging, samples, checkpoints
         done = step + 1
         stats = reward_stats(groups, keep, r, invalid)
+        if ratios:  # Flow-GRPO: how far the update's likelihood ratios were from 1 (exactly 0 before a step)
+            ratio = torch.cat(ratios)
+            stats.update(ratio_max_deviation=float((ratio - 1).abs().max()),
+                         clipped_fraction=float(((ratio - 1).abs() > args.clip_range).float().mean()))
         stats.update(loss=float(loss), grad_norm=float(grad_norm), step=done,
-                     old_deviation=nft.old_policy_deviation(old_params, params),
+                     old_deviation=nft.old_policy_deviation(old_params, params) if args.objective == "nft" else 0.0,
                      policy_time_share=model_time / step_time, reward_time_share=reward_time / step_time,
                      other_time_share=1 - (model_time + reward_time) / step_time, step_time=step_time)
         group_rewards = {g.item["name"]: float(g.R[~torch.isnan(g.R)].mean()) for g in groups}  # per LR image
@@ -402,6 +542,7 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
                 finite_r = r[~torch.isnan(r)]
                 if finite_r.numel():
                     writer.add_histogram("rl/r", finite_r, done)
+                writer.flush()  # on disk with the step: a kill loses nothing logged
             if args.sample_every and done % args.sample_every == 0:
                 write_group_grid(groups[0].item, groups[0].srs, args.scale, run_dir / "samples" / f"step_{done:06d}.png")
         if done % args.save_every == 0 or done == args.steps:
@@ -435,7 +576,8 @@ def reward_stats(groups: list[Group], keep: torch.Tensor, r: torch.Tensor, inval
     valid = ~torch.isnan(R)
     return dict(reward_mean=nanmean(R), reward_std=float(R[valid].std()) if valid.sum() > 1 else 0.0,
                 F=nanmean(cat("F")), q_lr=nanmean(cat("q_lr")), q_sr=nanmean(cat("q_sr")),
-                kept_fraction=float(keep.float().mean()), invalid=float(invalid), r_mean=nanmean(r))
+                kept_fraction=float(keep.float().mean()), invalid=float(invalid),
+                r_mean=nanmean(r))  # NFT: the optimality r; Flow-GRPO: the advantage
 
 
 def write_group_grid(item: dict, srs: torch.Tensor, scale: int, path: Path, max_samples: int = 8) -> None:

@@ -97,6 +97,7 @@ from training import (
     save_training_checkpoint,
     seed_everything,
     setup_distributed,
+    summary_writer,
 )
 
 F_RANGE = (0.0, 1.0)  # Eq.1: F = 1 - DISTS, 1 = best fidelity
@@ -736,7 +737,6 @@ class TrainArgs:
 
 def train(args: TrainArgs) -> Path:
     """Full-parameter SFT of the COMPASS reward model (§3.3). Returns the output folder."""
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     # ---- plumbing: processes, seeds, data -------------------------------------------------------------
@@ -798,7 +798,7 @@ def train(args: TrainArgs) -> Path:
                                  args=vars(args))
 
     # ---- the loop -----------------------------------------------------------------------------------
-    writer = SummaryWriter(str(out / "tb")) if dist_info.is_main else None
+    writer = summary_writer(out / "tb", start) if dist_info.is_main else None  # purges a killed run's tail
     guard = NonFiniteGuard(args.max_nonfinite)
     end = min(args.total_steps, args.max_steps) if args.max_steps else args.total_steps
     save_every = args.save_every or args.steps_per_epoch
@@ -834,6 +834,7 @@ def train(args: TrainArgs) -> Path:
             writer.add_scalar("train/loss", loss_value, step + 1)
             writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step + 1)
             writer.add_scalar("train/grad_norm", float(grad_norm), step + 1)
+            writer.flush()
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         if (step + 1) % save_every == 0 or step + 1 == end:
             save(step + 1)

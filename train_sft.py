@@ -158,30 +158,25 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
 
-    start_step = 0
+    start_step, losses = 0, []  # losses: one per step since step 1, kept in the checkpoints across resumes
     resume_from = T.resolve_resume(args.resume, ckpt_root)
     if resume_from is not None:
         state = T.restore_training_checkpoint(resume_from, transformer, optimizer, dist_info, generator, scheduler,
                                               sharded)
-        start_step = state["step"]
+        start_step, losses = state["step"], state.get("losses", [])
         if dist_info.is_main:
             print(f"resumed from {resume_from} at step {start_step}")
 
     # DDP replicas need find_unused_parameters: the last block's text-stream outputs get no gradient
     model = DDP(transformer, find_unused_parameters=True) if dist_info.world_size > 1 and not sharded else transformer
-    writer = None
-    if dist_info.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tb"))
+    writer = T.summary_writer(out / "tb", start_step) if dist_info.is_main else None  # purges a killed run's tail
     guard = T.NonFiniteGuard(args.max_nonfinite)
     batches = T.infinite_batches(dataset, args.batch_size, dist_info, args.seed, start_step, args.num_workers, collate)
-    losses: list[float] = []
 
     def save(step: int) -> None:
         # all ranks hold identical weights under DDP; every rank contributes its noise generator state
         T.save_training_checkpoint(ckpt_root, step, transformer, optimizer, dist_info, generator, scheduler,
-                                   keep=trainable.__contains__, keep_last=args.keep_last)
+                                   keep=trainable.__contains__, keep_last=args.keep_last, losses=losses)
 
     # ------------------------------------------------------------------ the cold-start loop (Eq.5)
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="SFT",
@@ -216,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
                 writer.add_scalar("train/grad_norm", float(grad_norm), done)
                 writer.add_scalar("train/nonfinite_skipped", guard.skipped, done)
+                writer.flush()
         if args.sample_every and done % args.sample_every == 0 and (dist_info.is_main or sharded):
             # under FSDP2 every rank takes part in the forward passes; rank 0 writes the picture
             write_sample_grid(bb, lr_imgs[0], hr_imgs[0], args, out / "samples" / f"step_{done:06d}.png",

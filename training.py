@@ -211,6 +211,27 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return model, optimizer, state
 
 
+def truncate_jsonl(path: str | Path, last_step: int) -> int:
+    """Keep the records of a per-step JSONL log whose "step" is at most `last_step`; returns how many were
+    dropped. A resumed run calls it with its start step: the steps after the checkpoint it resumes from are
+    trained again, so their records from the killed run must go (each step is logged once)."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    kept = [x for x in lines if json.loads(x)["step"] <= last_step]
+    atomic_write_text("".join(x + "\n" for x in kept), path)
+    return len(lines) - len(kept)
+
+
+def summary_writer(folder: str | Path, start_step: int):
+    """TensorBoard writer that continues a run: events of steps after `start_step` written by a killed run
+    are purged (`purge_step`), so a resumed run shows each step once."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
+
+
 class NonFiniteGuard:
     """Skip steps whose loss is NaN/Inf, count them, and stop after `max_skips` of them.
 
