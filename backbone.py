@@ -64,6 +64,7 @@ from transformers import (
 )
 
 import presets
+import training as T
 from byte_tokenizer import build_byte_tokenizer
 from data import to_pil
 
@@ -144,11 +145,13 @@ def prompt_drop_index(tokenizer) -> int:
     return len(tokenizer(_TEMPLATE_PREFIX, add_special_tokens=False).input_ids)
 
 
-def build_tiny_components(seed: int = 0, words_from: tuple[str, ...] = ()) -> dict:
+def build_tiny_components(seed: int = 0, words_from: tuple[str, ...] = (), transformer_on_meta: bool = False) -> dict:
     """Tiny configs of the real classes with deterministic random weights (~11 MB, no download).
 
     The RNG is forked, so building the preset neither depends on nor changes the caller's RNG state.
     `words_from`: texts whose words become single tokens (byte_tokenizer.word_merges; the mini preset).
+    The transformer is built last, so `transformer_on_meta` (its parameters on the meta device, for FSDP2
+    ranks that receive their shards from rank 0) leaves the other components' weights unchanged.
     """
     tokenizer = build_byte_tokenizer(words_from=words_from)
     ids = tokenizer.convert_tokens_to_ids
@@ -168,12 +171,13 @@ def build_tiny_components(seed: int = 0, words_from: tuple[str, ...] = ()) -> di
             image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
             vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
         text_encoder = Qwen2_5_VLForConditionalGeneration(te_config).eval()
-        transformer = QwenImageTransformer2DModel(
-            patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
         vae = AutoencoderKLQwenImage(
             base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
             temperal_downsample=[False, True, True])
+        with T.parameters_on_meta(transformer_on_meta):
+            transformer = QwenImageTransformer2DModel(
+                patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
     # Small image processor limits: the VL branch of the tiny model sees at most ~128x128 pixels.
     image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
     video_processor = Qwen2VLVideoProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
@@ -187,28 +191,38 @@ def build_tiny_components(seed: int = 0, words_from: tuple[str, ...] = ()) -> di
 
 
 def load_backbone(model: str = "tiny", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  text_encoder_device: str | torch.device | None = None, seed: int = 0) -> Backbone:
+                  text_encoder_device: str | torch.device | None = None, seed: int = 0,
+                  transformer_on_meta: bool = False) -> Backbone:
     """Load Qwen-Image-Edit-2509 by hub name or local folder, the shipped mini preset (`model="mini"`),
     or build the tiny preset (`model="tiny"`).
 
     `text_encoder_device` lets the (frozen, used once per LR) text encoder live elsewhere, e.g. "cpu"
-    while the transformer trains on the GPU.
+    while the transformer trains on the GPU. `transformer_on_meta`: build the transformer from its config
+    with its parameters on the meta device (no memory, weights not read), for the FSDP2 ranks that receive
+    their shards from rank 0 (`training.shard_from_rank0`); the other components load as usual.
     """
     if model == "tiny":
-        parts = build_tiny_components(seed)
+        parts = build_tiny_components(seed, transformer_on_meta=transformer_on_meta)
     else:
         path = presets.mini_backbone() if model == "mini" else Path(model)  # "mini": files checked, named
         if path.exists() and not (path / "model_index.json").exists():
             raise FileNotFoundError(
                 f"--model {model}: folder has no model_index.json. Pass a diffusers pipeline folder "
                 f"(e.g. a download of {REAL_MODEL}), 'mini' or 'tiny'.")
-        pipe = QwenImageEditPlusPipeline.from_pretrained(str(path), dtype=dtype)
+        extra = {}
+        if transformer_on_meta:
+            with T.parameters_on_meta():
+                config = QwenImageTransformer2DModel.load_config(str(path), subfolder="transformer")
+                extra["transformer"] = QwenImageTransformer2DModel.from_config(config)
+        pipe = QwenImageEditPlusPipeline.from_pretrained(str(path), dtype=dtype, **extra)
         parts = dict(transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder,
                      processor=pipe.processor, scheduler=pipe.scheduler)
     single_frame_convs(parts["vae"])
     te_device = text_encoder_device or device
     for name, dev in (("transformer", device), ("vae", device), ("text_encoder", te_device)):
-        place(parts[name].requires_grad_(False).eval(), dev, dtype)
+        if not (name == "transformer" and transformer_on_meta):  # meta parameters stay where FSDP2 puts them
+            place(parts[name], dev, dtype)
+        parts[name].requires_grad_(False).eval()
     return Backbone(**parts, prompt_drop_idx=prompt_drop_index(parts["processor"].tokenizer), name=model)
 
 

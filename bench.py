@@ -11,6 +11,11 @@ Ratios (goals in brackets):
   4. share of the RL step outside model compute (policy forward/backward and reward scoring) [<= 10%]
   5. remote reward scoring of K=24 pairs, concurrent requests vs one at a time, against a local
      `transformers serve` process on 127.0.0.1 [> 1]
+  6. Flow-GRPO vs NFT (same preset and K): wall time per RL step, peak RSS, the trajectory Flow-GRPO stores;
+     on the mini preset (full run) also the held-out reward each reaches in the same wall time [paper: NFT
+     trains and converges 5-10x faster]
+  7. FSDP2 loading under torchrun with 2 processes: peak RSS of rank 1 when it builds the model on the meta
+     device and receives its shards from rank 0, against loading the full model itself [< 1]
 Timings take the best of several repeats (the machine is shared); no result is asserted here.
 """
 
@@ -26,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import backbone as B
@@ -143,11 +149,108 @@ def bench_remote_scoring(tmp: Path, k: int, concurrency: int) -> dict:
             "speedup": t_one / t_many}
 
 
+def rl_run(tmp: Path, name: str, args: list[str]) -> dict:
+    """One rl_fr.py run: peak RSS (MB), median step time (s, first step excluded), its LoRA file."""
+    out = tmp / f"{name}.safetensors"
+    _, rss = run_and_measure([sys.executable, "rl_fr.py", *args, "--out", str(out)])
+    log = [json.loads(x) for x in (tmp / name / "rewards.jsonl").read_text().splitlines()]
+    times = sorted(e["step_time"] for e in log[1:] or log)
+    return {"peak_rss_mb": rss, "step_s": times[len(times) // 2], "lora": str(out), "steps": len(log)}
+
+
+def bench_objectives(tmp: Path, model: str, k: int, steps: int, equal_time_steps: int = 0) -> dict:
+    """Flow-GRPO vs NFT in rl_fr.py on the same preset, K and steps; with `equal_time_steps`, NFT trains that
+    many steps, Flow-GRPO as many as fit in NFT's wall time, and both are evaluated on the held-out set."""
+    hr = tmp / "hr"
+    hr.mkdir(exist_ok=True)
+    import photos
+    from data import save_image
+
+    for i, crop in enumerate(photos.random_crops(photos.TRAIN, 8, 64, torch.Generator().manual_seed(0))):
+        save_image(crop, hr / f"{i}.png")
+    common = ["--model", model, "--hr-dir", str(hr), "--crop-size", "64", "--group-size", str(k), "--rollout-batch",
+              str(k), "--train-batch", str(k), "--rollout-steps", "6", "--fidelity", "ssim", "--sample-every", "0",
+              "--save-every", "1000", "--lr", "1e-3", "--reward-model", "mini" if model == "mini" else "tiny"]
+    runs = {obj: rl_run(tmp, obj, [*common, "--objective", obj, "--steps", str(steps)]) for obj in ("nft", "flow_grpo")}
+    bb = B.load_backbone(model)
+    tokens, channels = (64 // bb.size_multiple) ** 2, 4 * bb.vae.config.z_dim
+    trained = int(6 * 0.99)  # flow_grpo.train_step_indices(6): all steps but the last
+    result = {"model": model, "K": k, "nft": runs["nft"], "flow_grpo": runs["flow_grpo"],
+              "step_time_ratio": runs["flow_grpo"]["step_s"] / runs["nft"]["step_s"],
+              "rss_ratio": runs["flow_grpo"]["peak_rss_mb"] / runs["nft"]["peak_rss_mb"],
+              "trajectory_mb": k * (trained + 1) * tokens * channels * 4 / 2**20}
+    if equal_time_steps:
+        import reward
+        from miniature import HeldOut, evaluate_policy, policy
+
+        budget = equal_time_steps * runs["nft"]["step_s"]
+        grpo_steps = max(1, round(budget / runs["flow_grpo"]["step_s"]))
+        nft = rl_run(tmp, "nft_eq", [*common, "--objective", "nft", "--steps", str(equal_time_steps)])
+        grpo = rl_run(tmp, "grpo_eq", [*common, "--objective", "flow_grpo", "--steps", str(grpo_steps)])
+        held_out, scorer = HeldOut.make(16), reward.make_scorer("mini")
+        reached = {name: float(np.mean(evaluate_policy(policy("mini", lora), held_out, scorer)[0]["R"]))
+                   for name, lora in (("SFT", None), ("nft", nft["lora"]), ("flow_grpo", grpo["lora"]))}
+        result["equal_time"] = {"seconds": budget, "nft_steps": equal_time_steps, "flow_grpo_steps": grpo_steps,
+                                "heldout_reward": reached}
+    return result
+
+
+def fsdp_load_worker(mode: str, width: int, out: str) -> None:
+    """Under torchrun: build a 2-block MMDiT of width `width` on every rank ('full', every rank loads the
+    weights) or on rank 0 only ('meta', the others receive their shards), shard it with FSDP2, and write
+    each rank's peak RSS (MB) to `out` (JSON, rank 0)."""
+    import resource
+
+    import torch.distributed as dist
+    from diffusers import QwenImageTransformer2DModel
+
+    import training as T
+
+    info = T.setup_distributed("cpu")
+    config = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=128,
+                  num_attention_heads=width // 128, joint_attention_dim=width, axes_dims_rope=(16, 56, 56))
+    with T.parameters_on_meta(mode == "meta" and not info.is_main):
+        torch.manual_seed(0)
+        model = QwenImageTransformer2DModel(**config)
+    blocks = list(model.transformer_blocks)
+    if mode == "meta":
+        T.shard_from_rank0(model, blocks, info)
+    else:
+        T.fully_shard_blocks(model, blocks, info.device, info.world_size)
+    rss = [None] * info.world_size
+    dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if info.is_main:
+        Path(out).write_text(json.dumps({"rss_mb": rss, "params": sum(p.numel() for p in model.parameters())}))
+    T.cleanup_distributed()
+
+
+def bench_fsdp_loading(tmp: Path, width: int) -> dict:
+    """Peak RSS of rank 1 (torchrun, 2 processes): full load on every rank vs rank 0 + meta + broadcast."""
+    result = {}
+    for mode in ("full", "meta"):
+        out = tmp / f"fsdp_{mode}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(serving.free_port()), "bench.py", "--fsdp-worker", mode, "--fsdp-width", str(width), "--json", str(out)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode:
+            raise RuntimeError(f"FSDP loading worker ({mode}) failed:\n{proc.stderr[-2000:]}")
+        result[mode] = json.loads(out.read_text())
+    full, meta = result["full"]["rss_mb"][1], result["meta"]["rss_mb"][1]
+    return {"width": width, "params": result["full"]["params"], "rank1_full_mb": full, "rank1_meta_mb": meta,
+            "rank1_ratio": meta / full, "rank0_full_mb": result["full"]["rss_mb"][0],
+            "rank0_meta_mb": result["meta"]["rss_mb"][0]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="shortened settings (CI)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--fsdp-worker", default=None, help=argparse.SUPPRESS)  # internal: item 7 under torchrun
+    p.add_argument("--fsdp-width", type=int, default=1024, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.fsdp_worker:
+        fsdp_load_worker(a.fsdp_worker, a.fsdp_width, a.json)
+        return {}
     repeats = 2 if a.quick else 5
     torch.manual_seed(0)
     bb = B.load_backbone("tiny")
@@ -160,6 +263,11 @@ def main(argv: list[str] | None = None) -> dict:
         results["rl_vs_sft"] = bench_rl_vs_sft(Path(tmp), 4, 3 if a.quick else 6)
     with tempfile.TemporaryDirectory() as tmp:
         results["remote_scoring"] = bench_remote_scoring(Path(tmp), 8 if a.quick else 24, 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        results["objectives"] = bench_objectives(Path(tmp), "tiny" if a.quick else "mini", 4 if a.quick else 8,
+                                                 3 if a.quick else 6, 0 if a.quick else 24)
+    with tempfile.TemporaryDirectory() as tmp:
+        results["fsdp_loading"] = bench_fsdp_loading(Path(tmp), 1024 if a.quick else 2048)
     r = results
     print(f"OARS benchmark, {r['date']}, {r['machine']}{' (quick)' if a.quick else ''}")
     iv, br, rs, rm = r["infer_vs_stock"], r["batched_rollouts"], r["rl_vs_sft"], r["remote_scoring"]
@@ -173,6 +281,18 @@ def main(argv: list[str] | None = None) -> dict:
           f"policy {rs['rl_policy_share']:.1%}, reward model {rs['rl_reward_share']:.1%})")
     print(f"5. remote scoring, K={rm['K']}, {rm['concurrency']} in flight vs 1: {rm['speedup']:.2f}x "
           f"({rm['concurrent_s']:.2f} s vs {rm['one_at_a_time_s']:.2f} s)")
+    ob, fl = r["objectives"], r["fsdp_loading"]
+    print(f"6. Flow-GRPO / NFT, {ob['model']} preset, K={ob['K']}: step time {ob['step_time_ratio']:.2f}x "
+          f"({ob['flow_grpo']['step_s']:.2f} s vs {ob['nft']['step_s']:.2f} s), peak RSS {ob['rss_ratio']:.2f}x "
+          f"({ob['flow_grpo']['peak_rss_mb']:.0f} vs {ob['nft']['peak_rss_mb']:.0f} MB), trajectory stored "
+          f"{ob['trajectory_mb']:.2f} MB per group (paper's claim: NFT 5-10x faster)")
+    if "equal_time" in ob:
+        eq = ob["equal_time"]
+        print(f"   equal wall time ({eq['seconds']:.0f} s: NFT {eq['nft_steps']} steps, Flow-GRPO "
+              f"{eq['flow_grpo_steps']} steps), held-out COMPASS reward: SFT {eq['heldout_reward']['SFT']:.4f}, "
+              f"NFT {eq['heldout_reward']['nft']:.4f}, Flow-GRPO {eq['heldout_reward']['flow_grpo']:.4f}")
+    print(f"7. FSDP2 loading, rank 1 peak RSS, rank 0 + meta / full load: {fl['rank1_ratio']:.2f} "
+          f"({fl['rank1_meta_mb']:.0f} MB vs {fl['rank1_full_mb']:.0f} MB; {fl['params'] / 1e6:.0f}M parameters)")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     return results

@@ -83,7 +83,7 @@ class Args:
     sft: str = "mini"
     """its SFT weights ('mini' = shipped)"""
     stage: str = "all"
-    """all | pretrain | data | annotate | train | eval"""
+    """all | pretrain | data | annotate | train | eval | refreward"""
     quick: bool = False
     """a few steps of every stage (tests)"""
     seed: int = 0
@@ -99,6 +99,11 @@ class Args:
     batch: int = 16
     ablations: bool = True
     """also train the Table 3 models (absolute labels, no F) with the same budget"""
+    refreward_warmup: int = 100
+    """RefReward-SR: format warm-up steps (random verdicts) before GRPO"""
+    refreward_steps: int = 300
+    """RefReward-SR: GRPO steps (8 pairs x 8 answers each)"""
+    refreward_lr: float = 3e-4
 
 
 # ====================================================================================================
@@ -200,11 +205,16 @@ def run(args: list[str], log: Path) -> None:
         raise SystemExit(f"{' '.join(args[:2])} failed; last lines of {log}:\n{log.read_text()[-3000:]}")
 
 
+def annotate_command(folder: Path, out: Path, calibration: str = "rank") -> list[str]:
+    """The `train_compass.py annotate` command line of the mini annotation (module docstring, step 3)."""
+    return ["train_compass.py", "annotate", "--lr-dir", str(folder / "lr"), "--sr-dir", str(folder / "sr"),
+            "--gt-dir", str(folder / "gt"), "--out", str(out), "--root", str(folder), "--fidelity-metric", "ssim",
+            "--anchor", "snb", "--lr-view", "sr", "--compare", "fr", "--compare-metric", "fsim",
+            "--calibration", calibration, "--device", "cpu"]
+
+
 def annotate(folder: Path, out: Path, log: Path, calibration: str = "rank") -> None:
-    run(["train_compass.py", "annotate", "--lr-dir", str(folder / "lr"), "--sr-dir", str(folder / "sr"),
-         "--gt-dir", str(folder / "gt"), "--out", str(out), "--root", str(folder), "--fidelity-metric", "ssim",
-         "--anchor", "snb", "--lr-view", "sr", "--compare", "fr", "--compare-metric", "fsim",
-         "--calibration", calibration, "--device", "cpu"], log)
+    run(annotate_command(folder, out, calibration), log)
 
 
 def train(model: str, data_file: Path, root: Path, out: Path, epochs: int, lr: float, batch: int, log: Path,
@@ -251,15 +261,16 @@ def label_agreement(model: str, records: list, root: Path) -> dict:
 # main
 # ====================================================================================================
 
-QUICK = dict(pretrain_groups=3, pretrain_epochs=1, train_groups=3, heldout_groups=2, epochs=1, batch=4)
+QUICK = dict(pretrain_groups=3, pretrain_epochs=1, train_groups=3, heldout_groups=2, epochs=1, batch=4,
+             refreward_warmup=2, refreward_steps=2)
 
 
 def main(argv: list[str] | None = None) -> None:
     from train_compass import load_records, write_sriqa_layout
 
     args, parser = T.parse_dataclass_args(Args, argv, __doc__.split("\n")[0])
-    if args.stage not in ("all", "pretrain", "data", "annotate", "train", "eval"):
-        parser.error(f"--stage {args.stage}: choose all, pretrain, data, annotate, train or eval")
+    if args.stage not in ("all", "pretrain", "data", "annotate", "train", "eval", "refreward"):
+        parser.error(f"--stage {args.stage}: choose all, pretrain, data, annotate, train, eval or refreward")
     if args.quick:
         args = Args(**{**asdict(args), **QUICK})
     torch.set_num_threads(args.threads)
@@ -347,8 +358,30 @@ def main(argv: list[str] | None = None) -> None:
         T.atomic_write_text(eval_markdown(result), out / "compass_eval.md")
         print(eval_markdown(result))
 
+    def refreward_all() -> None:
+        """RefReward-SR on the same data: pairs from the annotations, GRPO from the pretrained model, held-out
+        accuracy (its own and in the SRIQA table next to COMPASS)."""
+        for split in ("train", "heldout"):
+            run(["train_refreward.py", "pairs", "--compass", str(work / split / f"{split}.jsonl"), "--out",
+                 str(work / split / "pairs.jsonl")], work / f"pairs_{split}.log")
+        run(["train_refreward.py", "train", "--model", str(work / "pretrained"), "--data",
+             str(work / "train" / "pairs.jsonl"), "--out", str(work / "refreward"), "--warmup-steps",
+             str(args.refreward_warmup), "--steps", str(args.refreward_steps), "--prompts", "8", "--group", "8",
+             "--lr", str(args.refreward_lr), "--warmup-lr", "1e-3", "--max-new-tokens", "40", "--device", "cpu",
+             "--resume", "latest"], work / "train_refreward.log")
+        final = out / "refreward"
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(work / "refreward", final, ignore=shutil.ignore_patterns("checkpoints", "tb", "*.jsonl",
+                                                                                "reference.safetensors", "args.json"))
+        run(["train_refreward.py", "eval", "--model", str(final), "--data", str(work / "heldout" / "pairs.jsonl"),
+             "--out", str(out / "refreward_eval.json")], work / "eval_refreward_pairs.log")
+        run(["train_compass.py", "eval", "--model", str(out / "compass"), "--refreward", str(final), "--sriqa-root",
+             str(work / "sriqa_heldout"), "--out", str(work / "eval_refreward"), "--baselines", "PSNR", "SSIM",
+             "--device", "cpu"], work / "eval_refreward.log")
+
     for name, fn in (("pretrain", pretrain), ("data", make_data), ("annotate", annotate_all), ("train", train_all),
-                     ("eval", evaluate_all)):
+                     ("eval", evaluate_all), ("refreward", refreward_all)):
         if want(name):
             timed(name, fn)
     print(f"stage times (s): {times}")

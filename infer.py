@@ -4,8 +4,9 @@
 weights obtained from the cold start (SFT) stage." The LoRA was trained on the BASE weights (rl_fr.py,
 rl_nr.py) and is added to the SFT weights here: W = W_SFT + (alpha/r) * B A.
 
-Tiny preset (CPU, seconds):
+Tiny or mini preset (CPU, seconds):
     python infer.py --model tiny --input lr.png --output out/sr --steps 4
+    python infer.py --model mini --sft mini --input lr.png --output out/sr          # a trained model
 Full scale (one GPU, 40 steps as §5.1):
     python infer.py --model Qwen/Qwen-Image-Edit-2509 --sft out/sft --lora out/nr.safetensors \
         --input data/RealSR/test_LR --output out/sr --dtype bf16
@@ -42,9 +43,9 @@ class Args:
     output: str = "out/sr"
     """output folder (one PNG per input, same stem)"""
     model: str = "tiny"
-    """'tiny' or Qwen/Qwen-Image-Edit-2509 / a local diffusers folder (the BASE weights)"""
+    """'tiny', 'mini' or Qwen/Qwen-Image-Edit-2509 / a local diffusers folder (the BASE weights)"""
     sft: str | None = None
-    """transformer weights from train_sft.py (folder or .safetensors); None keeps the base weights"""
+    """transformer weights from train_sft.py (folder or .safetensors), or 'mini'; None keeps the base weights"""
     lora: tuple[str, ...] = ()
     """LoRA files to merge, each PATH or PATH:SCALE (rl_fr.py / rl_nr.py output); repeatable"""
     steps: int = 40

@@ -8,8 +8,9 @@ repository and are committed in `mini/`:
     mini/backbone/                    diffusers pipeline folder of the mini BASE model  (--model mini)
     mini/sft/transformer.safetensors  its cold start, made by train_sft.py             (--sft mini)
     mini/compass/                     the mini COMPASS reward model (save_pretrained)  (--reward-model mini)
+    mini/refreward/                   the mini RefReward-SR pairwise reward model    (--reward refreward)
 
-`build_mini_backbone.py` rebuilds the first two, `build_mini_compass.py` the third. A missing or damaged
+`build_mini_backbone.py` rebuilds the first two, `build_mini_compass.py` the last two. A missing or damaged
 file is reported by name with the command that rebuilds it, before any model code tries to read it.
 """
 
@@ -22,8 +23,10 @@ ROOT = Path(__file__).resolve().parent / "mini"
 MINI_BACKBONE = ROOT / "backbone"
 MINI_SFT = ROOT / "sft" / "transformer.safetensors"
 MINI_COMPASS = ROOT / "compass"
+MINI_REFREWARD = ROOT / "refreward"
 REBUILD_BACKBONE = "python build_mini_backbone.py"
 REBUILD_COMPASS = "python build_mini_compass.py"
+REBUILD_REFREWARD = "python build_mini_compass.py --stage refreward"
 
 
 def check_files(files: list[Path], what: str, rebuild: str) -> None:
@@ -81,3 +84,10 @@ def mini_compass() -> Path:
     check_files([MINI_COMPASS / "config.json"], "mini COMPASS", REBUILD_COMPASS)
     check_files(weight_files(MINI_COMPASS), "mini COMPASS", REBUILD_COMPASS)
     return MINI_COMPASS
+
+
+def mini_refreward() -> Path:
+    """The checked mini RefReward folder."""
+    check_files([MINI_REFREWARD / "config.json"], "mini RefReward", REBUILD_REFREWARD)
+    check_files(weight_files(MINI_REFREWARD), "mini RefReward", REBUILD_REFREWARD)
+    return MINI_REFREWARD

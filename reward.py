@@ -250,23 +250,32 @@ def build_tiny_compass(seed: int = 0):
     return build_compass(seed)
 
 
-def load_compass(model: str = "tiny", dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_compass(model: str = "tiny", dtype: torch.dtype = torch.float32, device: str = "cpu", on_meta: bool = False):
     """COMPASS model and processor: "tiny" (seed 0 preset), "mini" (the trained mini preset shipped in
     mini/compass, built by build_mini_compass.py) or a hub name / local folder (from_pretrained).
 
     A checkpoint folder written by train_compass.py (`save_pretrained` of model and processor) loads
-    back to identical outputs. Returns (model in eval mode on `device`, processor).
+    back to identical outputs. `on_meta`: the model from its config with parameters on the meta device
+    (weights not read), for FSDP2 ranks that receive their shards from rank 0. Returns (model in eval
+    mode on `device`, processor).
     """
+    from training import parameters_on_meta
+
     if model == "tiny":
-        m, processor = build_tiny_compass()
-        return m.to(device=device, dtype=dtype), processor
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+        with parameters_on_meta(on_meta):
+            m, processor = build_tiny_compass()
+        return (m if on_meta else m.to(device=device, dtype=dtype)), processor
+    from transformers import AutoConfig, AutoProcessor, Qwen3VLForConditionalGeneration
 
     import presets
 
     model = str(presets.mini_compass()) if model == "mini" else model  # files checked, named if damaged
     try:
-        m = Qwen3VLForConditionalGeneration.from_pretrained(model, dtype=dtype)
+        if on_meta:
+            with parameters_on_meta():
+                m = Qwen3VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(model), dtype=dtype)
+        else:
+            m = Qwen3VLForConditionalGeneration.from_pretrained(model, dtype=dtype)
         processor = AutoProcessor.from_pretrained(model)
     except OSError as err:
         raise OSError(
@@ -274,7 +283,7 @@ def load_compass(model: str = "tiny", dtype: torch.dtype = torch.float32, device
             f"(model + processor via save_pretrained), a hub name reachable from this machine, 'mini' or "
             f"'tiny' for the presets. ({err})"
         ) from err
-    return m.to(device).eval(), processor
+    return (m if on_meta else m.to(device)).eval(), processor
 
 
 # =====================================================================================================
@@ -870,6 +879,19 @@ class RemoteScorer:
             self._count("clamped", was_clamped)
         self._count("logprob_readouts")
         return row
+
+    def chat_texts(self, conversations: list[list[dict]]) -> list[str]:
+        """Raw reply texts of several chats (processor-format messages, greedy), `concurrency` in flight, with
+        the same retries and errors as scoring (used by refreward.RefRewardScorer)."""
+        def one(messages: list[dict]) -> str:
+            payload = {"model": self.model_name, "messages": to_openai_messages(messages), "temperature": 0.0,
+                       "max_tokens": self.max_new_tokens}
+            choice = self._post(payload)["choices"][0]
+            self._count("replies")
+            return choice["message"].get("content") or ""
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(one, conversations))
 
     def score(self, lr_images: list[Image.Image], sr_images: list[Image.Image]) -> Scores:
         """Score N pairs with up to `concurrency` requests in flight. Returns Scores with (N,) tensors."""

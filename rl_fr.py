@@ -18,8 +18,10 @@ log-probabilities recorded, group-normalised advantages, the PPO-clipped likelih
 `--timestep-fraction` of the steps, and the optional KL to the reference. Data, rewards, group filter,
 LoRA on the base, checkpoints and logs are shared.
 
-Tiny preset on a CPU (SSIM fidelity needs no weights; tiny COMPASS built locally):
+Tiny or mini preset on a CPU (SSIM fidelity needs no weights; COMPASS tiny/mini in-process):
     python rl_fr.py --model tiny --hr-dir data/hr --crop-size 64 --group-size 8 --steps 20 --fidelity ssim
+    python rl_fr.py --model mini --reward-model mini --hr-dir data/hr --crop-size 64 --group-size 8 \
+        --rollout-batch 8 --train-batch 8 --lr 1e-3 --steps 48 --fidelity ssim
 Full scale, 8 GPUs (paper: LSDIR, K=24, reward model served by vLLM on another machine):
     torchrun --nproc_per_node 8 rl_fr.py --model Qwen/Qwen-Image-Edit-2509 --hr-dir LSDIR/HR \
         --reward-url http://reward-host:8000 --reward-model-name compass --bf16 --gradient-checkpointing
@@ -44,7 +46,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import backbone as B
@@ -57,10 +58,11 @@ from data import HRFolderDataset, PairedFolderDataset, save_image
 @dataclass
 class Args:
     model: str = "tiny"
-    """'tiny' or Qwen/Qwen-Image-Edit-2509 / a local diffusers folder: the BASE weights RL trains on"""
+    """'tiny', 'mini' or Qwen/Qwen-Image-Edit-2509 / a local diffusers folder: the BASE weights RL trains on"""
     init: str = "base"
     """'base' (paper) or 'sft': put the LoRA on the SFT weights instead (Table 5 ablation; needs --sft)"""
     sft: str | None = None
+    """SFT transformer weights for --init sft: train_sft.py's folder, its file, or 'mini'"""
     lora: str | None = None
     """start from this LoRA file (rl_nr.py starts from rl_fr.py's output)"""
     hr_dir: str | None = None
@@ -122,13 +124,20 @@ class Args:
     fidelity: str = "dists"
     """F against the HR: 'dists' (paper, Eq.1), 'lpips', 'ssim' (no downloaded weights)"""
     reward_model: str = "tiny"
-    """COMPASS checkpoint for Q_LR/Q_SR (in-process): 'tiny', a hub name or a folder"""
+    """COMPASS checkpoint for Q_LR/Q_SR (in-process): 'tiny', 'mini', a hub name or a folder"""
     reward_url: str | None = None
     """OpenAI-compatible server (vLLM) instead of in-process scoring, e.g. http://host:8000"""
     reward_model_name: str = "compass"
     reward_concurrency: int = 8
     reward_form: str = "compass"
     """'compass' (Eq.4), 'gain' or 'gated' (Table 8 ablations)"""
+    reward: str = "compass"
+    """'compass' (the paper: Eq.4 from COMPASS's F, Q_LR, Q_SR) or 'refreward' (RefReward-SR: each sample's win rate
+    over the group's other samples by pairwise LR-conditioned verdicts; in the FR stage the HR is then unused)"""
+    refreward_model: str = "tiny"
+    """RefReward-SR model for --reward refreward (in-process; --reward-url serves it instead): 'tiny', 'mini', a folder"""
+    refreward_mode: str = "winrate"
+    """'winrate' (all pairs of the group) or 'anchor' (each sample against the bicubic upscale)"""
     gamma: float = 7.0
     prompt: str = B.DEFAULT_PROMPT
     bf16: bool = False
@@ -168,6 +177,8 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None, doc:
         parser.error("--init sft needs --sft (the folder train_sft.py wrote)")
     if args.group_size < 2:
         parser.error("--group-size must be >= 2 (group statistics need two samples)")
+    if args.reward not in ("compass", "refreward"):
+        parser.error(f"--reward {args.reward}: choose compass or refreward")
     return args
 
 
@@ -366,15 +377,6 @@ def nft_backward(bb: B.Backbone, cond: B.Condition, x0: torch.Tensor, r: torch.T
     return total
 
 
-def all_reduce_grads(params: list[torch.Tensor]) -> None:
-    """Sum the LoRA gradients over ranks (each rank already divided by the global sample count)."""
-    if dist.is_available() and dist.is_initialized():
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-
-
 # ====================================================================================================
 # Rewards: full-reference (this stage) — F against the HR, Q_LR and Q_SR from COMPASS
 # ====================================================================================================
@@ -391,10 +393,22 @@ def make_compass_scorer(args: Args, synthetic: bool):
                               args.reward_concurrency)
 
 
+def make_refreward(args: Args) -> RewardFn:
+    """RefReward-SR as the reward: per-sample win rates of LR-conditioned pairwise verdicts (refreward.py)."""
+    import refreward
+
+    model, processor = (None, None) if args.reward_url else refreward.load_refreward(args.refreward_model)
+    scorer = refreward.RefRewardScorer(model, processor, url=args.reward_url, model_name=args.reward_model_name,
+                                       mode=args.refreward_mode, concurrency=args.reward_concurrency)
+    return lambda item, srs: scorer.score_group(B.to_pil(item["lr"]), [B.to_pil(s) for s in srs])
+
+
 def make_fr_reward(args: Args) -> RewardFn:
     """F = fidelity(SR, HR) (Eq.1 with DISTS by default); Q_LR, Q_SR from COMPASS (one Q_LR per group)."""
     import reward
 
+    if args.reward == "refreward":
+        return make_refreward(args)
     fidelity = reward.FidelityScorer(args.fidelity)
     compass = make_compass_scorer(args, synthetic=False)
 
@@ -508,7 +522,7 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
                 loss_sum += group_loss
                 ratios += group_ratios
         model_time += time.perf_counter() - t0
-        all_reduce_grads(params)
+        T.all_reduce_grads(params)
         loss = torch.tensor(loss_sum / normaliser)
         grad_norm = torch.tensor(0.0)
         if n_keep_global > 0 and guard.ok(loss):

@@ -6,8 +6,10 @@ Still LoRA RL on the BASE weights with the same NFT objective, filter and loggin
 only swaps the data and the reward; the loop is `rl_fr.run`). Output: the final LoRA Delta_NR, which
 `infer.py --sft out/sft --lora out/nr.safetensors` merges into the SFT weights (paper §4, last paragraph).
 
-Tiny preset on a CPU:
+Tiny or mini preset on a CPU:
     python rl_nr.py --model tiny --lora out/fr.safetensors --lr-dir data/lq --group-size 8 --steps 10
+    python rl_nr.py --model mini --reward-model mini --lora out/fr.safetensors --lr-dir data/lq --crop-size 64 \
+        --group-size 8 --rollout-batch 8 --train-batch 8 --lr 1e-3 --steps 32
 Full scale, 8 GPUs, reward model served by vLLM (the paper's deployment):
     torchrun --nproc 8 rl_nr.py --lora out/fr.safetensors --model Qwen/Qwen-Image-Edit-2509 \
         --lr-dir COMPASS-20K/rl_lq --reward-url http://reward-host:8000 --reward-model-name compass --bf16
@@ -26,7 +28,10 @@ from data import LRFolderDataset
 
 
 def make_nr_reward(args: rl_fr.Args) -> rl_fr.RewardFn:
-    """F, Q_LR, Q_SR all from COMPASS (synthetic-style prompt that asks for fidelity too), one Q_LR per group."""
+    """F, Q_LR, Q_SR all from COMPASS (synthetic-style prompt that asks for fidelity too), one Q_LR per group;
+    or RefReward-SR's win rates (--reward refreward)."""
+    if args.reward == "refreward":
+        return rl_fr.make_refreward(args)
     compass = rl_fr.make_compass_scorer(args, synthetic=True)
 
     def score(item: dict, srs: torch.Tensor):

@@ -37,9 +37,10 @@ per-device batch x grad accumulation x GPUs = global batch):
     vllm serve out/compass --served-model-name compass --max-logprobs 20 \\
         --limit-mm-per-prompt '{"image": 2}'                                    # the RL reward server
 
-    Memory: every rank loads the float32 model on its CPU before FSDP2 shards it to the GPUs (~35 GB of
-    host RAM per rank for 8B); the float32 master weights, gradients and AdamW state (16 bytes/param,
-    ~140 GB for 8B) are sharded over the ranks; compute runs in bfloat16 (--bf16 auto on CUDA).
+    Memory: rank 0 loads the float32 model on its CPU (~35 GB of host RAM for 8B), the other ranks build
+    it on the meta device and receive their shards from rank 0 (one full copy per node, not one per
+    rank); the float32 master weights, gradients and AdamW state (16 bytes/param, ~140 GB for 8B) are
+    sharded over the ranks; compute runs in bfloat16 (--bf16 auto on CUDA).
     `--anchor mllm` needs an instruction-following MLLM on an OpenAI-compatible server; it is asked
     with reward.py's quality-only prompt and must answer in reward.py's format.
 
@@ -90,13 +91,13 @@ from training import (
     all_reduce_mean,
     atomic_write_text,
     cleanup_distributed,
-    fully_shard_blocks,
     gather_full_state,
     resolve_resume,
     restore_training_checkpoint,
     save_training_checkpoint,
     seed_everything,
     setup_distributed,
+    shard_from_rank0,
     summary_writer,
 )
 
@@ -662,11 +663,11 @@ def step_indices(n: int, step: int, steps_per_epoch: int, global_batch: int, see
 # The optimizer state is keyed by parameter NAME there, so it is flattened as "optim.<name>.<key>".
 
 
-def shard_model(model, world_size: int, device: torch.device, bf16: bool) -> None:
+def shard_model(model, dist_info, bf16: bool) -> None:
     """FSDP2 for Qwen3-VL: every vision block and every decoder layer, then the root (embeddings, merger,
-    lm_head); see `training.fully_shard_blocks`."""
+    lm_head), the weights broadcast from rank 0; see `training.shard_from_rank0`."""
     inner = model.model  # Qwen3VLModel: .visual.blocks, .language_model.layers
-    fully_shard_blocks(model, [*inner.visual.blocks, *inner.language_model.layers], device, world_size, bf16)
+    shard_from_rank0(model, [*inner.visual.blocks, *inner.language_model.layers], dist_info, bf16)
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     """LR multiplier at `step`: linear warm-up 0 -> 1 over `warmup` steps, then cosine decay 1 -> 0 at
@@ -689,7 +690,7 @@ class TrainArgs:
     out: str = "out/compass"
     """output folder (model, checkpoints, tb)"""
     model: str = "Qwen/Qwen3-VL-8B-Instruct"
-    """hub name, local folder, or 'tiny' (random tiny Qwen3-VL of the real classes)"""
+    """hub name, local folder, 'tiny' (random tiny Qwen3-VL of the real classes) or 'mini' (continue the mini COMPASS)"""
     epochs: int = 8
     """training epochs (§5.1: 8)"""
     global_batch: int = 64
@@ -764,13 +765,16 @@ def train(args: TrainArgs) -> Path:
               f"{args.steps_per_epoch * args.global_batch - n} repeated samples per epoch fill the last batch")
 
     # ---- model: the same loader as the scorer; FSDP2 when launched by torchrun -------------------------
-    model, processor = reward.load_compass(args.model, dtype=torch.float32, device="cpu")
+    # FSDP2 keeps ONE full copy per node: rank 0 loads the weights, the others build the model on the meta
+    # device and receive their shards from rank 0 (training.shard_from_rank0)
+    model, processor = reward.load_compass(args.model, dtype=torch.float32, device="cpu",
+                                           on_meta=sharded and not dist_info.is_main)
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     if sharded:
-        shard_model(model, world, device, bf16)  # moves each rank's shards to `device`
+        shard_model(model, dist_info, bf16)  # each rank's shards on `device`
     else:
         model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -1098,7 +1102,7 @@ class EvalArgs:
     out: str = "out/sriqa"
     """folder for sriqa_accuracy.csv / .md"""
     model: str = ""
-    """COMPASS folder / hub name / 'tiny' (in-process)"""
+    """COMPASS folder / hub name / 'tiny' / 'mini' (in-process)"""
     server: str = ""
     """OpenAI-compatible URL of a served COMPASS (instead of --model), e.g. http://127.0.0.1:8000 (vllm serve OUT)"""
     server_model: str = "compass"
@@ -1107,6 +1111,9 @@ class EvalArgs:
     """score with the no-F prompt (R = Q_SR)"""
     gamma: float = 7.0
     """gamma of Eq.4 (§3.3: 7)"""
+    refreward: str = ""
+    """also rank with a RefReward-SR model ('tiny', 'mini', folder): each SR scored by its win rate over the
+    group's other SRs (refreward.py; every pair asked in both orders)"""
     baselines: list[str] = field(default_factory=lambda: ["PSNR", "SSIM", "LPIPS", "DISTS"])
     """pyiqa metrics (Table 1's GT-Ref rows; NR names such as piqe or musiq give GT-Free rows)"""
     gt_ties: str = "count"
@@ -1129,6 +1136,12 @@ def run_eval(args: EvalArgs, extra: dict[str, tuple[str, ScoreFn]] | None = None
                                     device=device)
         scorers.append(("GT-Free", "COMPASS", compass_score_fn(scorer, not args.real_prompt, args.gamma),
                         "Eq.4, " + ("no-F prompt" if args.real_prompt else "synthetic prompt")))
+    if args.refreward:
+        import refreward
+
+        judge = refreward.RefRewardScorer(*refreward.load_refreward(args.refreward, device))
+        scorers.append(("GT-Free", "RefReward-SR", lambda lr, hr, srs: judge.group_rewards(
+            to_pil(load_image(lr)), [to_pil(load_image(p)) for p in srs]).numpy(), "pairwise win rate, both orders"))
     for name in args.baselines:
         try:
             metric = create_metric(name, device)

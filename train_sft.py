@@ -5,8 +5,10 @@
 x_HR, eps and x_t live in the VAE's normalised, packed latent space; x_LR enters as the condition (the LR
 upscaled 4x, seen by the VL text encoder and appended as condition latents, see backbone.py).
 
-Tiny preset on a CPU (a minute):
+Tiny preset on a CPU (a minute); the mini preset's SFT is this command run on its base for 1500 steps
+(build_mini_backbone.py), shipped as `--sft mini`:
     python train_sft.py --model tiny --hr-dir data/hr --crop-size 64 --steps 50 --lr 1e-3
+    python train_sft.py --model mini --hr-dir data/hr --crop-size 64 --steps 1500 --batch-size 16 --lr 1e-4
 Full scale (paper: LSDIR, 512 px crops), 8 GPUs:
     torchrun --nproc_per_node 8 train_sft.py --model Qwen/Qwen-Image-Edit-2509 --hr-dir LSDIR/HR \
         --crop-size 512 --bf16 --gradient-checkpointing --offload-text-encoder
@@ -38,7 +40,7 @@ from data import HRFolderDataset, PairedFolderDataset, collate, save_image
 @dataclass
 class Args:
     model: str = "tiny"
-    """'tiny' or Qwen/Qwen-Image-Edit-2509 / a local diffusers folder"""
+    """'tiny', 'mini' (the trained mini base) or Qwen/Qwen-Image-Edit-2509 / a local diffusers folder"""
     hr_dir: str | None = None
     """HR folder, degraded on the fly (Real-ESRGAN second order, data.py)"""
     lr_dir: str | None = None
@@ -135,8 +137,12 @@ def main(argv: list[str] | None = None) -> None:
         dataset = HRFolderDataset(args.hr_dir, crop_size=args.crop_size, scale=args.scale, seed=args.seed)
     dataset.check()  # one error listing every unreadable / too small / unmatched file, before any training
 
+    sharded = args.fsdp and dist_info.world_size > 1
+    # FSDP2 keeps ONE full copy of the transformer per node: rank 0 loads it, the others build it on the
+    # meta device and receive their shards from rank 0 (training.shard_from_rank0)
     bb = B.load_backbone(args.model, device=dist_info.device,
-                         text_encoder_device="cpu" if args.offload_text_encoder else None)
+                         text_encoder_device="cpu" if args.offload_text_encoder else None,
+                         transformer_on_meta=sharded and not dist_info.is_main)
     transformer = bb.transformer
     if args.lora_rank:
         B.add_lora(transformer, rank=args.lora_rank, alpha=2 * args.lora_rank)
@@ -150,10 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
-    sharded = args.fsdp and dist_info.world_size > 1
     if sharded:  # FSDP2: each MMDiT block, then the root; parameters become sharded DTensors
-        T.fully_shard_blocks(transformer, list(transformer.transformer_blocks), dist_info.device,
-                             dist_info.world_size, args.bf16)
+        T.shard_from_rank0(transformer, list(transformer.transformer_blocks), dist_info, args.bf16)
         params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -89,6 +90,17 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= dist.get_world_size()
     return x
+
+
+def all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Sum the gradients of `params` over ranks, by hand (each rank already divided its loss by the GLOBAL
+    sample count). Used where ranks may train on different numbers of samples in a step (RL after the
+    group filter), which a DDP wrapper (one all-reduce per backward) cannot handle without deadlocking."""
+    if dist.is_available() and dist.is_initialized():
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -395,6 +407,50 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> d
         name, key = flat.rsplit(".", 1)
         state.setdefault(name, {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+@contextmanager
+def parameters_on_meta(enabled: bool = True):
+    """Build modules with their PARAMETERS on the meta device: shapes only, no memory, no init cost.
+
+    Buffers and plain tensor attributes (RoPE tables) are computed as usual. Each parameter is moved to
+    meta as it is registered, so at most one parameter is ever materialised. This is how the FSDP2 ranks
+    other than 0 build a model whose shards they receive from rank 0 (`shard_from_rank0`).
+    """
+    if not enabled:
+        yield
+        return
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def shard_from_rank0(model: torch.nn.Module, blocks: list[torch.nn.Module], dist_info: DistInfo,
+                     bf16: bool = False) -> None:
+    """FSDP2 with ONE full copy of the weights per node instead of one per rank.
+
+    Rank 0 built `model` with its weights; the other ranks built it under `parameters_on_meta`. Every rank
+    shards the blocks and the root (`fully_shard_blocks`), allocates its own shards (`to_empty`, keeping
+    the buffers), and rank 0 broadcasts its full weights, of which each rank keeps its shard. The result
+    equals loading the full model on every rank and sharding it, bit for bit.
+    """
+    full = model.state_dict() if dist_info.is_main else {}  # rank 0's full weights, alive until broadcast
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    fully_shard_blocks(model, blocks, dist_info.device, dist_info.world_size, bf16)
+    model.to_empty(device=dist_info.device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    restore_full_state(model, None, full, {}, sharded=True)
 
 
 def fully_shard_blocks(model: torch.nn.Module, blocks: list[torch.nn.Module], device: torch.device,

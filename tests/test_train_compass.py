@@ -492,3 +492,20 @@ def test_torchrun_fsdp2_two_processes_match_one_process(sft_data, straight_run, 
                 torchrun=True)
     assert "2 process(es)" in proc.stdout and "resumed from" in proc.stdout
     _compare(out, straight_run, atol=1e-5)  # the export was gathered from the shards on rank 0
+
+
+@pytest.mark.slow
+def test_fsdp2_rank0_loading_equals_the_full_model_bit_for_bit(sft_data, tmp_path):
+    """Ranks other than 0 build the model on the meta device and receive their shards from rank 0; with
+    lr 0 (AdamW, no weight decay) the gathered export must equal the preset's weights exactly."""
+    from safetensors.torch import load_file
+
+    import reward
+
+    out = tmp_path / "lr0"
+    _run(_train_args(sft_data, out, "--epochs", 1, "--per-device-batch", 1, "--lr", 0, "--export-dtype", "float32"),
+         tmp_path, torchrun=True)
+    exported = load_file(str(out / "model.safetensors"))
+    preset = reward.build_tiny_compass()[0].state_dict()
+    assert set(exported) == set(preset)
+    assert all(torch.equal(exported[k], preset[k]) for k in preset)

@@ -137,3 +137,20 @@ def test_torchrun_fsdp_matches_single_process(hr_dir, tmp_path):
     assert a.keys() == base.keys()  # full, unsharded weights that infer.py --sft loads
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(not torch.equal(a[k], base[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_fsdp_rank0_loading_equals_the_full_model_bit_for_bit(hr_dir, tmp_path):
+    """--fsdp: rank 1 builds the transformer on the meta device and receives its shards from rank 0; with no
+    training step the gathered transformer equals the preset's weights exactly."""
+    import backbone as B
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(serving.free_port()), "train_sft.py", "--model", "tiny", "--hr-dir", str(hr_dir), "--crop-size", "64",
+           "--batch-size", "1", "--steps", "0", "--fsdp", "--out", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gathered = load_file(str(tmp_path / "o" / "transformer.safetensors"))
+    preset = B.load_backbone("tiny").transformer.state_dict()
+    assert gathered.keys() == preset.keys() and all(torch.equal(gathered[k], preset[k]) for k in preset)

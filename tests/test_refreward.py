@@ -1,0 +1,224 @@
+"""RefReward-SR: data, verdict parsing, the GRPO pieces against hand-worked numbers, a planted rule learned by
+GRPO, the scorer in the RL loop, exact resume, bad input."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import flow_grpo
+import refreward as RR
+import train_refreward
+import training as T
+from data import save_image
+
+
+# ---------------------------------------------------------------------------------------------------
+# verdicts and rewards
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("<think>A keeps the roof lines.</think><answer>A</answer>", "A"),
+    ("<think></think><answer> b </answer><|im_end|>", "B"),
+    ("<think>x</think>\n<answer>\nA\n</answer>", "A"),
+    ("<answer>A</answer>", None),                                     # no reasoning block
+    ("<think>x</think><answer>A</answer><answer>B</answer>", None),   # two answers
+    ("<think>x</think><answer>A and B</answer>", None),               # both
+    ("<think>x</think><answer>A/B</answer>", None),
+    ("<think>x</think><answer></answer>", None),                      # none
+    ("<think>x</think>A", None),
+    ("", None),
+])
+def test_parse_verdict(text, expected):
+    assert RR.parse_verdict(text) == expected
+
+
+def test_format_and_rule_reward():
+    text = RR.format_verdict("B", "sharper  edges\nand clean")
+    assert text == "<think>sharper edges and clean</think><answer>B</answer>" and RR.parse_verdict(text) == "B"
+    assert RR.rule_reward(text, "B") == pytest.approx(1.2) and RR.rule_reward(text, "A") == pytest.approx(0.2)
+    assert RR.rule_reward("B", "B") == 0.0  # malformed: no credit even for the right letter
+    with pytest.raises(ValueError):
+        RR.format_verdict("C")
+
+
+def test_both_orders():
+    assert RR.both_orders("A", "B") == "x" and RR.both_orders("B", "A") == "y"
+    assert RR.both_orders("A", "A") is None and RR.both_orders(None, "B") is None  # position bias, invalid
+
+
+def test_grpo_pieces_hand_worked():
+    # advantages of two groups of 3 (group std): [1, 0, 0] -> (r - 1/3) / (0.4714 + 1e-4)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.2, 1.2, 1.2])
+    adv = flow_grpo.group_advantages(rewards, [0, 0, 0, 1, 1, 1], std_mode="group")
+    std = math.sqrt(2 / 9)
+    assert torch.allclose(adv, torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0, 0]) / (std + 1e-4), atol=1e-5)
+    # k3: exp(d) - d - 1 with d = ref - cur
+    cur, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.0, -1.0])
+    assert torch.allclose(RR.kl_k3(cur, ref), torch.tensor([0.0, math.e - 2]), atol=1e-6)
+    # token log-probs and the masked mean
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
+    assert torch.allclose(RR.token_log_probs(logits, torch.tensor([[0, 1]])), torch.log(torch.tensor([[0.5, 0.8]])))
+    assert float(RR.masked_mean(torch.tensor([[1.0, 3.0, 100.0]]), torch.tensor([[1, 1, 0]]))) == 2.0
+    mask = train_refreward.completion_mask(torch.tensor([[5, 7, 9, 9], [9, 5, 5, 5]]), eos_id=9)
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------
+
+
+def _images(root: Path, n: int = 6):
+    """n groups: an LR and a bright and a dark 16x16 candidate (the planted rule: brighter wins)."""
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        base = torch.rand(3, 16, 16, generator=g) * 0.4 + 0.3
+        save_image(base[:, ::4, ::4], root / "lr" / f"{i}.png")
+        save_image((base + 0.25).clamp(0, 1), root / "sr" / "bright" / f"{i}.png")
+        save_image((base - 0.25).clamp(0, 1), root / "sr" / "dark" / f"{i}.png")
+        first_bright = i % 2 == 0
+        a, b = ("bright", "dark") if first_bright else ("dark", "bright")
+        rows.append({"lr": f"lr/{i}.png", "sr_a": f"sr/{a}/{i}.png", "sr_b": f"sr/{b}/{i}.png",
+                     "preferred": "a" if first_bright else "b", "group": str(i)})
+    return rows
+
+
+def _write(path: Path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_pairs_file_errors_name_file_line_and_missing_images(tmp_path):
+    rows = _images(tmp_path, 2)
+    bad = [rows[0], {**rows[1], "preferred": "c"}, {"lr": "lr/0.png"}]
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: preferred='c'.*\n.*pairs.jsonl:3: missing field"):
+        RR.load_pairs(_write(tmp_path / "pairs.jsonl", bad))
+    missing = [{**rows[0], "sr_b": "sr/none/0.png"}, {**rows[1], "lr": "lr/gone.png"}]
+    with pytest.raises(FileNotFoundError, match=r"2 image\(s\).*\n.*lr/gone.png\n.*sr/none/0.png"):
+        RR.load_pairs(_write(tmp_path / "pairs.jsonl", missing))
+    assert len(RR.load_pairs(_write(tmp_path / "pairs.jsonl", rows))) == 2
+
+
+def test_pairs_from_compass_orders_by_labels_and_randomises_positions():
+    from train_compass import Record
+
+    recs = [Record("lr/0.png", f"sr/{m}/0.png", "0", m, q_lr=2.0, q_sr=q, F=f)
+            for m, q, f in (("good", 4.0, 0.9), ("bad", 2.0, 0.5), ("same", 4.0, 0.9))]
+    pairs = RR.pairs_from_compass(recs * 1, margin=0.1, seed=0)
+    assert len(pairs) == 2  # "good" and "same" have equal labels: no pair
+    for p in pairs:
+        better = p.sr_a if p.preferred == "a" else p.sr_b
+        assert "bad" not in better and "faithful" in p.reason
+    positions = {p.preferred for seed in range(8) for p in RR.pairs_from_compass(recs, seed=seed)}
+    assert positions == {"a", "b"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# GRPO training on a planted rule, the scorer, resume
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    rows = _images(root, 16)
+    return _write(root / "train.jsonl", rows[:10]), _write(root / "heldout.jsonl", rows[10:]), root
+
+
+def _train(data, out, *extra):
+    train_refreward.main(["train", "--model", "tiny", "--data", str(data), "--out", str(out), "--prompts", "8",
+                          "--group", "8", "--max-new-tokens", "16", "--warmup-lr", "1e-2", "--lr", "3e-3",
+                          "--device", "cpu", *map(str, extra)])
+
+
+@pytest.fixture(scope="module")
+def trained(planted, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rr") / "model"
+    _train(planted[0], out, "--warmup-steps", 60, "--steps", 100, "--save-every", 1000)
+    return out
+
+
+@pytest.mark.slow
+def test_grpo_learns_the_planted_rule_and_the_scorer_ranks_with_it(planted, trained):
+    train, heldout, root = planted
+    out = trained
+    log = [json.loads(x) for x in (out / "rewards.jsonl").read_text().splitlines()]
+    grpo = [e for e in log if "accuracy" in e]
+    assert len(grpo) == 100 and all(e["ratio_max_deviation"] == 0.0 for e in grpo)
+    first, last = np.mean([e["accuracy"] for e in grpo[:10]]), np.mean([e["accuracy"] for e in grpo[-10:]])
+    assert grpo[0]["format_rate"] > 0.9  # the warm-up taught the format, with random verdicts
+    assert first < 0.6 and last > 0.8, (first, last)  # GRPO learned the preference (sampled answers, T = 1)
+    model, processor = RR.load_refreward(str(out))
+    scorer = RR.RefRewardScorer(model, processor)
+    result = train_refreward.evaluate_pairs(scorer, RR.load_pairs(heldout, root), root)
+    assert result["accuracy_all"] >= 5 / 6, result  # 6 held-out pairs, greedy, both orders
+    # in the RL reward interface: the brighter of two samples gets the higher reward
+    from data import load_image, to_pil
+
+    lr = to_pil(load_image(root / "lr" / "12.png"))
+    srs = [to_pil(load_image(root / "sr" / m / "12.png")) for m in ("dark", "bright")]
+    scores = scorer.score_group(lr, srs)
+    assert scores.q_sr.tolist() == [0.0, 1.0] and bool(scores.valid.all())
+    assert torch.equal(scores.reward(), scores.q_sr)  # F = Q_LR = 1: Eq.4 returns the pairwise reward
+
+
+@pytest.mark.slow
+def test_resume_is_exact(planted, tmp_path):
+    train, _, _ = planted
+    common = ["--warmup-steps", 2, "--save-every", 2]
+    _train(train, tmp_path / "a", *common, "--steps", 2)
+    _train(train, tmp_path / "b", *common, "--steps", 0)
+    _train(train, tmp_path / "b", *common, "--steps", 2, "--resume", "latest")
+    wa, _, _ = T.load_checkpoint(tmp_path / "a" / "checkpoints" / "step_000004")
+    wb, _, _ = T.load_checkpoint(tmp_path / "b" / "checkpoints" / "step_000004")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    la = [json.loads(x) for x in (tmp_path / "a" / "rewards.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "b" / "rewards.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in lb] == [1, 2, 3, 4] and la == lb
+
+
+def test_invalid_answers_are_counted_never_a_tie():
+    class Fixed(RR.RefRewardScorer):
+        def __init__(self, texts):
+            super().__init__(model=None, processor=None)
+            self.texts = texts
+
+        def answers(self, lrs, xs, ys):
+            return self.texts[: len(xs)]
+
+    from PIL import Image
+
+    img = Image.new("RGB", (4, 4))
+    # pairs (0,1), (0,2), (1,2) asked as (A,B) then swapped; pair (0,2) is position-inconsistent, (1,2) invalid
+    texts = ["<think></think><answer>A</answer>", "<think></think><answer>A</answer>", "garbage",
+             "<think></think><answer>B</answer>", "<think></think><answer>A</answer>", "<think></think><answer>B</answer>"]
+    scores = Fixed(texts).score_group(img, [img, img, img])
+    assert scores.q_sr[:2].tolist() == [1.0, 0.0] and math.isnan(scores.q_sr[2])  # only (0,1) counted
+    assert scores.valid.tolist() == [True, True, False]  # sample 2 has no reward, not 0.5
+    scorer = Fixed(texts)
+    scorer.group_rewards(img, [img, img, img])
+    assert scorer.stats["invalid"] == 1 and scorer.stats["position_inconsistent"] == 1
+
+
+@pytest.mark.slow
+def test_refreward_is_the_reward_of_the_rl_loop(planted, trained, tmp_path):
+    """rl_nr.py --reward refreward --refreward-mode anchor with the planted model ("the brighter one wins"):
+    the tiny policy's samples are mid-grey, so against the bicubic upscale of a dark LR they all win (reward
+    1) and against a bright LR's they all lose (reward 0), every verdict valid and consistent."""
+    import rl_nr
+
+    lq = tmp_path / "lq"
+    save_image(torch.full((3, 8, 8), 0.05), lq / "0_dark.png")  # 8x8 LR -> 32x32 SR: the planted model's size
+    save_image(torch.full((3, 8, 8), 0.95), lq / "1_bright.png")
+    rl_nr.main(["--model", "tiny", "--lr-dir", str(lq), "--crop-size", "32", "--group-size", "4", "--rollout-batch", "4",
+                "--rollout-steps", "3", "--sample-every", "0", "--steps", "2", "--lr", "1e-2", "--reward", "refreward",
+                "--refreward-model", str(trained), "--refreward-mode", "anchor", "--out", str(tmp_path / "nr.safetensors")])
+    log = [json.loads(x) for x in (tmp_path / "nr" / "rewards.jsonl").read_text().splitlines()]
+    rewards = {name: value for e in log for name, value in e["group_rewards"].items()}
+    assert [e["invalid"] for e in log] == [0.0, 0.0] and rewards == {"0_dark": 1.0, "1_bright": 0.0}

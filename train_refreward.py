@@ -1,0 +1,299 @@
+"""RefReward-SR: GRPO training of an LR-conditioned pairwise reward model (Qwen3-VL); its data and evaluation.
+
+The second seed paper trains its MLLM judge with GRPO on LR-conditioned pairwise rankings (RefSR-18K). This
+script does it with this project's model doors, data I/O and logging. Three subcommands:
+
+    pairs   a COMPASS annotation JSONL (train_compass.py annotate) -> a pairs JSONL: SRs of one LR whose label
+            rewards (Eq.4) differ by at least --margin, the better one preferred, A/B drawn at random
+    train   (optional) format warm-up: a few supervised steps on `<think></think><answer>X</answer>` with a
+            RANDOM verdict X, so a small model learns the answer format but nothing about preference; then GRPO:
+              1. per step and process, `--prompts` pairs, each shown in a random A/B order;
+              2. G answers sampled per prompt (temperature --temperature) from the current model;
+              3. rule rewards: 1 for the correct verdict + 0.2 for a well-formed answer (refreward.rule_reward);
+              4. group-normalised advantages A = (R - mean_G) / (std_G + 1e-4)   (flow_grpo.group_advantages);
+              5. per answer token the PPO-clipped surrogate max(-A ratio, -A clip(ratio, 1 +- eps)) with ratio
+                 = pi / pi_old (flow_grpo.clipped_surrogate) + beta x k3 KL to the reference (the model before
+                 GRPO), averaged over each answer's tokens, then over answers; one AdamW step.
+    eval    held-out pairs, both orders asked: accuracy, invalid answers and position-inconsistent pairs
+            (counted and excluded, never a tie).
+
+Commands (tiny preset on a CPU; mini: `--model` = a mini COMPASS-sized folder, see build_mini_compass.py):
+
+    python train_refreward.py pairs --compass data/compass.jsonl --out data/pairs.jsonl
+    python train_refreward.py train --model tiny --data data/pairs.jsonl --out out/refreward --steps 50
+    torchrun --nproc_per_node 8 train_refreward.py train --model Qwen/Qwen3-VL-8B-Instruct \\
+        --data RefSR/pairs.jsonl --out out/refreward --steps 2000          # full scale; --resume latest
+    python train_refreward.py eval --model out/refreward --data data/pairs_heldout.jsonl
+
+Writes OUT/ (save_pretrained: model + processor, loads with refreward.load_refreward and `vllm serve`),
+OUT/checkpoints/, OUT/tb/ and OUT/rewards.jsonl (one line per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import flow_grpo
+import refreward as RR
+import training as T
+from data import load_image, to_pil
+
+
+@dataclass
+class TrainArgs:
+    data: str = ""
+    """pairs JSONL (train_refreward.py pairs)"""
+    root: str = ""
+    """folder the JSONL paths are relative to (default: the JSONL's folder)"""
+    out: str = "out/refreward"
+    model: str = "tiny"
+    """'tiny', 'mini' (continue the shipped mini RefReward), a folder or a hub name (e.g. Qwen/Qwen3-VL-8B-Instruct)"""
+    steps: int = 200
+    """GRPO steps (after the warm-up)"""
+    warmup_steps: int = 0
+    """format warm-up steps first: supervised `<think></think><answer>X</answer>` with a random X"""
+    prompts: int = 4
+    """pairs per step and process"""
+    group: int = 8
+    """G answers sampled per pair (GRPO's group)"""
+    lr: float = 1e-6
+    """AdamW learning rate (DeepSeekMath GRPO: 1e-6)"""
+    warmup_lr: float = 1e-3
+    beta: float = 0.04
+    """weight of the k3 KL to the reference (DeepSeekMath GRPO: 0.04)"""
+    clip_range: float = 0.2
+    """PPO clip of the per-token ratio (DeepSeekMath / PPO: 0.2)"""
+    temperature: float = 1.0
+    max_new_tokens: int = 48
+    format_weight: float = 0.2
+    """rule reward of a well-formed answer (a correct verdict earns 1 more)"""
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 50
+    keep_last: int = 2
+    resume: str = ""
+    """'latest' or a checkpoint folder"""
+    device: str = "auto"
+
+
+def load_images(pair: RR.Pair, root: Path):
+    return tuple(to_pil(load_image(root / p)) for p in (pair.lr, pair.sr_a, pair.sr_b))
+
+
+def prompt_of(pair: RR.Pair, root: Path, swap: bool) -> tuple[list[dict], str]:
+    """The conversation of one pair (A and B swapped when `swap`) and the correct verdict."""
+    lr, a, b = load_images(pair, root)
+    truth = pair.preferred.upper()
+    if swap:
+        a, b, truth = b, a, "B" if truth == "A" else "A"
+    return RR.build_pair_messages(lr, a, b), truth
+
+
+def answer_logprobs(model, batch: dict, prompt_len: int, completion: torch.Tensor) -> torch.Tensor:
+    """log p of each completion token (B,T) given the prompt batch (left-padded) and the completion."""
+    ids = torch.cat([batch["input_ids"], completion], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(completion)], dim=1)
+    extra = {k: v for k, v in batch.items() if k in ("pixel_values", "image_grid_thw")}
+    if "mm_token_type_ids" in batch:  # answer tokens are text: M-RoPE needs the type of every position
+        extra["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
+    logits = model(input_ids=ids, attention_mask=mask, **extra).logits[:, prompt_len - 1:-1]
+    return RR.token_log_probs(logits, completion)
+
+
+def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 on the answer tokens up to and including the first end-of-turn, 0 after it (padding)."""
+    is_eos = (completion == eos_id).int()
+    after = (torch.cumsum(is_eos, dim=1) - is_eos) > 0
+    return (~after).float()
+
+
+def train(args: TrainArgs) -> Path:
+    dist_info = T.setup_distributed(args.device)
+    device = dist_info.device
+    T.seed_everything(args.seed, dist_info.rank)
+    root = Path(args.root) if args.root else Path(args.data).parent
+    pairs = RR.load_pairs(args.data, root)  # every bad record / missing image named before training
+    out = Path(args.out)
+    ckpt_root = out / "checkpoints"
+    model, processor = RR.load_refreward(args.model, device=str(device))
+    reference, _ = RR.load_refreward(args.model, device=str(device))  # the policy before GRPO, frozen: the
+    reference.eval().requires_grad_(False)                              # warmed-up model, saved once (below)
+    reference_file = out / "reference.safetensors"
+    model.train().requires_grad_(True)
+    model.config.use_cache = False
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    total = args.warmup_steps + args.steps
+    start = 0
+    found = T.resolve_resume(args.resume or None, ckpt_root)
+    if found is not None:
+        start = T.restore_training_checkpoint(found, model, optimizer, dist_info)["step"]
+        if dist_info.is_main:
+            print(f"[train] resumed from {found} at step {start}")
+    log = out / "rewards.jsonl"
+    writer = None
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(asdict(args), indent=1))
+        writer = T.summary_writer(out / "tb", start)
+        if start == 0:  # a fresh run: no log, no reference of an earlier run
+            log.unlink(missing_ok=True)
+            reference_file.unlink(missing_ok=True)
+        T.truncate_jsonl(log, start)
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    vision_tokens = RR.vision_token_ids(tok)
+    from tqdm import tqdm
+
+    for step in tqdm(range(start, total), initial=start, total=total, desc="refreward", disable=not dist_info.is_main):
+        # the pairs, A/B orders and sampling noise of this step and process: functions of (seed, step, rank)
+        rng = random.Random(args.seed * 1_000_003 + step * 1009 + dist_info.rank)
+        chosen = [pairs[rng.randrange(len(pairs))] for _ in range(args.prompts)]
+        prompts = [prompt_of(p, root, swap=rng.random() < 0.5) for p in chosen]
+        for group in optimizer.param_groups:
+            group["lr"] = args.warmup_lr if step < args.warmup_steps else args.lr
+        optimizer.zero_grad(set_to_none=True)
+        if step == args.warmup_steps or (step == start and step > args.warmup_steps):  # GRPO starts or resumes
+            if not reference_file.exists():  # the reference is the model as GRPO starts (after the warm-up)
+                weights = T.gather_full_state(model, None)[0]
+                if dist_info.is_main:
+                    T.atomic_save_safetensors(weights, reference_file)
+                if dist_info.world_size > 1:
+                    torch.distributed.barrier()
+            reference.load_state_dict(load_file(str(reference_file)))
+        if step < args.warmup_steps:  # format warm-up: teacher-forced answer with a random verdict
+            answers = [RR.format_verdict(rng.choice("AB")) + "<|im_end|>" for _ in prompts]
+            batch = processor.apply_chat_template([m for m, _ in prompts], add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True, return_tensors="pt",
+                                                  processor_kwargs={"padding": True, "padding_side": "left"}).to(device)
+            completion = torch.tensor([tok.encode(a, add_special_tokens=False) for a in answers], device=device)
+            loss = -answer_logprobs(model, batch, batch["input_ids"].shape[1], completion).mean()
+            stats = {"warmup_loss": float(loss.detach())}
+        else:
+            # 1-2. G sampled answers per pair (each prompt repeated G times)
+            conversations = [m for m, _ in prompts for _ in range(args.group)]
+            truths = [t for _, t in prompts for _ in range(args.group)]
+            batch = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True, return_tensors="pt",
+                                                  processor_kwargs={"padding": True, "padding_side": "left"}).to(device)
+            prompt_len = batch["input_ids"].shape[1]
+            torch.manual_seed(args.seed * 1_000_003 + step * 1009 + dist_info.rank)
+            model.eval()
+            with torch.no_grad():
+                sequences = model.generate(**batch, do_sample=True, temperature=args.temperature, top_p=1.0, top_k=0,
+                                           max_new_tokens=args.max_new_tokens, suppress_tokens=vision_tokens)
+            model.train()
+            completion = sequences[:, prompt_len:]
+            mask = completion_mask(completion, eos)
+            texts = tok.batch_decode(completion)
+            # 3-4. rule rewards and group-normalised advantages
+            rewards = torch.tensor([RR.rule_reward(t, truth, args.format_weight) for t, truth in zip(texts, truths)])
+            ids = torch.arange(len(prompts)).repeat_interleave(args.group)
+            advantages = flow_grpo.group_advantages(rewards, ids, std_mode="group", eps=1e-4).to(device)
+            # 5. clipped surrogate per token (old = the sampling policy, exactly this model before the step)
+            with torch.no_grad():
+                old = answer_logprobs(model, batch, prompt_len, completion)
+                ref = answer_logprobs(reference, batch, prompt_len, completion)
+            new = answer_logprobs(model, batch, prompt_len, completion)
+            per_token = flow_grpo.clipped_surrogate(new, old, advantages[:, None], args.clip_range) \
+                + args.beta * RR.kl_k3(new, ref)
+            loss = RR.masked_mean(per_token, mask).mean()
+            verdicts = [RR.parse_verdict(t) for t in texts]
+            stats = {"reward_mean": float(rewards.mean()), "accuracy": float(sum(v == t for v, t in zip(verdicts, truths))
+                                                                               / len(texts)),
+                     "format_rate": float(sum(v is not None for v in verdicts) / len(texts)),
+                     "kl": float(RR.masked_mean(RR.kl_k3(new, ref), mask).mean()),
+                     "ratio_max_deviation": float(((new - old).exp() - 1).abs().mul(mask).max())}
+        (loss / dist_info.world_size).backward()
+        T.all_reduce_grads(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        done = step + 1
+        stats.update(step=done, loss=float(loss.detach()), grad_norm=float(grad_norm))
+        if dist_info.is_main:
+            with open(log, "a") as f:
+                f.write(json.dumps(stats) + "\n")
+            for key, value in stats.items():
+                if key != "step":
+                    writer.add_scalar(f"refreward/{key}", value, done)
+            writer.flush()
+        if done % args.save_every == 0 or done == total:
+            T.save_training_checkpoint(ckpt_root, done, model, optimizer, dist_info, keep_last=args.keep_last)
+    if dist_info.is_main:
+        model.config.use_cache = True
+        model.eval()
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        writer.close()
+        print(f"[train] saved the RefReward model to {out}")
+    T.cleanup_distributed()
+    return out
+
+
+def evaluate_pairs(scorer: RR.RefRewardScorer, pairs: list[RR.Pair], root: Path) -> dict:
+    """Accuracy over pairs with a consistent verdict, and the counts of the others (invalid, inconsistent)."""
+    correct = counted = 0
+    for pair in pairs:
+        lr, a, b = load_images(pair, root)
+        verdict = scorer.compare(lr, [a], [b])[0]
+        if verdict is not None:
+            counted += 1
+            correct += (verdict == "x") == (pair.preferred == "a")
+    return {"pairs": len(pairs), "consistent": counted, "accuracy_of_consistent": correct / counted if counted else math.nan,
+            "accuracy_all": correct / len(pairs), "invalid_answers": scorer.stats["invalid"],
+            "position_inconsistent": scorer.stats["position_inconsistent"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_pairs = sub.add_parser("pairs", help="COMPASS annotation JSONL -> pairs JSONL")
+    p_pairs.add_argument("--compass", required=True, help="JSONL written by train_compass.py annotate")
+    p_pairs.add_argument("--root", default="", help="folder its paths are relative to (default: its folder)")
+    p_pairs.add_argument("--out", required=True, help="pairs JSONL to write (same root as the COMPASS file)")
+    p_pairs.add_argument("--margin", type=float, default=0.1, help="minimum difference of the label rewards (Eq.4)")
+    p_pairs.add_argument("--seed", type=int, default=0, help="seed of the A/B order")
+    T.add_dataclass_args(sub.add_parser("train", help="GRPO training"), TrainArgs)
+    p_eval = sub.add_parser("eval", help="pairwise accuracy on held-out pairs (both orders asked)")
+    p_eval.add_argument("--model", required=True, help="'tiny', 'mini', a folder or hub name")
+    p_eval.add_argument("--data", required=True)
+    p_eval.add_argument("--root", default="")
+    p_eval.add_argument("--out", default="", help="write the numbers to this JSON file")
+    ns = vars(parser.parse_args(argv))
+    command = ns.pop("command")
+    t0 = time.time()
+    if command == "pairs":
+        from train_compass import load_records
+
+        root = Path(ns["root"]) if ns["root"] else Path(ns["compass"]).parent
+        pairs = RR.pairs_from_compass(load_records(ns["compass"], root), ns["margin"], seed=ns["seed"])
+        RR.write_pairs(pairs, ns["out"])
+        print(f"[pairs] {len(pairs)} pairs from {ns['compass']} -> {ns['out']}")
+    elif command == "train":
+        if not ns["data"]:
+            parser.error("train: --data is required")
+        train(TrainArgs(**ns))
+    else:
+        root = Path(ns["root"]) if ns["root"] else Path(ns["data"]).parent
+        model, processor = RR.load_refreward(ns["model"])
+        result = evaluate_pairs(RR.RefRewardScorer(model, processor), RR.load_pairs(ns["data"], root), root)
+        print(json.dumps(result, indent=1))
+        if ns["out"]:
+            T.atomic_write_text(json.dumps(result, indent=1), ns["out"])
+    print(f"[{command}] done in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
