@@ -212,11 +212,13 @@ def setup_policy(args: Args, device: torch.device) -> tuple[B.Backbone, list[tor
     if args.init == "sft":
         B.load_transformer_weights(bb.transformer, args.sft, args.model)
     tr = bb.transformer
-    for name in ("default", "old"):
-        if args.lora:
-            B.load_lora(tr, args.lora, adapter_name=name)
-        else:
-            B.add_lora(tr, args.lora_rank, args.lora_alpha, adapter_name=name)
+    with torch.random.fork_rng():  # peft draws A from the global RNG, seeded per rank: every rank must
+        torch.manual_seed(args.seed)  # start from the SAME adapter, so its draw uses the run's seed alone
+        for name in ("default", "old"):
+            if args.lora:
+                B.load_lora(tr, args.lora, adapter_name=name)
+            else:
+                B.add_lora(tr, args.lora_rank, args.lora_alpha, adapter_name=name)
     # peft draws A randomly per adapter: start old == theta exactly
     named = dict(tr.named_parameters())
     theta_names = sorted(n for n in named if ".default." in n)
