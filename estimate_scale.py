@@ -82,7 +82,7 @@ def block_activation_bytes_per_token(config: dict, tokens: int = 512, text_token
     img = torch.randn(1, side * side, dim, requires_grad=True)
     txt = torch.randn(1, text_tokens, dim, requires_grad=True)
     temb = torch.randn(1, dim)
-    freqs = rope([(1, side, side)], [text_tokens], device=torch.device("cpu"))
+    freqs = rope([(1, side, side)], device=torch.device("cpu"), max_txt_seq_len=text_tokens)
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -124,7 +124,8 @@ def section(m: dict, side: int = 512, k: int = 24, rollout_steps: int = 6, text_
     lora_fp32 = 4 * m["lora_params_r32"] / gb
     weights = 2 * (p["transformer"] + p["text_encoder"] + p["vae"]) / gb + 2 * lora_fp32  # bf16 + 2 adapters
     act_bf16 = m["block_bytes_per_token_fp32"] / 2  # bf16 autocast keeps about half the bytes
-    act_sample_ckpt = seq * act_bf16 * (m["blocks"] + 1) / gb / m["blocks"]  # boundaries + one live block
+    # with checkpointing: each block's input (seq x width, bf16) is kept, plus one block's saved tensors live
+    act_sample_ckpt = (m["blocks"] * seq * m["width"] * 2 + seq * act_bf16) / gb
     act_sample_full = seq * act_bf16 * m["blocks"] / gb
     forward = 2 * p["transformer"] * seq  # FLOP of one transformer call on one sample
     rollout = k * rollout_steps * forward
