@@ -62,8 +62,17 @@ def _check_safetensors(path: Path) -> None:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The files a save_pretrained folder needs: its JSON configs and safetensors weights (recursively)."""
-    return sorted(p for p in folder.rglob("*") if p.suffix in (".json", ".safetensors"))
+    """The files a save_pretrained folder needs: its JSON files, and beside every model config.json the
+    weights file that config implies (diffusers: diffusion_pytorch_model.safetensors, transformers:
+    model.safetensors), so a deleted weights file is named, not only a damaged one."""
+    files = {p for p in folder.rglob("*") if p.suffix in (".json", ".safetensors")}
+    for config in folder.rglob("config.json"):
+        try:
+            diffusers_model = "_class_name" in json.loads(config.read_text())
+        except ValueError:
+            continue  # a damaged config is named by check_files
+        files.add(config.parent / ("diffusion_pytorch_model.safetensors" if diffusers_model else "model.safetensors"))
+    return sorted(files)
 
 
 def mini_backbone() -> Path:

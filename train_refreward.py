@@ -212,8 +212,8 @@ def train(args: TrainArgs) -> Path:
             stats = {"reward_mean": float(rewards.mean()), "accuracy": float(sum(v == t for v, t in zip(verdicts, truths))
                                                                                / len(texts)),
                      "format_rate": float(sum(v is not None for v in verdicts) / len(texts)),
-                     "kl": float(RR.masked_mean(RR.kl_k3(new, ref), mask).mean()),
-                     "ratio_max_deviation": float(((new - old).exp() - 1).abs().mul(mask).max())}
+                     "kl": float(RR.masked_mean(RR.kl_k3(new.detach(), ref), mask).mean()),
+                     "ratio_max_deviation": float(((new.detach() - old).exp() - 1).abs().mul(mask).max())}
         (loss / dist_info.world_size).backward()
         T.all_reduce_grads(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)

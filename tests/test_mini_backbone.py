@@ -162,6 +162,7 @@ def test_shipped_mini_sampler_reproduces_the_stock_pipeline(monkeypatch):
 
     bb = B.load_backbone("mini")
     img = photos.random_crops(photos.HELDOUT, 1, 32, torch.Generator().manual_seed(2))[0]
+    img = (img * 255).round() / 255  # the stock pipeline takes a PIL image: 8-bit values for both
     cond = B.encode_condition_image(bb, img)
     noise = B.initial_noise(cond, 2, torch.Generator().manual_seed(3))
     ours = B.decode(bb, B.sample(bb.transformer, cond, noise, B.sigma_schedule(bb.scheduler, 4, cond.num_tokens)), cond)
