@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import math
 import os
 import sys
@@ -969,6 +970,27 @@ def _check_crop(crop_size: int | None, scale: int, arg: str = "crop_size") -> No
 def _format_names(names: Sequence[str], limit: int = 10) -> str:
     shown = ", ".join(names[:limit])
     return f"{shown} (+{len(names) - limit} more)" if len(names) > limit else shown
+
+
+def jsonl_objects(path: Path, errors: list[str]):
+    """Yield (where, object) for every line of a JSONL file that holds a JSON object; `where` is FILE:LINE.
+
+    Blank lines are skipped; a line that is not JSON, or not an object, is appended to `errors` (with its
+    FILE:LINE) and skipped, so a caller can report every bad line of a file at once.
+    """
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            errors.append(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
+            continue
+        if not isinstance(obj, dict):
+            errors.append(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            continue
+        yield where, obj
 
 
 def check_images(paths: Sequence[Path], folder: Path, size_problem: Callable[[Path, int, int], str | None],

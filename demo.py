@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     k = str(n["group"])
     rl_common = ["--model", "mini", "--crop-size", "64", "--group-size", k, "--rollout-batch", k, "--train-batch", k,
-                 "--rollout-steps", "6", "--lr", "1e-3", "--sample-every", "8", "--save-every", "8"]
+                 "--rollout-steps", "6", "--sample-every", "8", "--save-every", "8"]
     stage("3. full-reference RL")
     run(["python", "rl_fr.py", *rl_common, "--hr-dir", str(dirs["hr_train"]), "--fidelity", "ssim",
          "--reward-model", "mini", "--steps", str(n["fr_steps"]), "--out", str(out / "fr.safetensors")],

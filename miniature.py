@@ -114,7 +114,7 @@ class Settings:
 
     group_size: int = 8
     rollout_steps: int = 6
-    lr: float = 1e-3
+    lr: float = 3e-4  # the paper's (§5.1), shared by every row
     fr_steps: int = 48
     nr_steps: int = 32
     seeds: tuple[int, ...] = (0, 1, 2)

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import data
 import reward
 
 # =====================================================================================================
@@ -75,16 +76,8 @@ def load_pairs(path: str | Path, root: str | Path | None = None) -> list[Pair]:
         raise FileNotFoundError(f"pairs file not found: {path} (make one with `train_refreward.py pairs`)")
     root = Path(root) if root else path.parent
     pairs, errors = [], []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            errors.append(f"{where}: not valid JSON ({err.msg})")
-            continue
-        missing = [k for k in ("lr", "sr_a", "sr_b", "preferred") if not isinstance(obj, dict) or not obj.get(k)]
+    for where, obj in data.jsonl_objects(path, errors):
+        missing = [k for k in ("lr", "sr_a", "sr_b", "preferred") if not obj.get(k)]
         if missing:
             errors.append(f"{where}: missing field(s) {missing}; a record needs lr, sr_a, sr_b, preferred")
             continue

@@ -83,7 +83,7 @@ import numpy as np
 import torch
 
 import reward
-from data import list_images, load_image, to_pil, to_tensor
+from data import jsonl_objects, list_images, load_image, to_pil, to_tensor
 from evaluate import METRIC_SPECS, create_metric, short_reason, snb_quality
 from training import (
     NonFiniteGuard,
@@ -183,22 +183,12 @@ def load_records(path: str | Path, root: str | Path | None = None, skip_invalid:
     records: list[Record] = []
     errors: list[str] = []
     seen: dict[tuple[str, str], str] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
+    for where, obj in jsonl_objects(path, errors):
         try:
-            obj = json.loads(line)
-            if not isinstance(obj, dict):
-                errors.append(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                continue
             rec = parse_record(obj, root if check_images else None, where)
             if (rec.lr, rec.sr) in seen:
                 raise ValueError(f"{where}: duplicate (lr, sr) pair ({rec.lr}, {rec.sr}), first at "
                                  f"{seen[(rec.lr, rec.sr)]}; keep one record per pair")
-        except json.JSONDecodeError as err:
-            errors.append(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
-            continue
         except ValueError as err:
             errors.append(str(err))
             continue
