@@ -101,7 +101,7 @@ class Args:
     """also train the Table 3 models (absolute labels, no F) with the same budget"""
     refreward_warmup: int = 100
     """RefReward-SR: format warm-up steps (random verdicts) before GRPO"""
-    refreward_steps: int = 300
+    refreward_steps: int = 150
     """RefReward-SR: GRPO steps (8 pairs x 8 answers each)"""
     refreward_lr: float = 3e-4
 

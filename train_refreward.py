@@ -243,12 +243,16 @@ def train(args: TrainArgs) -> Path:
 def evaluate_pairs(scorer: RR.RefRewardScorer, pairs: list[RR.Pair], root: Path) -> dict:
     """Accuracy over pairs with a consistent verdict, and the counts of the others (invalid, inconsistent)."""
     correct = counted = 0
-    for pair in pairs:
-        lr, a, b = load_images(pair, root)
-        verdict = scorer.compare(lr, [a], [b])[0]
-        if verdict is not None:
-            counted += 1
-            correct += (verdict == "x") == (pair.preferred == "a")
+    by_lr: dict[str, list[RR.Pair]] = {}
+    for pair in pairs:  # the pairs of one LR are asked together: one batch of generations per LR
+        by_lr.setdefault(pair.lr, []).append(pair)
+    for group in by_lr.values():
+        images = [load_images(pair, root) for pair in group]
+        verdicts = scorer.compare(images[0][0], [a for _, a, _ in images], [b for _, _, b in images])
+        for pair, verdict in zip(group, verdicts):
+            if verdict is not None:
+                counted += 1
+                correct += (verdict == "x") == (pair.preferred == "a")
     return {"pairs": len(pairs), "consistent": counted, "accuracy_of_consistent": correct / counted if counted else math.nan,
             "accuracy_all": correct / len(pairs), "invalid_answers": scorer.stats["invalid"],
             "position_inconsistent": scorer.stats["position_inconsistent"]}
