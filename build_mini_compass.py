@@ -379,12 +379,23 @@ def main(argv: list[str] | None = None) -> None:
         run(["train_compass.py", "eval", "--model", str(out / "compass"), "--refreward", str(final), "--sriqa-root",
              str(work / "sriqa_heldout"), "--out", str(work / "eval_refreward"), "--baselines", "PSNR", "SSIM",
              "--device", "cpu"], work / "eval_refreward.log")
+        add_sriqa_table(out / "refreward_eval.json", work / "eval_refreward" / "sriqa_accuracy.csv")
 
     for name, fn in (("pretrain", pretrain), ("data", make_data), ("annotate", annotate_all), ("train", train_all),
                      ("eval", evaluate_all), ("refreward", refreward_all)):
         if want(name):
             timed(name, fn)
     print(f"stage times (s): {times}")
+
+
+def add_sriqa_table(eval_json: Path, csv_path: Path) -> None:
+    """Put the SRIQA-style table (RefReward-SR next to COMPASS, PSNR, SSIM) into the RefReward evaluation."""
+    import csv
+
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    result = json.loads(eval_json.read_text())
+    T.atomic_write_text(json.dumps({**result, "sriqa_table": rows}, indent=1), eval_json)
 
 
 def eval_markdown(result: dict) -> str:

@@ -63,6 +63,24 @@ def test_shipped_mini_compass_loads_and_scores_deterministically():
     assert size < 20e6  # the issue's bar for the shipped folder
 
 
+def test_shipped_mini_refreward_answers_in_format_and_its_table_is_recorded():
+    """The shipped mini RefReward-SR loads, answers every prompt in the verdict format (greedy, both
+    orders), and its recorded evaluation accounts for every held-out pair (scored, or counted as
+    position-inconsistent / invalid: never a silent tie)."""
+    import refreward as RR
+    from data import to_pil
+
+    scorer = RR.RefRewardScorer(*RR.load_refreward("mini"))
+    lr = to_pil(photos.random_crops(photos.HELDOUT, 1, 16, torch.Generator().manual_seed(1))[0])
+    a, b = [to_pil(x) for x in photos.random_crops(photos.HELDOUT, 2, 64, torch.Generator().manual_seed(2))]
+    texts = scorer.answers([lr, lr], [a, b], [b, a])
+    assert all(RR.parse_verdict(t) in ("A", "B") for t in texts), texts
+    assert scorer.answers([lr], [a], [b]) == texts[:1]  # greedy: deterministic
+    recorded = json.loads((presets.ROOT / "refreward_eval.json").read_text())
+    assert recorded["consistent"] + recorded["position_inconsistent"] + recorded["invalid_answers"] >= recorded["pairs"]
+    assert {r["method"] for r in recorded["sriqa_table"]} == {"COMPASS", "RefReward-SR", "PSNR", "SSIM"}
+
+
 def test_missing_mini_compass_file_is_named_with_the_rebuild_command(tmp_path, monkeypatch):
     copy = tmp_path / "compass"
     shutil.copytree(presets.MINI_COMPASS, copy)
