@@ -12,12 +12,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run_script(*args: str) -> str:
+    """python SCRIPT ARGS... in the repository, as a user would; returns its stdout, fails with the end of
+    its output."""
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
 @pytest.mark.slow
 def test_demo_quick_writes_a_complete_report(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _run_script("demo.py", "--quick", "--out", str(out))
     report = (out / "report.md").read_text()
     for section in ("## 1. Cold start", "## 2. COMPASS reward model", "## 3-4. Online RL",
                     "## 5-6. The policies before and after RL", "![curves](curves.png)", "![comparison](comparison.png)"):
@@ -46,9 +52,7 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
 @pytest.mark.slow
 def test_miniature_quick_runs_every_table(tmp_path):
     out = tmp_path / "mini"
-    proc = subprocess.run([sys.executable, "miniature.py", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _run_script("miniature.py", "--quick", "--out", str(out))
     report = (out / "report.md").read_text()
     for title in ("Table 5", "Table 8", "Table 7", "Does the paper's sign reproduce?"):
         assert title in report, title
@@ -61,13 +65,11 @@ def test_miniature_quick_runs_every_table(tmp_path):
 
 @pytest.mark.slow
 def test_bench_quick_prints_every_ratio(tmp_path):
-    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(tmp_path / "bench.json")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout = _run_script("bench.py", "--quick", "--json", str(tmp_path / "bench.json"))
     for line in ("1. infer / stock pipeline time ratio", "2. batched vs one-by-one rollouts",
                  "3. RL step / SFT step peak RSS", "4. RL step share outside model compute",
                  "5. remote scoring", "6. Flow-GRPO / NFT", "7. FSDP2 loading"):
-        assert line in proc.stdout, line
+        assert line in stdout, line
     r = json.loads((tmp_path / "bench.json").read_text())
     values = [r["infer_vs_stock"]["time_ratio"], r["infer_vs_stock"]["max_abs_diff"],
               r["batched_rollouts"]["speedup_per_sample"], r["rl_vs_sft"]["rss_ratio"],
