@@ -200,11 +200,13 @@ def train(args: TrainArgs) -> Path:
             rewards = torch.tensor([RR.rule_reward(t, truth, args.format_weight) for t, truth in zip(texts, truths)])
             ids = torch.arange(len(prompts)).repeat_interleave(args.group)
             advantages = flow_grpo.group_advantages(rewards, ids, std_mode="group", eps=1e-4).to(device)
-            # 5. clipped surrogate per token (old = the sampling policy, exactly this model before the step)
-            with torch.no_grad():
-                old = answer_logprobs(model, batch, prompt_len, completion)
-                ref = answer_logprobs(reference, batch, prompt_len, completion)
+            # 5. clipped surrogate per token. The old policy is the sampling policy, i.e. exactly this model
+            #    before its one update of the step, so its log-probabilities are the current ones, detached
+            #    (no second forward pass; the ratio is 1 and only its gradient drives the step)
             new = answer_logprobs(model, batch, prompt_len, completion)
+            old = new.detach()
+            with torch.no_grad():
+                ref = answer_logprobs(reference, batch, prompt_len, completion)
             per_token = flow_grpo.clipped_surrogate(new, old, advantages[:, None], args.clip_range) \
                 + args.beta * RR.kl_k3(new, ref)
             loss = RR.masked_mean(per_token, mask).mean()
@@ -212,7 +214,7 @@ def train(args: TrainArgs) -> Path:
             stats = {"reward_mean": float(rewards.mean()), "accuracy": float(sum(v == t for v, t in zip(verdicts, truths))
                                                                                / len(texts)),
                      "format_rate": float(sum(v is not None for v in verdicts) / len(texts)),
-                     "kl": float(RR.masked_mean(RR.kl_k3(new.detach(), ref), mask).mean()),
+                     "kl": float(RR.masked_mean(RR.kl_k3(old, ref), mask).mean()),
                      "ratio_max_deviation": float(((new.detach() - old).exp() - 1).abs().mul(mask).max())}
         (loss / dist_info.world_size).backward()
         T.all_reduce_grads(params)
