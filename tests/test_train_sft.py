@@ -52,13 +52,15 @@ def test_loss_falls_and_outputs_are_written(hr_dir, tmp_path):
     assert list((tmp_path / "sft" / "tb").iterdir())  # TensorBoard event file
 
 
-def test_resume_continues_exactly(hr_dir, tmp_path):
-    """10 steps, stop, resume to 20 == 20 steps in one go (weights, optimizer state, data, noise)."""
-    _run(hr_dir, tmp_path / "full", "--steps", "20", "--save-every", "10")
-    _run(hr_dir, tmp_path / "split", "--steps", "10", "--save-every", "10")
+@pytest.mark.parametrize("reuse", ["1", "3"])
+def test_resume_continues_exactly(hr_dir, tmp_path, reuse):
+    """10 steps, stop, resume to 20 == 20 steps in one go (weights, optimizer state, data, noise); with
+    --reuse 3 the resumed run rebuilds its pool of encoded pairs mid-cycle (10 is not a multiple of 3)."""
+    _run(hr_dir, tmp_path / "full", "--steps", "20", "--save-every", "10", "--reuse", reuse)
+    _run(hr_dir, tmp_path / "split", "--steps", "10", "--save-every", "10", "--reuse", reuse)
     # a half-written checkpoint from a kill during saving must be ignored
     (tmp_path / "split" / "checkpoints" / "step_000015.tmp").mkdir()
-    _run(hr_dir, tmp_path / "split", "--steps", "20", "--save-every", "10", "--resume", "latest")
+    _run(hr_dir, tmp_path / "split", "--steps", "20", "--save-every", "10", "--resume", "latest", "--reuse", reuse)
     a, opt_a, state_a = T.load_checkpoint(tmp_path / "full" / "checkpoints" / "step_000020")
     b, opt_b, state_b = T.load_checkpoint(tmp_path / "split" / "checkpoints" / "step_000020")
     assert state_a["step"] == state_b["step"] == 20
@@ -68,6 +70,30 @@ def test_resume_continues_exactly(hr_dir, tmp_path):
     la = json.loads((tmp_path / "full" / "train_log.json").read_text())["losses"]
     lb = json.loads((tmp_path / "split" / "train_log.json").read_text())["losses"]
     assert lb == la  # the resumed run carries the first 10 losses in its checkpoint: one full history
+
+
+def test_reuse_pool_fetches_every_r_steps_and_draws_from_the_last_r_batches():
+    """Hand-worked: batches are lists of ints; fetch j returns [10j, 10j+1]; R = 2."""
+    fetched = []
+
+    def fetch():
+        fetched.append(len(fetched))
+        return [10 * fetched[-1], 10 * fetched[-1] + 1]
+
+    plain = T.ReusePool(1, fetch, list, torch.Generator().manual_seed(0))
+    assert [plain(s) for s in range(3)] == [[0, 1], [10, 11], [20, 21]]  # R = 1: each step its own batch, in order
+    fetched.clear()
+    pool = T.ReusePool(2, fetch, list, torch.Generator().manual_seed(0))
+    drawn = [pool(s) for s in range(7)]
+    assert fetched == [0, 1, 2, 3]  # fetches at steps 0, 2, 4, 6
+    allowed = {0: {0, 1}, 1: {0, 1}, 2: {0, 1, 10, 11}, 3: {0, 1, 10, 11}, 4: {10, 11, 20, 21},
+               5: {10, 11, 20, 21}, 6: {20, 21, 30, 31}}  # the pool holds the last 2 batches
+    for step, items in enumerate(drawn):
+        assert len(items) == 2 and len(set(items)) == 2 and set(items) <= allowed[step], (step, items)
+    # resume at step 5: the loader restarts at batch 1 (first_batch) and prefill rebuilds batches 1 and 2
+    assert [pool.first_batch(s) for s in (0, 1, 2, 3, 5, 7)] == [0, 0, 0, 0, 1, 2]
+    with pytest.raises(ValueError, match="--reuse 0"):
+        T.ReusePool(0, fetch, list, torch.Generator())
 
 
 def test_bad_data_folder_errors_name_files(tmp_path):
