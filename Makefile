@@ -1,5 +1,5 @@
 # Two commands set up and run everything from a fresh clone (see README):
-#   make demo   installs into .venv and runs the whole OARS pipeline on the tiny preset
+#   make demo   installs into .venv and runs the whole OARS pipeline on the mini presets
 #   make test   installs into .venv and runs the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
