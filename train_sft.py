@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     pool = T.ReusePool(args.reuse, lambda: next(batches)[1], encode, generator)
     batches = T.infinite_batches(dataset, args.batch_size, dist_info, args.seed, pool.first_batch(start_step),
                                  args.num_workers, collate)
-    pool.prefill(start_step)  # a resumed run re-encodes the pairs its pool held (no-op without --reuse)
+    pool.prefill(start_step)  # a resumed run re-encodes the pairs its pool held (no-op for --reuse 1)
 
     def save(step: int) -> None:
         # all ranks hold identical weights under DDP; every rank contributes its noise generator state
@@ -231,8 +231,8 @@ def main(argv: list[str] | None = None) -> None:
                 writer.flush()
         if args.sample_every and done % args.sample_every == 0 and (dist_info.is_main or sharded):
             # under FSDP2 every rank takes part in the forward passes; rank 0 writes the picture
-            write_sample_grid(bb, pool.last_raw["lr"][0], pool.last_raw["hr"][0], args, out / "samples" / f"step_{done:06d}.png",
-                              dist_info.is_main)
+            write_sample_grid(bb, pool.last_raw["lr"][0], pool.last_raw["hr"][0], args,
+                              out / "samples" / f"step_{done:06d}.png", dist_info.is_main)
         if done % args.save_every == 0 or done == args.steps:
             save(done)
 

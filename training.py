@@ -348,11 +348,13 @@ class ReusePool:
 
     def first_batch(self, step: int) -> int:
         """Index of the oldest fetched batch still in the pool when `step` starts (where the loader resumes)."""
-        return max(0, (step - 1) // self.reuse - self.reuse + 1) if step > 0 else 0
+        if self.reuse == 1 or step == 0:
+            return step
+        return max(0, (step - 1) // self.reuse - self.reuse + 1)
 
     def prefill(self, step: int) -> None:
-        """Re-encode the batches the pool held before `step` (no-op at step 0)."""
-        if step > 0:
+        """Re-encode the batches the pool held before `step` (no-op at step 0 and for reuse 1)."""
+        if step > 0 and self.reuse > 1:
             for _ in range((step - 1) // self.reuse - self.first_batch(step) + 1):
                 self._add()
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,10 +31,16 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
         assert section in report, section
     for picture in ("curves.png", "comparison.png"):
         assert (out / picture).stat().st_size > 1000
-    # 1. the SFT loss fell
-    first, last = map(float, re.search(r"first \d+ steps: \*\*([\d.]+)\*\*, of the last \d+ steps: \*\*([\d.]+)",
-                                       report).groups())
-    assert last < first
+    # 1. the cold start ran its steps and moved the weights away from the mini base (that its loss falls
+    # is tested over 40 steps in test_train_sft.py; 6 quick steps at random t are too few to compare)
+    losses = json.loads((out / "sft" / "train_log.json").read_text())["losses"]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    import backbone as B
+    from safetensors.torch import load_file
+
+    base = B.load_backbone("mini").transformer.state_dict()
+    tuned = load_file(str(out / "sft" / "transformer.safetensors"))
+    assert tuned.keys() == base.keys() and any(not torch.equal(tuned[k], base[k]) for k in base)
     # 2. the shipped mini COMPASS ranks the held-out pairs, every answer parsed
     assert re.search(r"\| GT-Free \| COMPASS \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", report)
     # 3-4. both RL stages logged a finite reward per step and wrote their LoRA files

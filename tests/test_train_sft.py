@@ -92,6 +92,7 @@ def test_reuse_pool_fetches_every_r_steps_and_draws_from_the_last_r_batches():
         assert len(items) == 2 and len(set(items)) == 2 and set(items) <= allowed[step], (step, items)
     # resume at step 5: the loader restarts at batch 1 (first_batch) and prefill rebuilds batches 1 and 2
     assert [pool.first_batch(s) for s in (0, 1, 2, 3, 5, 7)] == [0, 0, 0, 0, 1, 2]
+    assert plain.first_batch(7) == 7  # R = 1: the loader resumes at the step itself, nothing to prefill
     with pytest.raises(ValueError, match="--reuse 0"):
         T.ReusePool(0, fetch, list, torch.Generator())
 
