@@ -361,6 +361,11 @@ def stack_conditions(conds: list[Condition]) -> Condition:
     return Condition(embeds, mask, latents, conds[0].height, conds[0].width, conds[0].vae_scale)
 
 
+def stack_pairs(pairs: list[tuple[Condition, torch.Tensor]]) -> tuple[Condition, torch.Tensor]:
+    """(condition, x0 tokens (1,N,4C)) training pairs -> one batched Condition and x0 (B,N,4C)."""
+    return stack_conditions([c for c, _ in pairs]), torch.cat([x for _, x in pairs])
+
+
 def repeat_condition(cond: Condition, k: int) -> Condition:
     """View of one condition for a batch of K samples (no recomputation)."""
     return Condition(cond.prompt_embeds.expand(k, -1, -1), cond.prompt_mask.expand(k, -1),

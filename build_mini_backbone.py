@@ -310,11 +310,12 @@ def base_stage(args: Args, work: Path, out: Path, vae_dir: Path) -> Path:
     # a resumed base run refills its pool with fresh crops (it resumes, not bit for bit)
     pool = T.ReusePool(args.reuse, lambda: photos.random_crops(photos.TRAIN, args.base_batch, HR_SIZE, g),
                        lambda hr: base_items(bb, hr, g), g)
+    pool.prefill(start)
     T.truncate_jsonl(work / "base" / "log.jsonl", start)
     log = open(work / "base" / "log.jsonl", "a")
     for step in tqdm(range(start, args.base_steps), initial=start, total=args.base_steps, desc="base"):
         items = pool(step)
-        cond, x0 = B.stack_conditions([c for c, _ in items]), torch.cat([x for _, x in items])
+        cond, x0 = B.stack_pairs(items)
         loss = flow_matching_loss(tr, cond, x0, g)  # Eq.5, the same loss as the cold start
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -18,7 +18,7 @@ weights-free no-reference metrics, SNB (evaluate.snb_quality, the annotation anc
 and PIQE (pyiqa, independent of it); wall time. Mean +- std over seeds; the report says row by row
 whether the paper's sign reproduces.
 
-    python miniature.py                  # 3 seeds, every table (about 15 min on 2 CPU cores)
+    python miniature.py                  # 3 seeds, every table (about 13 min on 2 CPU cores)
     python miniature.py --quick          # 1 seed, a few steps (CI)
 Writes OUT/report.md, OUT/results.json, a picture per row, and every run's logs and LoRA files.
 """

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     step = start_step
     for step in bar:
         items = pool(step)  # 1-2. encoded (x_LR, c) conditions and x_HR latents (see encode above)
-        cond, x0 = B.stack_conditions([c for c, _ in items]), torch.cat([x for _, x in items])
+        cond, x0 = B.stack_pairs(items)
         # 3-5. x_t, v = eps - x_HR, ||v - v_theta||^2
         loss = flow_matching_loss(model, cond, x0, generator, args.timestep_sampling, args.bf16)
         optimizer.zero_grad(set_to_none=True)

@@ -364,7 +364,7 @@ class ReusePool:
 
     def __call__(self, step: int) -> list:
         """The items to train on at `step`."""
-        if step % self.reuse == 0 or not self.pool:
+        if step % self.reuse == 0:
             self._add()
         if self.reuse == 1:
             return self.pool[-1]
