@@ -6,7 +6,7 @@ Every stage runs as a user would run it: the real command lines in subprocesses,
                  photos (cold start, FR RL), LR inputs made by data.py's Real-ESRGAN degradation ("real LQ"
                  for the NR RL), and a held-out test set from the held-out photos
     1. cold start      train_sft.py on the mini BASE (Eq.5) for a few steps: the loss falls. The shipped
-                       mini SFT (`--sft mini`) is this same command run for 3000 steps by
+                       mini SFT (`--sft mini`) is this same command run for 3500 steps by
                        build_mini_backbone.py; the stages below use it
     2. COMPASS         train_compass.py annotate (Eq.1-3) on held-out groups and eval (Table 1 layout) of the
                        shipped mini COMPASS (trained by build_mini_compass.py)
@@ -170,7 +170,7 @@ def write_report(out: Path, dirs: dict[str, Path], timings: dict[str, float], qu
         "## 1. Cold start (train_sft.py from the mini base, Eq.5)", "",
         f"- flow-matching loss, mean of the first {k} steps: **{np.mean(losses[:k]):.4f}**, "
         f"of the last {k} steps: **{np.mean(losses[-k:]):.4f}** ({len(losses)} steps; the shipped mini SFT ran "
-        "3000 steps of this command)", "",
+        "3500 steps of this command)", "",
         "## 2. COMPASS reward model (shipped mini COMPASS, train_compass.py annotate / eval)", "",
         "Pairwise preference accuracy on held-out groups (photos never trained on; MOS = 20 x Eq.4 of the labels "
         "that `annotate` made; PSNR and SSIM see the HR, COMPASS does not):", "",

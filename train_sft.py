@@ -5,7 +5,7 @@
 x_HR, eps and x_t live in the VAE's normalised, packed latent space; x_LR enters as the condition (the LR
 upscaled 4x, seen by the VL text encoder and appended as condition latents, see backbone.py).
 
-Tiny preset on a CPU (a minute); the mini preset's SFT is this command run on its base for 3000 steps
+Tiny preset on a CPU (a minute); the mini preset's SFT is this command run on its base for 3500 steps
 (build_mini_backbone.py), shipped as `--sft mini`:
     python train_sft.py --model tiny --hr-dir data/hr --crop-size 64 --steps 50 --lr 1e-3
     python train_sft.py --model mini --hr-dir data/hr --crop-size 64 --steps 3000 --batch-size 16 --lr 2e-4 --reuse 4
