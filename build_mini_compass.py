@@ -257,6 +257,21 @@ def label_agreement(model: str, records: list, root: Path) -> dict:
             **{f"spearman_{k}": spearman(getattr(expected, k).numpy(), labels[k]) for k in labels}}
 
 
+CHECK_GROUPS = 6  # the small held-out set that the build records and the tests recompute
+
+
+def agreement_check(folder: Path, groups: int, seed: int, backbone: str, sft: str, model: str) -> dict:
+    """label_agreement on `groups` held-out groups rebuilt from seeds (candidates, `annotate`, scoring):
+    the build records it in compass_eval.json and the tests recompute it from the shipped weights."""
+    from train_compass import load_records
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    compass_data(folder, photos.HELDOUT, groups, seed + 22, B.load_backbone(backbone), sft)
+    annotate(folder, folder / "check.jsonl", folder / "annotate.log")
+    return {"groups": groups, **label_agreement(model, load_records(folder / "check.jsonl", folder), folder)}
+
+
 # ====================================================================================================
 # main
 # ====================================================================================================
@@ -352,8 +367,10 @@ def main(argv: list[str] | None = None) -> None:
             for name in ("calibrated_noF", "absolute_noF"):
                 accuracy(name, work / f"ablation_{name}", "--real-prompt", "--baselines")
         agreement = label_agreement(str(out / "compass"), records, work / "heldout")
-        result = {"tables": rows, "agreement": agreement, "heldout_groups": args.heldout_groups,
-                  "train_groups": args.train_groups}
+        check = agreement_check(work / "check", min(CHECK_GROUPS, args.heldout_groups), args.seed, args.backbone,
+                                args.sft, str(out / "compass"))
+        result = {"tables": rows, "agreement": agreement, "agreement_check": check,
+                  "heldout_groups": args.heldout_groups, "train_groups": args.train_groups}
         T.atomic_write_text(json.dumps(result, indent=1), out / "compass_eval.json")
         T.atomic_write_text(eval_markdown(result), out / "compass_eval.md")
         print(eval_markdown(result))
