@@ -103,9 +103,10 @@ MINI_VAE = dict(base_dim=16, z_dim=32, dim_mult=[1, 2, 4], num_res_blocks=1, tem
 # Width limited the fit: the velocity v = eps - x0 makes the network carry the 128-dim noisy token through
 # its residual stream besides the content, and at width 128 it could not even match copying the bicubic
 # latent at t = 1. An SR-only probe (700 steps from scratch, held-out loss averaged over t): width 128
-# 0.636, width 192 0.508 (the SFT loss fell 0.421 -> 0.330; its samples' SSIM barely moved: README). Heads of 64 leave 28 RoPE dimensions per spatial axis (14 frequencies):
-# a target token finds the condition token at its own position faster than with heads of 32 (copy-task
-# probe: one-step x0 error 0.54 vs 0.61). Both transformers are shipped in float16 (save_half).
+# 0.636, width 192 0.508 (the SFT loss fell 0.421 -> 0.330; its samples' SSIM barely moved: README).
+# Heads of 64 leave 28 RoPE dimensions per spatial axis (14 frequencies): a target token finds the
+# condition token at its own position faster than with heads of 32 (copy-task probe: one-step x0 error
+# 0.54 vs 0.61). Both transformers are shipped in float16 (save_half).
 MINI_TRANSFORMER = dict(patch_size=2, in_channels=4 * MINI_VAE["z_dim"], out_channels=MINI_VAE["z_dim"],
                         num_layers=4, attention_head_dim=64, num_attention_heads=3, joint_attention_dim=32,
                         axes_dims_rope=(8, 28, 28))
@@ -355,7 +356,6 @@ def sft_stage(args: Args, work: Path, out: Path, hr_dir: Path, base_dir: Path) -
     tqdm.write("$ " + " ".join(cmd[1:]))
     subprocess.run(cmd, cwd=ROOT, check=True)
     target = out / "sft" / "transformer.safetensors"
-    target.parent.mkdir(parents=True, exist_ok=True)
     save_half(work / "sft" / "transformer.safetensors", target)
     return target
 
@@ -364,12 +364,10 @@ def save_half(source: Path, target: Path) -> None:
     """Rewrite a transformer's float32 safetensors as float16 (atomically): the shipped mini base and SFT
     take half the bytes (the 40 MB budget) and load into float32 models like any checkpoint. The rounding
     (relative 5e-4) happens once, before the evaluation and before SFT starts from the base."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(source)).items()}
-    tmp = target.with_name(target.name + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(target)
+    T.atomic_save_safetensors(state, target)
 
 
 # ====================================================================================================
