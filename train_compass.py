@@ -13,7 +13,8 @@
               the no-F prompt and supervise only the quality numbers. Loss on the answer tokens only.
               One process = plain training; torchrun = the model SHARDED with torch FSDP2.
     eval      pairwise preference accuracy on the SRIQA-Bench layout (Reg / Gen / All, Table 1) of the
-              COMPASS reward (Eq.4) and of pyiqa baselines (PSNR, SSIM, LPIPS, DISTS).
+              COMPASS reward (Eq.4) and of pyiqa baselines (PSNR, SSIM, LPIPS, DISTS); --extra-gammas
+              adds Eq.4 rows at other gammas from the same answers (Table 3).
 
 Commands (tiny preset: a Qwen3-VL of the real classes with random weights, trains on a CPU in seconds):
 
@@ -1032,15 +1033,32 @@ def evaluate_sriqa(groups: dict[str, list[SriqaGroup]], score_fn: ScoreFn, gt_ti
     return result
 
 
-def compass_score_fn(scorer, synthetic: bool = True, gamma: float = 7.0) -> ScoreFn:
-    """COMPASS reward (Eq.4) of each SR given its LR, from a reward.LocalScorer / RemoteScorer."""
+def compass_score_fn(scorer, synthetic: bool = True, gamma: float = 7.0, answers: dict | None = None) -> ScoreFn:
+    """COMPASS reward (Eq.4) of each SR given its LR, from a reward.LocalScorer / RemoteScorer. Functions
+    that share an `answers` dict ask the model once per group (e.g. one per gamma)."""
     def score(lr: Path, hr: Path | None, srs: list[Path]) -> np.ndarray:
-        # score_group: Q_LR is read once per LR (mean of the per-pair readings), as in RL (reward.py)
-        s = scorer.score_group(to_pil(load_image(lr)), [to_pil(load_image(p)) for p in srs])
+        key = (str(lr), tuple(map(str, srs)))
+        s = answers.get(key) if answers is not None else None
+        if s is None:
+            # score_group: Q_LR is read once per LR (mean of the per-pair readings), as in RL (reward.py)
+            s = scorer.score_group(to_pil(load_image(lr)), [to_pil(load_image(p)) for p in srs])
+            if answers is not None:
+                answers[key] = s
         F = s.F if synthetic else torch.ones_like(s.q_sr)  # no-F prompt: F = 1, so R = Q_SR
         R = reward.compass_reward(F.float(), s.q_lr.float(), s.q_sr.float(), gamma)  # Eq.4
         return np.where(s.valid.cpu().numpy(), R.cpu().numpy(), np.nan)
     return score
+
+
+def _gamma_value(text: str) -> float:
+    """'5' -> 5.0, 'inf' -> inf (the fixed combination R = F Q_LR + dQ); anything else names the flag."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise SystemExit(f"--extra-gammas {text!r}: give numbers > 0 or 'inf'") from None
+    if not value > 0:
+        raise SystemExit(f"--extra-gammas {text!r}: gamma must be > 0")
+    return value
 
 
 def pyiqa_score_fn(metric) -> ScoreFn:
@@ -1101,6 +1119,9 @@ class EvalArgs:
     """score with the no-F prompt (R = Q_SR)"""
     gamma: float = 7.0
     """gamma of Eq.4 (§3.3: 7)"""
+    extra_gammas: list[str] = field(default_factory=list)
+    """also rank by Eq.4 at these gammas ('inf' = the fixed combination; Table 3), one row each: the model
+    answers once, only the combination changes"""
     refreward: str = ""
     """also rank with a RefReward-SR model ('tiny', 'mini', folder): each SR scored by its win rate over the
     group's other SRs (refreward.py; every pair asked in both orders)"""
@@ -1121,11 +1142,17 @@ def run_eval(args: EvalArgs, extra: dict[str, tuple[str, ScoreFn]] | None = None
     print(f"[eval] {args.sriqa_root}: " + ", ".join(f"{k} {len(v)} groups" for k, v in groups.items())
           + f", {n_pairs} pairs in All")
     scorers: list[tuple[str, str, ScoreFn | None, str]] = []  # (type, name, fn, note)
+    extra_gammas = {text: _gamma_value(text) for text in args.extra_gammas}  # checked before loading the model
     if args.model or args.server:
         scorer = reward.make_scorer(args.model, args.server or None, args.server_model, not args.real_prompt,
                                     device=device)
-        scorers.append(("GT-Free", "COMPASS", compass_score_fn(scorer, not args.real_prompt, args.gamma),
-                        "Eq.4, " + ("no-F prompt" if args.real_prompt else "synthetic prompt")))
+        answers: dict = {}  # every gamma's row reads the same answers
+        note = "Eq.4, " + ("no-F prompt" if args.real_prompt else "synthetic prompt")
+        scorers.append(("GT-Free", "COMPASS", compass_score_fn(scorer, not args.real_prompt, args.gamma, answers),
+                        note))
+        for text, gamma in extra_gammas.items():
+            scorers.append(("GT-Free", f"COMPASS gamma {text}", compass_score_fn(
+                scorer, not args.real_prompt, gamma, answers), note))
     if args.refreward:
         import refreward
 

@@ -30,6 +30,24 @@ def test_numpy_arrays_work_in_every_reward_form():
         reward.compass_reward(np.array([1.2]), np.array([2.0]), np.array([4.0]))
 
 
+def test_foreign_detail_keeps_the_coarse_image_and_adds_only_the_other_crops_detail():
+    """A flat `other` has no detail: the candidate is the blurred HR (8-bit). A textured `other` moves the
+    candidate away from that blur by its detail (zero mean: the coarse colours stay) and lowers SSIM."""
+    import evaluate
+
+    hr = photos.random_crops(photos.TRAIN, 2, 64, torch.Generator().manual_seed(3))
+    flat = torch.full_like(hr[:1], 0.5)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    out = build.foreign_detail(hr[:1], flat, g1)
+    sigma = build.uniform(g2, 1.0, 2.5)  # the same first draw
+    blurred = build.gaussian_blur(hr[:1], torch.tensor([sigma]))
+    assert torch.allclose(out, blurred.clamp(0, 1), atol=0.5 / 255 + 1e-6)
+    textured = build.foreign_detail(hr[:1], hr[1:], torch.Generator().manual_seed(7))
+    assert (textured - out).abs().mean() > 0.01 and abs(float((textured - out).mean())) < 0.01
+    ssim = evaluate.create_metric("SSIM")
+    assert float(ssim(textured, hr[:1])) < float(ssim(out, hr[:1])) < 1
+
+
 def test_mini_architecture_sees_16_vision_tokens_per_64px_image():
     model, processor = reward.build_compass(0, words_from=build.TEXTS, **build.MINI_COMPASS)
     from PIL import Image
@@ -132,8 +150,11 @@ def test_shipped_mini_compass_reproduces_its_held_out_agreement(tmp_path):
 def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     proc = subprocess.run([sys.executable, "build_mini_compass.py", "--quick", "--out", str(out), "--work", str(work),
-                           "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+                           "--threads", "1", "--pretrain-foreign", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    methods = {p.name for p in (work / "pretrain" / "sr").iterdir()}
+    assert "foreign_0" in methods and len(methods) == 8, methods  # hr, bicubic, 5 operators, 1 foreign
     model, _ = reward.load_compass(str(out / "compass"))
     assert model.config.vision_config.patch_size == 8
     result = json.loads((out / "compass_eval.json").read_text())

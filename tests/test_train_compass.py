@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import reward
 import train_compass as tc
 from data import save_image
 
@@ -330,6 +331,27 @@ def test_eval_command_table_with_baselines(tmp_path, monkeypatch):
     with open(tmp_path / "out" / "sriqa_accuracy.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["method"] for r in table] == ["PSNR", "SSIM", "DISTS", "oracle"]
+
+
+def test_extra_gammas_share_one_answer_per_group(tmp_path, monkeypatch):
+    """Rows at several gammas ask the model once per group; each row is Eq.4 of those answers at its gamma
+    (inf: the fixed combination F Q_LR + Q_SR - Q_LR). A bad gamma names the flag before any model loads."""
+    make_sriqa(tmp_path / "bench", n_groups=2)
+    group = tc.load_sriqa(tmp_path / "bench")["All"][0]
+    scorer = reward.make_scorer("tiny")
+    calls = []
+    real = scorer.score_group
+    monkeypatch.setattr(scorer, "score_group", lambda lr, srs: calls.append(1) or real(lr, srs))
+    answers: dict = {}
+    r5 = tc.compass_score_fn(scorer, True, 5.0, answers)(group.lr, group.hr, group.srs)
+    rinf = tc.compass_score_fn(scorer, True, math.inf, answers)(group.lr, group.hr, group.srs)
+    assert len(calls) == 1
+    s = next(iter(answers.values()))
+    F, q_lr, q_sr = (np.asarray(x, dtype=np.float64) for x in (s.F, s.q_lr, s.q_sr))
+    assert np.allclose(r5, F * q_lr + F ** (q_lr / 5) * (q_sr - q_lr), atol=1e-5)
+    assert np.allclose(rinf, F * q_lr + q_sr - q_lr, atol=1e-5)
+    with pytest.raises(SystemExit, match="--extra-gammas 'x'"):
+        tc.run_eval(tc.EvalArgs(sriqa_root=str(tmp_path / "bench"), model="no/such/model", extra_gammas=["x"]))
 
 
 # ----------------------------------------------------------------------------------------------------
