@@ -8,7 +8,7 @@ upscaled 4x, seen by the VL text encoder and appended as condition latents, see 
 Tiny preset on a CPU (a minute); the mini preset's SFT is this command run on its base for 3500 steps
 (build_mini_backbone.py), shipped as `--sft mini`:
     python train_sft.py --model tiny --hr-dir data/hr --crop-size 64 --steps 50 --lr 1e-3
-    python train_sft.py --model mini --hr-dir data/hr --crop-size 64 --steps 3000 --batch-size 16 --lr 2e-4 --reuse 4
+    python train_sft.py --model mini --hr-dir data/hr --crop-size 64 --steps 3500 --batch-size 16 --lr 2e-4 --reuse 4
 Full scale (paper: LSDIR, 512 px crops), 8 GPUs:
     torchrun --nproc_per_node 8 train_sft.py --model Qwen/Qwen-Image-Edit-2509 --hr-dir LSDIR/HR \
         --crop-size 512 --bf16 --gradient-checkpointing --offload-text-encoder
