@@ -377,9 +377,7 @@ def save_half(source: Path, target: Path) -> None:
 
 def plain_lr(hr: torch.Tensor) -> torch.Tensor:
     """The second LR kind: a mild Gaussian blur (sigma 1.2 HR px) then a bicubic 4x downscale, 8-bit."""
-    blurred = gaussian_blur(hr, torch.full((hr.shape[0],), 1.2))
-    h, w = hr.shape[-2:]
-    return data.quantize(F.interpolate(blurred, size=(h // 4, w // 4), mode="bicubic", align_corners=False))
+    return data.plain_degrade(hr, 1.2)
 
 
 def eval_set(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

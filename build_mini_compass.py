@@ -27,9 +27,10 @@ photographs that ship inside installed packages (photos.py; the HELDOUT photos a
                   gamma 5 / 7 / 9 / linear                            -> mini/compass_eval.{md,json}
 
 The mini model is the real Qwen3VLForConditionalGeneration with a small config: text width 128 x 4
-layers, vision depth 3 x 96 with PATCH 8, so a 64x64 image costs 16 vision tokens (the 8B's patch 16
-would give 4, too few to see blur or noise at this size); the byte tokenizer gets one token per word of
-the task text, so the real prompt is kept and costs ~110 tokens instead of ~390.
+layers, vision depth 3 x 96 with PATCH 4, so a 64x64 image costs 64 vision tokens (the 8B's patch 16
+would give 4, too few to see blur or noise at this size; patch 8 gave 16, and the model then could not
+learn F: README "The mini presets"); the byte tokenizer gets one token per word of the task text, so the
+real prompt is kept and costs ~110 tokens instead of ~390.
 
     python build_mini_compass.py                      # everything, resumable (needs the mini backbone)
     python build_mini_compass.py --stage eval         # one part: pretrain | data | annotate | train | eval
@@ -61,12 +62,12 @@ from build_mini_backbone import gaussian_blur, plain_lr
 
 ROOT = Path(__file__).resolve().parent
 
-# The mini architecture (reward.build_compass): ~1.3M parameters.
+# The mini architecture (reward.build_compass): ~1.8M parameters.
 MINI_COMPASS = dict(
     text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, head_dim=32, mrope_section=[4, 6, 6]),
     vision=dict(depth=3, hidden_size=96, intermediate_size=256, num_heads=4, deepstack_visual_indexes=[1, 2]),
-    patch_size=8, min_pixels=32 * 32, max_pixels=128 * 128,
+    patch_size=4, min_pixels=32 * 32, max_pixels=128 * 128,
 )
 TEXTS = ["Input image:", "\nEnhanced image:", reward._TASK_FULL, reward._TASK_QUALITY]  # words -> tokens
 GENERATIVE = ("mini_base", "mini_base_6", "mini_sft", "mini_sft_6", "mini_sft_sharpened")
@@ -91,14 +92,16 @@ class Args:
     pretrain_groups: int = 800
     pretrain_epochs: int = 6
     pretrain_lr: float = 1e-3
-    pretrain_foreign: int = 0
+    patch_size: int = MINI_COMPASS["patch_size"]
+    """the vision tower's patch: 4 = 64 vision tokens per 64x64 image (shipped), 8 = 16"""
+    pretrain_foreign: int = 2
     """pretraining candidates per group (of 6 random operators) replaced by `foreign_detail` ones: sharp
-    images whose detail the LR does not support. Tried with 2: no gain (held-out All-Acc 52.8, Spearman F
-    0.32; the model rated them like bicubic even on its own pretraining data; README "The mini presets")"""
+    images whose detail the LR does not support (the shipped recipe uses 2; at patch 8 they gave no gain,
+    and their effect at patch 4 alone was not measured; README "The mini presets")"""
     train_groups: int = 640
     heldout_groups: int = 48
     epochs: int = 4
-    """§5.1 trains 8 epochs; the shipped mini COMPASS was trained 4 (10 min here)"""
+    """§5.1 trains 8 epochs; the shipped mini COMPASS was trained 4 (21 min here)"""
     lr: float = 5e-4
     batch: int = 16
     ablations: bool = True
@@ -321,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     def pretrain() -> None:
         init = work / "init"
         if not (init / "config.json").exists():  # random weights of the mini architecture
-            model, processor = reward.build_compass(args.seed, words_from=TEXTS, **MINI_COMPASS)
+            config = {**MINI_COMPASS, "patch_size": args.patch_size}
+            model, processor = reward.build_compass(args.seed, words_from=TEXTS, **config)
             model.save_pretrained(init)
             processor.save_pretrained(init)
         folder = work / "pretrain"

@@ -949,6 +949,16 @@ def degrade(
     return quantize(out)
 
 
+def plain_degrade(hr: torch.Tensor, sigma: float | torch.Tensor, scale: int = 4) -> torch.Tensor:
+    """The plain LR kind: HR (B, 3, H, W) -> isotropic Gaussian blur of std sigma HR px (one value, or one
+    per image) -> bicubic downscale by `scale` -> 8 bits. No noise, no JPEG: the mild end of the
+    degradations, and the second LR kind of the mini backbone's evaluation (sigma 1.2)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(hr.shape[0])
+    blurred = filter2d(hr, torch.stack([gaussian_family_kernel(21, float(s), float(s)) for s in sigma]))
+    h, w = hr.shape[-2:]
+    return quantize(resize(blurred, (h // scale, w // scale), "bicubic"))
+
+
 # =====================================================================================
 # 3. Datasets
 # =====================================================================================
@@ -1022,7 +1032,8 @@ def check_images(paths: Sequence[Path], folder: Path, size_problem: Callable[[Pa
 
 
 class HRFolderDataset(torch.utils.data.Dataset):
-    """HR images -> (random crop, flip) -> Real-ESRGAN degradation on the fly.
+    """HR images -> (random crop, flip) -> Real-ESRGAN degradation on the fly (a `plain_fraction` of the
+    items: `plain_degrade` with sigma ~ U(plain_sigma) instead).
 
     Item: {"lr": (3, crop/scale, crop/scale), "hr": (3, crop, crop), "name": file stem}.
     crop_size=None uses the whole image, trimmed at the bottom/right to a multiple of
@@ -1041,12 +1052,17 @@ class HRFolderDataset(torch.utils.data.Dataset):
         flip: bool = True,
         seed: int = 0,
         degradation: DegradationConfig = DegradationConfig(),
+        plain_fraction: float = 0.0,
+        plain_sigma: tuple[float, float] = (0.6, 1.8),
     ) -> None:
         _check_crop(crop_size, scale)
+        if not 0.0 <= plain_fraction <= 1.0:
+            raise ValueError(f"plain_fraction={plain_fraction} must lie in [0, 1]")
         self.folder = Path(folder)
         self.paths = list_images(self.folder)
         self.crop_size, self.scale, self.flip, self.seed = crop_size, scale, flip, seed
         self.degradation = degradation
+        self.plain_fraction, self.plain_sigma = plain_fraction, plain_sigma
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -1092,8 +1108,12 @@ class HRFolderDataset(torch.utils.data.Dataset):
         if self.flip and _bernoulli(g, 0.5):
             hr = hr.flip(-1)
         hr = hr.contiguous()
-        # 3. degrade on the fly: (1, 3, H, W) -> (1, 3, H/scale, W/scale)
-        lr = degrade(hr[None], self.degradation, g, self.scale)[0]
+        # 3. degrade on the fly: (1, 3, H, W) -> (1, 3, H/scale, W/scale); with plain_fraction > 0 that share
+        #    of items gets the plain kind (blur + bicubic) instead (no extra random draw when it is 0)
+        if self.plain_fraction > 0 and _bernoulli(g, self.plain_fraction):
+            lr = plain_degrade(hr[None], _uniform(g, *self.plain_sigma), self.scale)[0]
+        else:
+            lr = degrade(hr[None], self.degradation, g, self.scale)[0]
         return {"lr": lr, "hr": hr, "name": path.stem}
 
 

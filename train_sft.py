@@ -45,6 +45,9 @@ class Args:
     """HR folder, degraded on the fly (Real-ESRGAN second order, data.py)"""
     lr_dir: str | None = None
     """LR folder paired with --hr-dir by file name (then no synthetic degradation)"""
+    plain_fraction: float = 0.0
+    """share of training pairs whose LR is a plain Gaussian blur (sigma U(0.6, 1.8) HR px) + bicubic downscale
+    instead of the Real-ESRGAN degradation (data.plain_degrade); paper: 0, Real-ESRGAN only"""
     out: str = "out/sft"
     crop_size: int = 512
     """HR crop in pixels (paper: 512 x 512, 4x SR)"""
@@ -93,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> Args:
     args, parser = T.parse_dataclass_args(Args, argv, __doc__.split("\n")[0])
     if not args.hr_dir:
         parser.error("--hr-dir is required (an HR folder; add --lr-dir for paired LR images)")
+    if not 0.0 <= args.plain_fraction <= 1.0:
+        parser.error(f"--plain-fraction {args.plain_fraction}: choose a share in [0, 1]")
+    if args.plain_fraction and args.lr_dir:
+        parser.error("--plain-fraction degrades HR images on the fly; with --lr-dir the LR images are given")
     if args.fsdp and args.lora_rank:
         parser.error("--fsdp shards a full fine-tune; a LoRA (--lora-rank) fits without sharding: drop --fsdp")
     if args.timestep_sampling not in ("uniform", "logit_normal", "shifted"):
@@ -138,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         dataset = PairedFolderDataset(args.lr_dir, args.hr_dir, crop_size=args.crop_size, scale=args.scale,
                                       flip=True, seed=args.seed)
     else:
-        dataset = HRFolderDataset(args.hr_dir, crop_size=args.crop_size, scale=args.scale, seed=args.seed)
+        dataset = HRFolderDataset(args.hr_dir, crop_size=args.crop_size, scale=args.scale, seed=args.seed,
+                                  plain_fraction=args.plain_fraction)
     dataset.check()  # one error listing every unreadable / too small / unmatched file, before any training
 
     sharded = args.fsdp and dist_info.world_size > 1

@@ -606,3 +606,35 @@ def test_cli_writes_lr_pngs(tmp_path):
                "--save-hr"])
     assert data.load_image(out2 / "hr" / "one.png").shape == (3, 32, 32)
     assert data.load_image(out2 / "lr" / "one.png").shape == (3, 8, 8)
+
+
+def test_plain_degrade_by_hand():
+    flat = torch.full((2, 3, 32, 32), 0.4)  # blur (reflect padding) and bicubic keep a constant
+    assert torch.equal(data.plain_degrade(flat, 1.2), data.quantize(torch.full((2, 3, 8, 8), 0.4)))
+    x = _smooth_image(32, 32).repeat(2, 1, 1, 1)
+    # a tiny sigma is a delta kernel: only the bicubic downscale and the 8 bits are left
+    assert torch.equal(data.plain_degrade(x, 0.05), data.quantize(data.resize(x, (8, 8), "bicubic")))
+    per_image = data.plain_degrade(x, torch.tensor([0.05, 2.0]))  # one sigma per image
+    assert torch.equal(per_image[:1], data.plain_degrade(x[:1], 0.05))
+    assert torch.equal(per_image[1:], data.plain_degrade(x[1:], 2.0)) and not torch.equal(per_image[0], per_image[1])
+
+
+def test_hr_dataset_plain_fraction_mixes_the_two_lr_kinds(tmp_path):
+    _write_rgb(tmp_path / "a.png", (_smooth_image(48, 48)[0].permute(1, 2, 0) * 255).numpy())
+    default = data.HRFolderDataset(tmp_path, crop_size=32, seed=3)
+    kw = dict(crop_size=32, seed=3, plain_sigma=(1.0, 1.0))
+    none, every, half = (data.HRFolderDataset(tmp_path, plain_fraction=p, **kw) for p in (0.0, 1.0, 0.5))
+    n_plain = 0
+    for epoch in range(40):
+        for ds in (default, none, every, half):
+            ds.set_epoch(epoch)
+        ref = default[0]
+        same = none[0]  # fraction 0 draws nothing extra: the Real-ESRGAN items, unchanged
+        assert torch.equal(same["hr"], ref["hr"]) and torch.equal(same["lr"], ref["lr"])
+        item = every[0]
+        assert torch.equal(item["lr"], data.plain_degrade(item["hr"][None], 1.0)[0])
+        item = half[0]
+        n_plain += bool(torch.equal(item["lr"], data.plain_degrade(item["hr"][None], 1.0)[0]))
+    assert 10 <= n_plain <= 30
+    with pytest.raises(ValueError, match="plain_fraction=1.5"):
+        data.HRFolderDataset(tmp_path, plain_fraction=1.5)

@@ -109,6 +109,14 @@ def test_bad_data_folder_errors_name_files(tmp_path):
         _run(small, tmp_path / "o", "--steps", "1")
 
 
+@pytest.mark.parametrize("extra, message", [(["--plain-fraction", "1.5"], "--plain-fraction 1.5"),
+                                            (["--plain-fraction", "0.5", "--lr-dir", "x"], "--lr-dir")])
+def test_bad_plain_fraction_names_the_flag(hr_dir, extra, message, capsys):
+    with pytest.raises(SystemExit):
+        train_sft.parse_args(["--hr-dir", str(hr_dir), *extra])
+    assert message in capsys.readouterr().err
+
+
 def test_nonfinite_loss_is_skipped_and_bounded(hr_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train_sft, "flow_matching_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(FloatingPointError, match="NaN/Inf in 3 steps"):
