@@ -18,7 +18,7 @@ weights-free no-reference metrics, SNB (evaluate.snb_quality, the annotation anc
 and PIQE (pyiqa, independent of it); wall time. Mean +- std over seeds; the report says row by row
 whether the paper's sign reproduces.
 
-    python miniature.py                  # 3 seeds, every table (about 13 min on 2 CPU cores)
+    python miniature.py                  # 3 seeds, every table (about 20 min on 2 CPU cores)
     python miniature.py --quick          # 1 seed, a few steps (CI)
 Writes OUT/report.md, OUT/results.json, a picture per row, and every run's logs and LoRA files.
 """
@@ -26,6 +26,7 @@ Writes OUT/report.md, OUT/results.json, a picture per row, and every run's logs 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import subprocess
@@ -41,7 +42,9 @@ import torch.nn.functional as F
 import backbone as B
 import data
 import photos
+import presets
 import reward
+import training as T
 from build_mini_backbone import eval_set
 from infer import load_policy
 
@@ -165,14 +168,38 @@ class Row:
     last_stage_seconds: dict[int, float] = field(default_factory=dict)  # seed -> its last stage alone
 
 
+def made_with(s: Settings) -> dict:
+    """What a finished run depends on: the shared settings and the shipped weights it starts from and is
+    rewarded by (sha256 of every file of the mini backbone, SFT and COMPASS)."""
+    files = [presets.MINI_SFT] + [p for folder in (presets.MINI_BACKBONE, presets.MINI_COMPASS)
+                                  for p in sorted(folder.rglob("*")) if p.is_file()]
+    return {"settings": json.loads(json.dumps(s.__dict__)),
+            "weights": {str(p.relative_to(presets.ROOT)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}}
+
+
+def claim_runs_dir(runs_dir: Path, s: Settings) -> None:
+    """Reuse finished runs only if they were made with these settings and these weights (the stamp
+    `made_with.json` in the folder); otherwise stop with an error naming the folder, never deleting it."""
+    stamp = runs_dir / "made_with.json"
+    want = json.dumps(made_with(s), indent=1)
+    if stamp.exists() and stamp.read_text() == want:
+        return
+    if stamp.exists() or any(runs_dir.glob("*.safetensors")):
+        raise SystemExit(f"{runs_dir} holds runs made with other settings or other mini weights (see {stamp}); "
+                         "move the folder away or choose another --out")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    T.atomic_write_text(want, stamp)
+
+
 def run_rows(out: Path, s: Settings, hr_dir: Path, lq_dir: Path, tables: set[str]) -> list[Row]:
-    """Train every row for every seed (runs already finished are reused: their LoRA file exists)."""
+    """Train every row for every seed (runs already finished are reused: their LoRA file exists, and the
+    folder's stamp says they were made with the same settings and weights)."""
     rows = {name: Row(name, table, key) for name, table, key in (
         ("FR (base)", "5", "fr_base"), ("FR + NR (base)", "5", "nr_base"), ("FR (SFT)", "5", "fr_sft"),
         ("FR + NR (SFT)", "5", "nr_sft"), ("NR compass", "8", "nr_base"), ("NR gated", "8", "nr_gated"),
         ("NR gain", "8", "nr_gain"), ("NR NFT", "7", "nr_base"), ("NR Flow-GRPO", "7", "nr_grpo"))}
     runs_dir = out / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    claim_runs_dir(runs_dir, s)
     for seed in s.seeds:
         def stage(key: str, script: str, args: list[str]) -> tuple[Path, float]:
             lora = runs_dir / f"{key}_s{seed}.safetensors"

@@ -68,6 +68,23 @@ def test_miniature_quick_runs_every_table(tmp_path):
     # the same held-out set and noise: rows that share a run have identical numbers
     assert results["NR compass"] == results["FR + NR (base)"] == results["NR NFT"]
     assert len(re.findall(r"\| (yes|no) \|", report)) == 8
+    stamp = json.loads((out / "runs" / "made_with.json").read_text())
+    assert stamp["settings"]["fr_steps"] == 3 and "compass/model.safetensors" in stamp["weights"]
+
+
+def test_miniature_reuses_runs_only_when_settings_and_weights_match(tmp_path):
+    import miniature
+
+    runs = tmp_path / "runs"
+    miniature.claim_runs_dir(runs, miniature.Settings())  # a new folder: stamped
+    (runs / "fr_base_s0.safetensors").write_bytes(b"finished run")
+    miniature.claim_runs_dir(runs, miniature.Settings())  # same settings and weights: reused
+    with pytest.raises(SystemExit, match=str(runs)):
+        miniature.claim_runs_dir(runs, miniature.Settings(lr=1e-3))
+    (runs / "made_with.json").unlink()  # finished runs of unknown origin are never reused (or deleted)
+    with pytest.raises(SystemExit, match="other settings or other mini weights"):
+        miniature.claim_runs_dir(runs, miniature.Settings())
+    assert (runs / "fr_base_s0.safetensors").exists()
 
 
 @pytest.mark.slow
