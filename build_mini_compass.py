@@ -19,18 +19,18 @@ photographs that ship inside installed packages (photos.py; the HELDOUT photos a
                   stage 1 anchors = SNB on the SR and on the LR as the model sees it (--lr-view sr), stage 2
                   = exhaustive pairwise ranking by FSIM to the HR (a weights-free perceptual FR metric in the
                   role of the paper's trained compare model), stage 3 = Eq.2-3 calibration
-    4. train      `train_compass.py train` from the pretrained model (answer-only loss, cosine LR)
-                                                                     -> mini/compass/  (save_pretrained)
+    4. train      `train_compass.py train` from the pretrained model (answer-only loss, cosine LR; --augment
+                  flips/rotates each pair at random)           -> mini/compass/  (save_pretrained)
     5. eval       `train_compass.py eval` on the held-out groups in the SRIQA-Bench layout (MOS = 20 x Eq.4 of
                   the calibrated labels), answer parse rate, Spearman of predicted F and Q_SR with the labels,
                   and the Table 3 cases: models trained the same way on absolute labels / without F, and
                   gamma 5 / 7 / 9 / linear                            -> mini/compass_eval.{md,json}
 
 The mini model is the real Qwen3VLForConditionalGeneration with a small config: text width 128 x 4
-layers, vision depth 3 x 96 with PATCH 4, so a 64x64 image costs 64 vision tokens (the 8B's patch 16
-would give 4, too few to see blur or noise at this size; patch 8 gave 16, and the model then could not
-learn F: README "The mini presets"); the byte tokenizer gets one token per word of the task text, so the
-real prompt is kept and costs ~110 tokens instead of ~390.
+layers (RoPE base 5e6 like the 8B; --rope-theta), vision depth 3 x 96 with PATCH 4, so a 64x64 image
+costs 64 vision tokens (the 8B's patch 16 would give 4, too few to see blur or noise at this size; patch 8
+gave 16, and the model then could not learn F: README "The mini presets"); the byte tokenizer gets one
+token per word of the task text, so the real prompt is kept and costs ~110 tokens instead of ~390.
 
     python build_mini_compass.py                      # everything, resumable (needs the mini backbone)
     python build_mini_compass.py --stage eval         # one part: pretrain | data | annotate | train | eval
@@ -94,14 +94,24 @@ class Args:
     pretrain_lr: float = 1e-3
     patch_size: int = MINI_COMPASS["patch_size"]
     """the vision tower's patch: 4 = 64 vision tokens per 64x64 image (shipped), 8 = 16"""
+    rope_theta: float = 5e6
+    """the text model's RoPE base (shipped: the 8B's 5e6). On a 32-dim head 5e6 leaves each image axis ONE
+    useful frequency; 5e6 ** 0.25 = 47.287 makes the head's 16 frequencies exactly the 8B's 16 highest
+    (README "The mini presets": it trains faster, and over-fits faster, on the 640-group data)"""
     pretrain_foreign: int = 2
     """pretraining candidates per group (of 6 random operators) replaced by `foreign_detail` ones: sharp
     images whose detail the LR does not support (the shipped recipe uses 2; at patch 8 they gave no gain,
     and their effect at patch 4 alone was not measured; README "The mini presets")"""
     train_groups: int = 640
+    """12 pairs each (shipped: 640 = 7,680 pairs; 1600 = 19,200 pairs, the size of the paper's training set)"""
     heldout_groups: int = 48
     epochs: int = 4
-    """§5.1 trains 8 epochs; the shipped mini COMPASS was trained 4 (21 min here)"""
+    """§5.1 trains 8 epochs; the shipped mini COMPASS was trained 4 (the mini model over-fits: README "The
+    mini presets")"""
+    augment: str = "none"
+    """`train_compass.py train --augment` of the COMPASS stage and the Table 3 models (shipped: none;
+    dihedral = one of the 8 flips/rotations of each pair: its labels, SSIM and SNB, do not depend on
+    orientation)"""
     lr: float = 5e-4
     batch: int = 16
     ablations: bool = True
@@ -237,11 +247,11 @@ def annotate(folder: Path, out: Path, log: Path, calibration: str = "rank") -> N
 
 
 def train(model: str, data_file: Path, root: Path, out: Path, epochs: int, lr: float, batch: int, log: Path,
-          max_steps: int = 0) -> None:
+          max_steps: int = 0, augment: str = "none") -> None:
     run(["train_compass.py", "train", "--model", model, "--data", str(data_file), "--root", str(root),
          "--out", str(out), "--epochs", str(epochs), "--global-batch", str(batch), "--per-device-batch",
          str(batch), "--lr", str(lr), "--warmup-steps", "100", "--device", "cpu", "--resume", "latest",
-         *(["--max-steps", str(max_steps)] if max_steps else [])], log)
+         "--augment", augment, *(["--max-steps", str(max_steps)] if max_steps else [])], log)
 
 
 def without_fidelity(src: Path, dst: Path) -> Path:
@@ -324,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     def pretrain() -> None:
         init = work / "init"
         if not (init / "config.json").exists():  # random weights of the mini architecture
-            config = {**MINI_COMPASS, "patch_size": args.patch_size}
+            config = {**MINI_COMPASS, "patch_size": args.patch_size,
+                      "text": {**MINI_COMPASS["text"], "rope_theta": args.rope_theta}}
             model, processor = reward.build_compass(args.seed, words_from=TEXTS, **config)
             model.save_pretrained(init)
             processor.save_pretrained(init)
@@ -351,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     def train_all() -> None:
         pretrained = str(work / "pretrained")
         train(pretrained, work / "train" / "train.jsonl", work / "train", work / "compass", args.epochs, args.lr,
-              args.batch, work / "train_compass.log")
+              args.batch, work / "train_compass.log", augment=args.augment)
         final = out / "compass"
         if final.exists():
             shutil.rmtree(final)
@@ -361,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
                               ("absolute_noF", work / "train" / "train_absolute.jsonl")):
                 records = without_fidelity(src, work / "train" / f"train_{name}.jsonl")
                 train(pretrained, records, work / "train", work / f"ablation_{name}", args.epochs, args.lr,
-                      args.batch, work / f"train_{name}.log")
+                      args.batch, work / f"train_{name}.log", augment=args.augment)
 
     def evaluate_all() -> None:
         records = load_records(work / "heldout" / "heldout.jsonl", work / "heldout")

@@ -195,11 +195,13 @@ def build_compass(seed: int = 0, text: dict = TINY_COMPASS["text"], vision: dict
     tid = tokenizer.convert_tokens_to_ids
     text = dict(text)
     mrope = text.pop("mrope_section")
+    rope_theta = text.pop("rope_theta", 5e6)  # the 8B's value; a small head_dim may want a smaller one
     config = Qwen3VLConfig(
         text_config=dict(
             vocab_size=len(tokenizer),  # must cover every token id, specials included
             max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": mrope, "mrope_interleaved": True},
+            rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope,
+                             "mrope_interleaved": True},
             pad_token_id=tid("<|endoftext|>"),
             **text,
         ),

@@ -630,6 +630,34 @@ def load_pil_pair(rec: Record, root: Path):
     return to_pil(load_image(root / rec.lr)), to_pil(load_image(root / rec.sr))
 
 
+# The dihedral group of a square: the identity, two flips, three rotations and the two diagonal transposes.
+AUGMENTATIONS = {"none": 1, "flip": 2, "dihedral": 8}
+_DIHEDRAL = (None, "FLIP_LEFT_RIGHT", "FLIP_TOP_BOTTOM", "ROTATE_90", "ROTATE_180", "ROTATE_270", "TRANSPOSE",
+             "TRANSVERSE")
+
+
+def augment_pair(lr, sr, index: int):
+    """The same dihedral transform `index` (0 = none, 1 = horizontal flip, 2-7 = the others) applied to both
+    PIL images of a pair. Labels stay valid when they do not depend on orientation: SSIM to an equally
+    transformed HR, the SNB score, a human's opinion under a horizontal flip."""
+    if index == 0:
+        return lr, sr
+    from PIL import Image
+
+    op = getattr(Image.Transpose, _DIHEDRAL[index])
+    return lr.transpose(op), sr.transpose(op)
+
+
+def augment_index(kind: str, seed: int, step: int, slot: int) -> int:
+    """Which transform sample `slot` of the global batch of `step` gets: a pure function of (seed, step,
+    slot), so every rank layout and a resumed run see the same augmented batches."""
+    n = AUGMENTATIONS[kind]
+    if n == 1:
+        return 0
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 4099 + slot)
+    return int(torch.randint(n, (), generator=g))
+
+
 def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
     """Sample order of one epoch: a permutation seeded by (seed, epoch), identical on every rank.
 
@@ -718,6 +746,9 @@ class TrainArgs:
     """drop (and count) invalid records instead of refusing the file"""
     max_nonfinite: int = 10
     """NaN/Inf steps skipped before giving up"""
+    augment: str = "none"
+    """none (paper) | flip (horizontal flip of the pair) | dihedral (one of the 8 flips/rotations of the pair,
+    for labels that do not depend on orientation, like the mini build's): the same transform on LR and SR"""
     # filled at run time
     grad_accum: int = 0
     """(filled at run time) micro-batches per optimizer step = global / (per-device x processes)"""
@@ -741,6 +772,8 @@ def train(args: TrainArgs) -> Path:
     records = load_records(args.data, root, skip_invalid=args.skip_invalid)
     n = len(records)
 
+    if args.augment not in AUGMENTATIONS:
+        raise ValueError(f"--augment {args.augment}: choose one of {', '.join(AUGMENTATIONS)}")
     if args.global_batch % (args.per_device_batch * world):
         raise ValueError(f"--global-batch {args.global_batch} must be a multiple of --per-device-batch "
                          f"{args.per_device_batch} x {world} processes")
@@ -805,9 +838,14 @@ def train(args: TrainArgs) -> Path:
         mine = idx[dist_info.rank * per_rank:(dist_info.rank + 1) * per_rank]
         step_loss = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
-            chunk = [records[i] for i in mine[micro * args.per_device_batch:(micro + 1) * args.per_device_batch]]
+            first = micro * args.per_device_batch
+            chunk = [records[i] for i in mine[first:first + args.per_device_batch]]
+            slots = [dist_info.rank * per_rank + first + j for j in range(len(chunk))]  # places in the global batch
             # 2. prompt (both images + task) and the labelled answer; labels only on the answer tokens
-            batch = sft_collate(processor, [sft_conversation(r, *load_pil_pair(r, root)) for r in chunk])
+            #    (--augment: the same flip/rotation of both images, chosen per sample)
+            pairs = [augment_pair(*load_pil_pair(r, root), augment_index(args.augment, args.seed, step, slot))
+                     for r, slot in zip(chunk, slots)]
+            batch = sft_collate(processor, [sft_conversation(r, *pair) for r, pair in zip(chunk, pairs)])
             batch = {k: v.to(device) for k, v in batch.items()}
             if sharded:  # reduce-scatter gradients once, on the last micro-batch
                 model.set_requires_gradient_sync(micro == args.grad_accum - 1)

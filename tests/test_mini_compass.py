@@ -63,6 +63,18 @@ def test_mini_architecture_sees_64_vision_tokens_per_64px_image():
     assert image_tokens == 2 * 64  # LR (resized to the SR's size) and SR
     assert len(ids) - image_tokens < 150  # the real task text in ~100 tokens (one per word), not ~390 bytes
     assert sum(p.numel() for p in model.parameters()) < 5e6
+    shipped = json.loads((presets.MINI_COMPASS / "config.json").read_text())["text_config"]["rope_parameters"]
+    assert shipped["rope_theta"] == build.Args().rope_theta == 5e6  # the build's default is the shipped model
+
+
+def test_rope_option_gives_the_small_head_the_8b_highest_frequencies():
+    """--rope-theta 5e6 ** 0.25: the 32-dim head's 16 frequencies are the 8B's (128-dim, base 5e6) 16 highest."""
+    model, _ = reward.build_compass(0, words_from=build.TEXTS, **{
+        **build.MINI_COMPASS, "text": {**build.MINI_COMPASS["text"], "rope_theta": 5e6 ** 0.25}})
+    theta = model.config.text_config.rope_parameters["rope_theta"]
+    assert theta == pytest.approx(47.287, abs=1e-3)
+    big = [5e6 ** (-2 * i / 128) for i in range(64)]
+    assert [theta ** (-2 * i / 32) for i in range(16)] == pytest.approx(big[:16])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -372,6 +372,24 @@ def test_answer_only_labels_hand_made():
         tc.answer_only_labels(ids[:, :4], mask[:, :4], [7, 8, 9], end_id=5)
 
 
+def test_augment_pair_is_the_dihedral_group_on_both_images_by_hand():
+    from PIL import Image
+
+    a = Image.fromarray(np.arange(6, dtype=np.uint8).reshape(2, 3))  # rows [0 1 2], [3 4 5]
+    b = Image.fromarray(np.arange(6, 12, dtype=np.uint8).reshape(2, 3))
+    expected = {0: [[0, 1, 2], [3, 4, 5]], 1: [[2, 1, 0], [5, 4, 3]], 2: [[3, 4, 5], [0, 1, 2]],
+                3: [[2, 5], [1, 4], [0, 3]], 4: [[5, 4, 3], [2, 1, 0]], 5: [[3, 0], [4, 1], [5, 2]],
+                6: [[0, 3], [1, 4], [2, 5]], 7: [[5, 2], [4, 1], [3, 0]]}
+    for index, rows in expected.items():
+        lr, sr = tc.augment_pair(a, b, index)
+        assert np.asarray(lr).tolist() == rows and (np.asarray(sr) - 6).tolist() == rows  # the same transform
+    # the choice is a pure function of (seed, step, slot) and covers the group; "none" never transforms
+    draws = [tc.augment_index("dihedral", 0, step, slot) for step in range(20) for slot in range(8)]
+    assert draws == [tc.augment_index("dihedral", 0, step, slot) for step in range(20) for slot in range(8)]
+    assert set(draws) == set(range(8)) and set(tc.augment_index("flip", 1, 3, k) for k in range(40)) == {0, 1}
+    assert {tc.augment_index("none", 0, step, 0) for step in range(20)} == {0}
+
+
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory):
     """4 pairs, 2 groups: group 0 synthetic (F = 0.80), group 1 real-world (no F). Same numbers for all,
@@ -387,6 +405,14 @@ def sft_data(tmp_path_factory):
             rows.append({"lr": f"lr/{g}.png", "sr": f"sr/{m}/{g}.png", "group": str(g), "method": m,
                          "F": 0.8 if g == 0 else None, "q_lr": 2.0, "q_sr": 3.5})
     return _write_jsonl(root / "train.jsonl", rows), root
+
+
+def test_unknown_augmentation_names_the_flag(sft_data, tmp_path):
+    path, root = sft_data
+    with pytest.raises(ValueError, match="--augment rotate: choose one of none, flip, dihedral"):
+        tc.train(tc.TrainArgs(data=str(path), root=str(root), out=str(tmp_path / "x"), model="tiny", device="cpu",
+                              augment="rotate"))
+    assert not (tmp_path / "x").exists()  # refused before any model is built or folder written
 
 
 def test_sft_collate_keeps_mm_token_type_ids_and_masks_the_prompt(sft_data):
@@ -470,8 +496,9 @@ def test_sft_tiny_learns_the_answer_format_and_exports(sft_data, tmp_path):
     assert len(acc.Scalars("train/loss")) == 100
 
 
-# 3 optimizer steps of 4 samples as 4 micro-batches of 1: the reference for resume and for FSDP2
-SHORT = ["--epochs", 3, "--per-device-batch", 1]
+# 3 optimizer steps of 4 samples as 4 micro-batches of 1: the reference for resume and for FSDP2 (with a
+# flip/rotation per sample: the same for every rank layout and after a resume)
+SHORT = ["--epochs", 3, "--per-device-batch", 1, "--augment", "dihedral"]
 
 
 @pytest.fixture(scope="module")
