@@ -15,7 +15,8 @@ photographs that ship inside installed packages (photos.py; the HELDOUT photos a
                   over-sharpened SFT sample, and classical operators (bicubic, nearest, blur, unsharp mask,
                   noise, JPEG, the HR itself); training groups from the training photos, held-out groups
                   from the held-out photos
-    3. annotate   `train_compass.py annotate`: F = SSIM to the HR (Eq.1 with a weights-free distance),
+    3. annotate   `train_compass.py annotate`: F = SSIM to the HR (Eq.1 with a weights-free distance;
+                  --fidelity-metric texture for evaluate.texture_fidelity),
                   stage 1 anchors = SNB on the SR and on the LR as the model sees it (--lr-view sr), stage 2
                   = exhaustive pairwise ranking by FSIM to the HR (a weights-free perceptual FR metric in the
                   role of the paper's trained compare model), stage 3 = Eq.2-3 calibration
@@ -92,6 +93,10 @@ class Args:
     pretrain_groups: int = 800
     pretrain_epochs: int = 6
     pretrain_lr: float = 1e-3
+    fidelity_metric: str = "ssim"
+    """the labels' F (`train_compass.py annotate --fidelity-metric`; the paper: DISTS, whose weights are not
+    here): ssim (shipped) or texture (evaluate.texture_fidelity, a weights-free DISTS analogue that does not
+    pay for blur; not built yet: README "OARS in miniature")"""
     patch_size: int = MINI_COMPASS["patch_size"]
     """the vision tower's patch: 4 = 64 vision tokens per 64x64 image (shipped), 8 = 16"""
     rope_theta: float = 5e6 ** 0.25
@@ -232,16 +237,16 @@ def run(args: list[str], log: Path) -> None:
         raise SystemExit(f"{' '.join(args[:2])} failed; last lines of {log}:\n{log.read_text()[-3000:]}")
 
 
-def annotate_command(folder: Path, out: Path, calibration: str = "rank") -> list[str]:
+def annotate_command(folder: Path, out: Path, calibration: str = "rank", fidelity: str = "ssim") -> list[str]:
     """The `train_compass.py annotate` command line of the mini annotation (module docstring, step 3)."""
     return ["train_compass.py", "annotate", "--lr-dir", str(folder / "lr"), "--sr-dir", str(folder / "sr"),
-            "--gt-dir", str(folder / "gt"), "--out", str(out), "--root", str(folder), "--fidelity-metric", "ssim",
+            "--gt-dir", str(folder / "gt"), "--out", str(out), "--root", str(folder), "--fidelity-metric", fidelity,
             "--anchor", "snb", "--lr-view", "sr", "--compare", "fr", "--compare-metric", "fsim",
             "--calibration", calibration, "--device", "cpu"]
 
 
-def annotate(folder: Path, out: Path, log: Path, calibration: str = "rank") -> None:
-    run(annotate_command(folder, out, calibration), log)
+def annotate(folder: Path, out: Path, log: Path, calibration: str = "rank", fidelity: str = "ssim") -> None:
+    run(annotate_command(folder, out, calibration, fidelity), log)
 
 
 def train(model: str, data_file: Path, root: Path, out: Path, epochs: int, lr: float, batch: int, log: Path,
@@ -287,7 +292,8 @@ def label_agreement(model: str, records: list, root: Path) -> dict:
 CHECK_GROUPS = 6  # the small held-out set that the build records and the tests recompute
 
 
-def agreement_check(folder: Path, groups: int, seed: int, backbone: str, sft: str, model: str) -> dict:
+def agreement_check(folder: Path, groups: int, seed: int, backbone: str, sft: str, model: str,
+                    fidelity: str = "ssim") -> dict:
     """label_agreement on `groups` held-out groups rebuilt from seeds (candidates, `annotate`, scoring):
     the build records it in compass_eval.json and the tests recompute it from the shipped weights."""
     from train_compass import load_records
@@ -295,7 +301,7 @@ def agreement_check(folder: Path, groups: int, seed: int, backbone: str, sft: st
     if folder.exists():
         shutil.rmtree(folder)
     compass_data(folder, photos.HELDOUT, groups, seed + 22, B.load_backbone(backbone), sft)
-    annotate(folder, folder / "check.jsonl", folder / "annotate.log")
+    annotate(folder, folder / "check.jsonl", folder / "annotate.log", fidelity=fidelity)
     return {"groups": groups, **label_agreement(model, load_records(folder / "check.jsonl", folder), folder)}
 
 
@@ -313,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     args, parser = T.parse_dataclass_args(Args, argv, __doc__.split("\n")[0])
     if args.stage not in ("all", "pretrain", "data", "annotate", "train", "eval", "refreward"):
         parser.error(f"--stage {args.stage}: choose all, pretrain, data, annotate, train, eval or refreward")
+    if args.fidelity_metric not in ("ssim", "texture"):  # the weights-free ones (dists/lpips need downloads)
+        parser.error(f"--fidelity-metric {args.fidelity_metric}: choose ssim or texture")
     if args.quick:
         args = Args(**{**asdict(args), **QUICK})
     torch.set_num_threads(args.threads)
@@ -340,7 +348,8 @@ def main(argv: list[str] | None = None) -> None:
         folder = work / "pretrain"
         if not (folder / "pretrain.jsonl").exists():
             pretrain_data(folder, args.pretrain_groups, args.seed + 11, args.pretrain_foreign)
-            annotate(folder, folder / "pretrain.jsonl", work / "annotate_pretrain.log", calibration="none")
+            annotate(folder, folder / "pretrain.jsonl", work / "annotate_pretrain.log", calibration="none",
+                     fidelity=args.fidelity_metric)
         train(str(init), folder / "pretrain.jsonl", folder, work / "pretrained", args.pretrain_epochs,
               args.pretrain_lr, args.batch, work / "train_pretrain.log")
 
@@ -353,9 +362,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def annotate_all() -> None:
         for split in ("train", "heldout"):
-            annotate(work / split, work / split / f"{split}.jsonl", work / f"annotate_{split}.log")
+            annotate(work / split, work / split / f"{split}.jsonl", work / f"annotate_{split}.log",
+                     fidelity=args.fidelity_metric)
         annotate(work / "train", work / "train" / "train_absolute.jsonl", work / "annotate_train_absolute.log",
-                 calibration="none")
+                 calibration="none", fidelity=args.fidelity_metric)
 
     def train_all() -> None:
         pretrained = str(work / "pretrained")
@@ -400,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
                 accuracy(name, work / f"ablation_{name}", "--real-prompt", "--baselines")
         agreement = label_agreement(str(out / "compass"), records, work / "heldout")
         check = agreement_check(work / "check", min(CHECK_GROUPS, args.heldout_groups), args.seed, args.backbone,
-                                args.sft, str(out / "compass"))
+                                args.sft, str(out / "compass"), args.fidelity_metric)
         result = {"tables": rows, "agreement": agreement, "agreement_check": check,
                   "heldout_groups": args.heldout_groups, "train_groups": args.train_groups}
         T.atomic_write_text(json.dumps(result, indent=1), out / "compass_eval.json")

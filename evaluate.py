@@ -110,6 +110,53 @@ def blockiness(images: torch.Tensor, block: int = 8) -> torch.Tensor:
     return (ratios[0] + ratios[1]) / 2
 
 
+def _gaussian_blur(y: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N,1,H,W), radius ceil(3 sigma), reflect padding."""
+    radius = math.ceil(3 * sigma)
+    k = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32, device=y.device) ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    y = torch.nn.functional.pad(y, (radius, radius, radius, radius), mode="reflect")
+    y = torch.nn.functional.conv2d(y, k.view(1, 1, 1, -1))
+    return torch.nn.functional.conv2d(y, k.view(1, 1, -1, 1))
+
+
+def texture_fidelity(sr: torch.Tensor, hr: torch.Tensor, sigmas: Sequence[float] = (0.8, 1.6),
+                     c1: float = 1e-4, c2: float = 1e-4) -> torch.Tensor:
+    """A weights-free analogue of DISTS as a fidelity in [0, 1] (1 = same image): (N,3,H,W) x2 -> (N,).
+
+    DISTS compares deep features with two terms per feature map: "texture" = similarity of their global
+    means and standard deviations, "structure" = their correlation. Here the feature maps are the luma Y
+    and its band-pass details Y - G_sigma * Y (one per sigma), with equal weights instead of learned ones:
+
+        l(a, b) = (2 mu_a mu_b + c1) / (mu_a^2 + mu_b^2 + c1) * (2 sd_a sd_b + c2) / (sd_a^2 + sd_b^2 + c2)
+        s(a, b) = (2 cov_ab + c2) / (sd_a^2 + sd_b^2 + c2)
+        F = (s(Y_sr, Y_hr) + mean over maps of l) / 2, clamped at 0
+
+    So coarse content must match (s on Y) while detail only has to have the HR's amount (l on the bands):
+    a sample that re-synthesises texture in other places keeps a high F, a blurred one loses it. SSIM
+    ranks those two the other way round, which makes an SSIM-trained fidelity reward smoothing
+    (README "OARS in miniature").
+    """
+    y_sr, y_hr = _luma(sr), _luma(hr)
+    maps = [(y_sr, y_hr)] + [(y_sr - _gaussian_blur(y_sr, s), y_hr - _gaussian_blur(y_hr, s)) for s in sigmas]
+
+    def stats(a, b):
+        mu_a, mu_b = a.mean((1, 2, 3)), b.mean((1, 2, 3))
+        var_a, var_b = a.var((1, 2, 3), unbiased=False), b.var((1, 2, 3), unbiased=False)
+        cov = ((a - mu_a.view(-1, 1, 1, 1)) * (b - mu_b.view(-1, 1, 1, 1))).mean((1, 2, 3))
+        return mu_a, mu_b, var_a, var_b, cov
+
+    texture = []
+    for a, b in maps:
+        mu_a, mu_b, var_a, var_b, _ = stats(a, b)
+        sd_a, sd_b = var_a.sqrt(), var_b.sqrt()
+        texture.append((2 * mu_a * mu_b + c1) / (mu_a ** 2 + mu_b ** 2 + c1)
+                       * (2 * sd_a * sd_b + c2) / (var_a + var_b + c2))
+    _, _, var_a, var_b, cov = stats(y_sr, y_hr)
+    structure = (2 * cov + c2) / (var_a + var_b + c2)
+    return ((structure + torch.stack(texture).mean(0)) / 2).clamp(min=0.0)
+
+
 def snb_quality(images: torch.Tensor) -> torch.Tensor:
     """A weights-free no-reference quality score in [1, 5] from Sharpness, Noise and Blocking ("SNB").
 

@@ -951,28 +951,32 @@ class FidelityMetricError(RuntimeError):
 
 
 class FidelityScorer:
-    """Full-reference fidelity F in [0, 1]: 1 - DISTS (Eq.1, default), 1 - LPIPS, or SSIM on Y (YCbCr).
+    """Full-reference fidelity F in [0, 1]: 1 - DISTS (Eq.1, default), 1 - LPIPS, SSIM on Y (YCbCr), or
+    'texture' (evaluate.texture_fidelity: a weights-free analogue of DISTS that, unlike SSIM, does not
+    prefer a blurred sample to one with re-synthesised texture).
 
     `fidelity(sr, hr)` takes (N, 3, H, W) tensors in [0, 1] and returns (N,) float32. DISTS / LPIPS
-    need pretrained weights (pyiqa downloads them into $TORCH_HOME/hub); SSIM needs none. Values outside
-    [0, 1] are clamped and counted in stats["clamped"] so Eq.4 stays defined.
+    need pretrained weights (pyiqa downloads them into $TORCH_HOME/hub); SSIM and texture need none. Values
+    outside [0, 1] are clamped and counted in stats["clamped"] so Eq.4 stays defined.
     """
 
     def __init__(self, metric: str = "dists", device: str = "cpu"):
-        from evaluate import create_metric  # the same metric settings as the evaluation table (SSIM on Y)
+        from evaluate import create_metric, texture_fidelity  # the evaluation table's settings (SSIM on Y)
 
-        options = ("dists", "lpips", "ssim")
+        options = ("dists", "lpips", "ssim", "texture")
         if metric not in options:
             raise ValueError(f"FidelityScorer: metric must be one of {list(options)}, got {metric!r}")
         try:
-            self.metric = create_metric(metric.upper(), device)
+            if metric == "texture":
+                self.metric = texture_fidelity
+            else:
+                self.metric = create_metric(metric.upper(), device).requires_grad_(False)
         except Exception as err:  # pyiqa raises URLError / OSError / RuntimeError when weights are missing
             raise FidelityMetricError(
                 f"FidelityScorer: could not build the {metric!r} metric ({type(err).__name__}: {err}). Its pretrained "
                 f"weights are probably not in $TORCH_HOME/hub and this machine cannot download them: copy them "
-                f"there, or use --fidelity ssim (needs no weights)."
+                f"there, or use --fidelity ssim or texture (need no weights)."
             ) from err
-        self.metric.requires_grad_(False)
         self.name, self.device = metric, device
         self.stats: Counter = Counter()
 
@@ -982,7 +986,7 @@ class FidelityScorer:
         if sr.shape != hr.shape:
             raise ValueError(f"FidelityScorer.fidelity: sr {tuple(sr.shape)} and hr {tuple(hr.shape)} differ in shape")
         value = self.metric(sr.to(self.device).float(), hr.to(self.device).float()).reshape(-1).float().cpu()
-        F = value if self.name == "ssim" else 1.0 - value  # Eq.1: F = 1 - DISTS
+        F = value if self.name in ("ssim", "texture") else 1.0 - value  # Eq.1: F = 1 - DISTS
         clamped = F.clamp(0.0, 1.0)
         self.stats["clamped"] += int((clamped != F).sum())
         return clamped

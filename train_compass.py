@@ -1252,7 +1252,8 @@ class AnnotateArgs:
     root: str = ""
     """paths are written relative to this folder (default: the folder of --out)"""
     fidelity_metric: str = "dists"
-    """Eq.1 distance: dists | lpips | ssim (ssim needs no weights)"""
+    """Eq.1 distance: dists | lpips | ssim | texture (ssim and texture need no weights; texture =
+    evaluate.texture_fidelity, a DISTS analogue)"""
     anchor: str = "piqe"
     """stage 1 scorer: a pyiqa NR metric name (piqe needs no weights), 'snb' (evaluate.snb_quality, weights-free,
     already in [1, 5]) or 'mllm' (--server)"""

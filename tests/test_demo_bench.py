@@ -103,3 +103,31 @@ def test_bench_quick_prints_every_ratio(tmp_path):
     assert r["infer_vs_stock"]["max_abs_diff"] < 1e-4  # same condition and noise: same image
     assert r["fsdp_loading"]["rank1_ratio"] < 1  # rank 1 never holds the full model
     assert r["objectives"]["trajectory_mb"] > 0 and r["objectives"]["flow_grpo"]["steps"] == 3
+
+
+def test_bench_fsdp_item_retries_a_failed_worker_once_and_names_the_failure(tmp_path, monkeypatch, capsys):
+    """Item 7: one failed torchrun is retried (and reported on stderr); two failures raise with the ranks'
+    own message (the head of stderr), not only torchrun's summary."""
+    import bench
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        mode, out = cmd[cmd.index("--fsdp-worker") + 1], Path(cmd[cmd.index("--json") + 1])
+        if len(calls) == 1 or fail_always:
+            return subprocess.CompletedProcess(cmd, 1, "", "terminate called: rank 0 message\n" + "x" * 5000 + "summary")
+        out.write_text(json.dumps({"rss_mb": [100.0, 50.0 if mode == "meta" else 80.0], "params": 7}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    fail_always = False
+    result = bench.bench_fsdp_loading(tmp_path, 256)
+    assert len(calls) == 3  # full (failed, retried), meta
+    assert result["rank1_ratio"] == pytest.approx(50.0 / 80.0)
+    assert "retrying once" in capsys.readouterr().err
+    calls.clear()
+    fail_always = True
+    with pytest.raises(RuntimeError, match="(?s)rank 0 message.*summary"):
+        bench.bench_fsdp_loading(tmp_path, 256)
+    assert len(calls) == 2

@@ -352,6 +352,29 @@ def test_fidelity_ssim_and_transform(monkeypatch):
     assert dists.stats["clamped"] == 1
 
 
+def test_texture_fidelity_by_hand_and_it_does_not_pay_for_blur():
+    import evaluate
+
+    scorer = R.FidelityScorer("texture")
+    # flat grey images: the band-pass maps are zero (their terms are c/c = 1), structure on Y is c2/c2 = 1,
+    # texture on Y = (2 * 0.25 * 0.75 + 1e-4) / (0.25^2 + 0.75^2 + 1e-4) = 0.37510 / 0.62510 = 0.600064
+    flat_a, flat_b = torch.full((1, 3, 32, 32), 0.25), torch.full((1, 3, 32, 32), 0.75)
+    texture_y = (2 * 0.25 * 0.75 + 1e-4) / (0.25 ** 2 + 0.75 ** 2 + 1e-4)
+    torch.testing.assert_close(scorer.fidelity(flat_a, flat_b), torch.tensor([(1 + (texture_y + 2) / 3) / 2]))
+    # a smooth ramp carrying a random texture: the same ramp with ANOTHER texture of the same strength keeps
+    # a high F, the ramp with its texture blurred away loses it. SSIM ranks them the other way round, which
+    # is why an SSIM-trained fidelity pays the policy for smoothing.
+    g = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(0.2, 0.8, 64).view(1, 1, 1, 64).expand(4, 3, 64, 64)
+    hr = (ramp + 0.1 * torch.randn(4, 1, 64, 64, generator=g)).clamp(0, 1)
+    other_texture = (ramp + 0.1 * torch.randn(4, 1, 64, 64, generator=g)).clamp(0, 1)
+    F_same, F_other, F_blur = (scorer.fidelity(x, hr) for x in (hr, other_texture, ramp.contiguous()))
+    torch.testing.assert_close(F_same, torch.ones(4))
+    assert (F_other > F_blur + 0.2).all(), (F_other, F_blur)
+    ssim = evaluate.create_metric("SSIM")
+    assert (ssim(other_texture, hr).flatten() < ssim(ramp.contiguous(), hr).flatten()).all()
+
+
 def test_fidelity_offline_weights_error_suggests_ssim(monkeypatch):
     import pyiqa
 

@@ -178,11 +178,12 @@ def _sr_folders(base, n_groups=2, methods=("Bicubic", "GAN", "Diff")):
     save_image(hr[0], base / "sr" / methods[0] / "orphan.png")  # an SR without LR: counted
 
 
-def test_annotate_command_writes_valid_jsonl_and_qc(tmp_path):
+@pytest.mark.parametrize("fidelity", ["ssim", "texture"])  # the two weights-free Eq.1 distances
+def test_annotate_command_writes_valid_jsonl_and_qc(tmp_path, fidelity):
     _sr_folders(tmp_path)
     out = tmp_path / "compass.jsonl"
     tc.main(["annotate", "--lr-dir", str(tmp_path / "lr"), "--sr-dir", str(tmp_path / "sr"), "--gt-dir",
-             str(tmp_path / "gt"), "--out", str(out), "--fidelity-metric", "ssim", "--anchor", "piqe",
+             str(tmp_path / "gt"), "--out", str(out), "--fidelity-metric", fidelity, "--anchor", "piqe",
              "--device", "cpu"])
     recs = tc.load_records(out, tmp_path)  # validates ranges and images
     assert len(recs) == 6 and {r.group for r in recs} == {"0000", "0001"}
