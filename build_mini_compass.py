@@ -96,7 +96,7 @@ class Args:
     fidelity_metric: str = "ssim"
     """the labels' F (`train_compass.py annotate --fidelity-metric`; the paper: DISTS, whose weights are not
     here): ssim (shipped) or texture (evaluate.texture_fidelity, a weights-free DISTS analogue that does not
-    pay for blur; not built yet: README "OARS in miniature")"""
+    pay for blur; measured, not shipped: README "OARS in miniature")"""
     patch_size: int = MINI_COMPASS["patch_size"]
     """the vision tower's patch: 4 = 64 vision tokens per 64x64 image (shipped), 8 = 16"""
     rope_theta: float = 5e6 ** 0.25
