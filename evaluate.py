@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from data import list_images, load_image
+from data import filter2d, gaussian_family_kernel, list_images, load_image
 
 # bitsandbytes (pulled in by diffusers, transformers and pyiqa) logs a warning about an optional 4-bit CPU
 # kernel when it is imported; nothing here uses 4-bit weights.
@@ -110,16 +110,6 @@ def blockiness(images: torch.Tensor, block: int = 8) -> torch.Tensor:
     return (ratios[0] + ratios[1]) / 2
 
 
-def _gaussian_blur(y: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N,1,H,W), radius ceil(3 sigma), reflect padding."""
-    radius = math.ceil(3 * sigma)
-    k = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32, device=y.device) ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    y = torch.nn.functional.pad(y, (radius, radius, radius, radius), mode="reflect")
-    y = torch.nn.functional.conv2d(y, k.view(1, 1, 1, -1))
-    return torch.nn.functional.conv2d(y, k.view(1, 1, -1, 1))
-
-
 def texture_fidelity(sr: torch.Tensor, hr: torch.Tensor, sigmas: Sequence[float] = (0.8, 1.6),
                      c1: float = 1e-4, c2: float = 1e-4) -> torch.Tensor:
     """A weights-free analogue of DISTS as a fidelity in [0, 1] (1 = same image): (N,3,H,W) x2 -> (N,).
@@ -138,7 +128,10 @@ def texture_fidelity(sr: torch.Tensor, hr: torch.Tensor, sigmas: Sequence[float]
     (README "OARS in miniature").
     """
     y_sr, y_hr = _luma(sr), _luma(hr)
-    maps = [(y_sr, y_hr)] + [(y_sr - _gaussian_blur(y_sr, s), y_hr - _gaussian_blur(y_hr, s)) for s in sigmas]
+    maps = [(y_sr, y_hr)]
+    for sigma in sigmas:  # band-pass detail: the image minus its Gaussian blur (radius ceil(3 sigma))
+        kernel = gaussian_family_kernel(2 * math.ceil(3 * sigma) + 1, sigma, sigma)
+        maps.append((y_sr - filter2d(y_sr, kernel), y_hr - filter2d(y_hr, kernel)))
 
     def stats(a, b):
         mu_a, mu_b = a.mean((1, 2, 3)), b.mean((1, 2, 3))
