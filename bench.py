@@ -36,6 +36,7 @@ import torch
 
 import backbone as B
 import serving
+import training as T
 
 ROOT = Path(__file__).resolve().parent
 
@@ -204,8 +205,6 @@ def fsdp_load_worker(mode: str, width: int, out: str) -> None:
     import torch.distributed as dist
     from diffusers import QwenImageTransformer2DModel
 
-    import training as T
-
     info = T.setup_distributed("cpu")
     config = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=128,
                   num_attention_heads=width // 128, joint_attention_dim=width, axes_dims_rope=(16, 56, 56))
@@ -229,20 +228,12 @@ def bench_fsdp_loading(tmp: Path, width: int) -> dict:
     result = {}
     for mode in ("full", "meta"):
         out = tmp / f"fsdp_{mode}.json"
-        for attempt in (1, 2):  # a rank of this 2-process run has been seen to abort (SIGABRT) on a loaded
-            # 2-core machine; that is not what this item measures, so it is retried once, and said so
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(serving.free_port()), "bench.py", "--fsdp-worker", mode, "--fsdp-width", str(width),
-                   "--json", str(out)]
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
-            if proc.returncode == 0:
-                break
-            # the ranks' own messages come first, torchrun's summary last: keep both ends
-            err = f"FSDP loading worker ({mode}) failed:\n{proc.stderr[:2500]}\n...\n{proc.stderr[-1500:]}"
-            if attempt == 2:
-                raise RuntimeError(err)
-            print(f"7. {err}\n   retrying once", file=sys.stderr)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(serving.free_port()), "bench.py", "--fsdp-worker", mode, "--fsdp-width", str(width),
+               "--json", str(out)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode != 0:  # the ranks' own messages come first, torchrun's summary last: keep both ends
+            raise RuntimeError(f"FSDP loading worker ({mode}) failed:\n{proc.stderr[:2500]}\n...\n{proc.stderr[-1500:]}")
         result[mode] = json.loads(out.read_text())
     full, meta = result["full"]["rss_mb"][1], result["meta"]["rss_mb"][1]
     return {"width": width, "params": result["full"]["params"], "rank1_full_mb": full, "rank1_meta_mb": meta,
@@ -308,4 +299,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    T.run_script(main)

@@ -95,8 +95,9 @@ class Args:
     pretrain_lr: float = 1e-3
     fidelity_metric: str = "ssim"
     """the labels' F (`train_compass.py annotate --fidelity-metric`; the paper: DISTS, whose weights are not
-    here): ssim (shipped) or texture (evaluate.texture_fidelity, a weights-free DISTS analogue that does not
-    pay for blur; measured, not shipped: README "OARS in miniature")"""
+    here): ssim (shipped), texture (evaluate.texture_fidelity, a weights-free DISTS analogue that does not
+    pay for blur) or blend ((ssim + texture) / 2); the last two measured, not shipped: README "OARS in
+    miniature"""
     patch_size: int = MINI_COMPASS["patch_size"]
     """the vision tower's patch: 4 = 64 vision tokens per 64x64 image (shipped), 8 = 16"""
     rope_theta: float = 5e6 ** 0.25
@@ -319,8 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     args, parser = T.parse_dataclass_args(Args, argv, __doc__.split("\n")[0])
     if args.stage not in ("all", "pretrain", "data", "annotate", "train", "eval", "refreward"):
         parser.error(f"--stage {args.stage}: choose all, pretrain, data, annotate, train, eval or refreward")
-    if args.fidelity_metric not in ("ssim", "texture"):  # the weights-free ones (dists/lpips need downloads)
-        parser.error(f"--fidelity-metric {args.fidelity_metric}: choose ssim or texture")
+    if args.fidelity_metric not in ("ssim", "texture", "blend"):  # the weights-free ones (dists/lpips need downloads)
+        parser.error(f"--fidelity-metric {args.fidelity_metric}: choose ssim, texture or blend")
     if args.quick:
         args = Args(**{**asdict(args), **QUICK})
     torch.set_num_threads(args.threads)

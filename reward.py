@@ -953,29 +953,33 @@ class FidelityMetricError(RuntimeError):
 class FidelityScorer:
     """Full-reference fidelity F in [0, 1]: 1 - DISTS (Eq.1, default), 1 - LPIPS, SSIM on Y (YCbCr), or
     'texture' (evaluate.texture_fidelity: a weights-free analogue of DISTS that, unlike SSIM, does not
-    prefer a blurred sample to one with re-synthesised texture).
+    prefer a blurred sample to one with re-synthesised texture), or 'blend' = (SSIM + texture) / 2, which
+    pays neither for blurring a generative sample nor for inventing more detail (README "OARS in miniature").
 
     `fidelity(sr, hr)` takes (N, 3, H, W) tensors in [0, 1] and returns (N,) float32. DISTS / LPIPS
-    need pretrained weights (pyiqa downloads them into $TORCH_HOME/hub); SSIM and texture need none. Values
+    need pretrained weights (pyiqa downloads them into $TORCH_HOME/hub); SSIM, texture, blend need none. Values
     outside [0, 1] are clamped and counted in stats["clamped"] so Eq.4 stays defined.
     """
 
     def __init__(self, metric: str = "dists", device: str = "cpu"):
         from evaluate import create_metric, texture_fidelity  # the evaluation table's settings (SSIM on Y)
 
-        options = ("dists", "lpips", "ssim", "texture")
+        options = ("dists", "lpips", "ssim", "texture", "blend")
         if metric not in options:
             raise ValueError(f"FidelityScorer: metric must be one of {list(options)}, got {metric!r}")
         try:
             if metric == "texture":
                 self.metric = texture_fidelity
+            elif metric == "blend":
+                ssim = create_metric("SSIM", device).requires_grad_(False)
+                self.metric = lambda sr, hr: (ssim(sr, hr).reshape(-1) + texture_fidelity(sr, hr)) / 2
             else:
                 self.metric = create_metric(metric.upper(), device).requires_grad_(False)
         except Exception as err:  # pyiqa raises URLError / OSError / RuntimeError when weights are missing
             raise FidelityMetricError(
                 f"FidelityScorer: could not build the {metric!r} metric ({type(err).__name__}: {err}). Its pretrained "
                 f"weights are probably not in $TORCH_HOME/hub and this machine cannot download them: copy them "
-                f"there, or use --fidelity ssim or texture (need no weights)."
+                f"there, or use --fidelity ssim, texture or blend (need no weights)."
             ) from err
         self.name, self.device = metric, device
         self.stats: Counter = Counter()
@@ -986,7 +990,7 @@ class FidelityScorer:
         if sr.shape != hr.shape:
             raise ValueError(f"FidelityScorer.fidelity: sr {tuple(sr.shape)} and hr {tuple(hr.shape)} differ in shape")
         value = self.metric(sr.to(self.device).float(), hr.to(self.device).float()).reshape(-1).float().cpu()
-        F = value if self.name in ("ssim", "texture") else 1.0 - value  # Eq.1: F = 1 - DISTS
+        F = value if self.name in ("ssim", "texture", "blend") else 1.0 - value  # Eq.1: F = 1 - DISTS
         clamped = F.clamp(0.0, 1.0)
         self.stats["clamped"] += int((clamped != F).sum())
         return clamped

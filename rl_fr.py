@@ -122,8 +122,8 @@ class Args:
     timestep_fraction: float | None = None
     """Flow-GRPO only: train the first int(rollout steps x fraction) steps (public default 0.99: all but the last)"""
     fidelity: str = "dists"
-    """F against the HR: 'dists' (paper, Eq.1), 'lpips', 'ssim' or 'texture' (no downloaded weights; texture
-    = evaluate.texture_fidelity, a DISTS analogue that does not pay for blur)"""
+    """F against the HR: 'dists' (paper, Eq.1), 'lpips', 'ssim', 'texture' or 'blend' (no downloaded weights;
+    texture = evaluate.texture_fidelity, a DISTS analogue that does not pay for blur; blend = their mean)"""
     reward_model: str = "tiny"
     """COMPASS checkpoint for Q_LR/Q_SR (in-process): 'tiny', 'mini', a hub name or a folder"""
     reward_url: str | None = None
@@ -619,4 +619,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    T.run_script(main)

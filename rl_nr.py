@@ -24,6 +24,7 @@ import torch
 
 import backbone as B
 import rl_fr
+import training as T
 from data import LRFolderDataset
 
 
@@ -80,4 +81,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    T.run_script(main)

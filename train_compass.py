@@ -95,6 +95,7 @@ from training import (
     gather_full_state,
     resolve_resume,
     restore_training_checkpoint,
+    run_script,
     save_training_checkpoint,
     seed_everything,
     setup_distributed,
@@ -1252,8 +1253,8 @@ class AnnotateArgs:
     root: str = ""
     """paths are written relative to this folder (default: the folder of --out)"""
     fidelity_metric: str = "dists"
-    """Eq.1 distance: dists | lpips | ssim | texture (ssim and texture need no weights; texture =
-    evaluate.texture_fidelity, a DISTS analogue)"""
+    """Eq.1 distance: dists | lpips | ssim | texture | blend (the last three need no weights; texture =
+    evaluate.texture_fidelity, a DISTS analogue; blend = (ssim + texture) / 2)"""
     anchor: str = "piqe"
     """stage 1 scorer: a pyiqa NR metric name (piqe needs no weights), 'snb' (evaluate.snb_quality, weights-free,
     already in [1, 5]) or 'mllm' (--server)"""
@@ -1348,4 +1349,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

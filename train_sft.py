@@ -278,4 +278,4 @@ def write_sample_grid(bb: B.Backbone, lr: torch.Tensor, hr: torch.Tensor, args: 
 
 
 if __name__ == "__main__":
-    main()
+    T.run_script(main)

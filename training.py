@@ -17,10 +17,12 @@ Only safetensors and JSON are read back: no pickles.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
 import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,10 +70,30 @@ def setup_distributed(device: str = "auto") -> DistInfo:
 def cleanup_distributed() -> None:
     """Leave the process group together: a rank that tears gloo down while another is still talking to it
     can abort at exit ("terminate called without an active exception"), so every rank waits at a barrier
-    first."""
+    first. Scripts end through `run_script`, which also skips the interpreter teardown under torchrun."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """The `if __name__ == "__main__":` of every script that torchrun may launch: `main()`, whose int result
+    (if any) is the exit code.
+
+    Under torchrun the process then ends with os._exit after flushing its streams, skipping the
+    interpreter's own teardown. `cleanup_distributed` has already left the process group, but gloo's
+    worker threads can still be alive while the interpreter tears down, and a rank then aborts
+    ("terminate called without an active exception", SIGABRT) after all its work is done and written;
+    torchrun reports that as a failed run. A plain `python` run (or an exception) exits the usual way.
+    """
+    result = main()
+    code = result if isinstance(result, int) and not isinstance(result, bool) else 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def seed_everything(seed: int, rank: int = 0) -> torch.Generator:

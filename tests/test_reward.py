@@ -375,6 +375,20 @@ def test_texture_fidelity_by_hand_and_it_does_not_pay_for_blur():
     assert (ssim(other_texture, hr).flatten() < ssim(ramp.contiguous(), hr).flatten()).all()
 
 
+def test_blend_fidelity_is_the_mean_of_ssim_and_texture():
+    """'blend' = (SSIM + texture) / 2 pair by pair: on the ramp of the test above it lies between the two,
+    which rank another texture and a blur the opposite ways."""
+    g = torch.Generator().manual_seed(1)
+    ramp = torch.linspace(0.2, 0.8, 64).view(1, 1, 1, 64).expand(3, 3, 64, 64)
+    hr = (ramp + 0.1 * torch.randn(3, 1, 64, 64, generator=g)).clamp(0, 1)
+    other_texture = (ramp + 0.1 * torch.randn(3, 1, 64, 64, generator=g)).clamp(0, 1)
+    for sr in (other_texture, ramp.contiguous()):
+        ssim, texture = R.FidelityScorer("ssim").fidelity(sr, hr), R.FidelityScorer("texture").fidelity(sr, hr)
+        torch.testing.assert_close(R.FidelityScorer("blend").fidelity(sr, hr), (ssim + texture) / 2)
+        assert (ssim - texture).abs().min() > 0.05  # the two differ, so the mean is a real blend
+    torch.testing.assert_close(R.FidelityScorer("blend").fidelity(hr, hr), torch.ones(3))
+
+
 def test_fidelity_offline_weights_error_suggests_ssim(monkeypatch):
     import pyiqa
 

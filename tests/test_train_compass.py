@@ -178,7 +178,7 @@ def _sr_folders(base, n_groups=2, methods=("Bicubic", "GAN", "Diff")):
     save_image(hr[0], base / "sr" / methods[0] / "orphan.png")  # an SR without LR: counted
 
 
-@pytest.mark.parametrize("fidelity", ["ssim", "texture"])  # the two weights-free Eq.1 distances
+@pytest.mark.parametrize("fidelity", ["ssim", "texture", "blend"])  # the weights-free Eq.1 distances
 def test_annotate_command_writes_valid_jsonl_and_qc(tmp_path, fidelity):
     _sr_folders(tmp_path)
     out = tmp_path / "compass.jsonl"

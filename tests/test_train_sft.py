@@ -97,6 +97,26 @@ def test_reuse_pool_fetches_every_r_steps_and_draws_from_the_last_r_batches():
         T.ReusePool(0, fetch, list, torch.Generator())
 
 
+def test_run_script_exit_code_and_torchrun_exit_without_teardown(tmp_path):
+    """run_script: main()'s int result is the exit code (anything else: 0). Under torchrun (WORLD_SIZE > 1)
+    the process ends by os._exit: what main printed is flushed, but the interpreter's teardown (here an
+    atexit handler, in a real run gloo's threads) never runs."""
+    for result, code in ((3, 3), (None, 0), (Path("out"), 0), ({"a": 1}, 0)):
+        with pytest.raises(SystemExit) as exc:
+            T.run_script(lambda: result)
+        assert exc.value.code == code
+    script = ("import atexit, training\n"
+              "atexit.register(print, 'teardown ran')\n"
+              "def main():\n    print('work done', end='')\n    return 5\n"
+              "training.run_script(main)\n")
+    root = Path(__file__).resolve().parents[1]
+    for world, teardown in (("2", False), ("1", True)):
+        proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                              env={**os.environ, "WORLD_SIZE": world})
+        assert proc.returncode == 5 and proc.stdout.startswith("work done"), proc
+        assert ("teardown ran" in proc.stdout) == teardown, proc.stdout
+
+
 def test_bad_data_folder_errors_name_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images in"):
