@@ -953,8 +953,8 @@ class FidelityMetricError(RuntimeError):
 class FidelityScorer:
     """Full-reference fidelity F in [0, 1]: 1 - DISTS (Eq.1, default), 1 - LPIPS, SSIM on Y (YCbCr), or
     'texture' (evaluate.texture_fidelity: a weights-free analogue of DISTS that, unlike SSIM, does not
-    prefer a blurred sample to one with re-synthesised texture), or 'blend' = (SSIM + texture) / 2, which
-    pays neither for blurring a generative sample nor for inventing more detail (README "OARS in miniature").
+    prefer a blurred sample to one with re-synthesised texture), or 'blend' = (SSIM + texture) / 2, nearly
+    flat when the mini SFT's samples are blurred (README "OARS in miniature").
 
     `fidelity(sr, hr)` takes (N, 3, H, W) tensors in [0, 1] and returns (N,) float32. DISTS / LPIPS
     need pretrained weights (pyiqa downloads them into $TORCH_HOME/hub); SSIM, texture, blend need none. Values
