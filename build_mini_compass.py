@@ -320,8 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     args, parser = T.parse_dataclass_args(Args, argv, __doc__.split("\n")[0])
     if args.stage not in ("all", "pretrain", "data", "annotate", "train", "eval", "refreward"):
         parser.error(f"--stage {args.stage}: choose all, pretrain, data, annotate, train, eval or refreward")
-    if args.fidelity_metric not in ("ssim", "texture", "blend"):  # the weights-free ones (dists/lpips need downloads)
-        parser.error(f"--fidelity-metric {args.fidelity_metric}: choose ssim, texture or blend")
+    if args.fidelity_metric not in reward.WEIGHTS_FREE_FIDELITY:  # dists / lpips need downloaded weights
+        parser.error(f"--fidelity-metric {args.fidelity_metric}: choose {' / '.join(reward.WEIGHTS_FREE_FIDELITY)}")
     if args.quick:
         args = Args(**{**asdict(args), **QUICK})
     torch.set_num_threads(args.threads)

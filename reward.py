@@ -950,6 +950,10 @@ class FidelityMetricError(RuntimeError):
     """A fidelity metric could not be built (usually: its weights cannot be downloaded offline)."""
 
 
+# the fidelities that need no downloaded weights; they are similarities (1 = same image), not distances
+WEIGHTS_FREE_FIDELITY = ("ssim", "texture", "blend")
+
+
 class FidelityScorer:
     """Full-reference fidelity F in [0, 1]: 1 - DISTS (Eq.1, default), 1 - LPIPS, SSIM on Y (YCbCr), or
     'texture' (evaluate.texture_fidelity: a weights-free analogue of DISTS that, unlike SSIM, does not
@@ -964,7 +968,7 @@ class FidelityScorer:
     def __init__(self, metric: str = "dists", device: str = "cpu"):
         from evaluate import create_metric, texture_fidelity  # the evaluation table's settings (SSIM on Y)
 
-        options = ("dists", "lpips", "ssim", "texture", "blend")
+        options = ("dists", "lpips", *WEIGHTS_FREE_FIDELITY)
         if metric not in options:
             raise ValueError(f"FidelityScorer: metric must be one of {list(options)}, got {metric!r}")
         try:
@@ -979,7 +983,7 @@ class FidelityScorer:
             raise FidelityMetricError(
                 f"FidelityScorer: could not build the {metric!r} metric ({type(err).__name__}: {err}). Its pretrained "
                 f"weights are probably not in $TORCH_HOME/hub and this machine cannot download them: copy them "
-                f"there, or use --fidelity ssim, texture or blend (need no weights)."
+                f"there, or use --fidelity {' / '.join(WEIGHTS_FREE_FIDELITY)} (need no weights)."
             ) from err
         self.name, self.device = metric, device
         self.stats: Counter = Counter()
@@ -990,7 +994,7 @@ class FidelityScorer:
         if sr.shape != hr.shape:
             raise ValueError(f"FidelityScorer.fidelity: sr {tuple(sr.shape)} and hr {tuple(hr.shape)} differ in shape")
         value = self.metric(sr.to(self.device).float(), hr.to(self.device).float()).reshape(-1).float().cpu()
-        F = value if self.name in ("ssim", "texture", "blend") else 1.0 - value  # Eq.1: F = 1 - DISTS
+        F = value if self.name in WEIGHTS_FREE_FIDELITY else 1.0 - value  # Eq.1: F = 1 - DISTS
         clamped = F.clamp(0.0, 1.0)
         self.stats["clamped"] += int((clamped != F).sum())
         return clamped
