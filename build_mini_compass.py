@@ -9,6 +9,8 @@ photographs that ship inside installed packages (photos.py; the HELDOUT photos a
                   by `train_compass.py annotate --calibration none` (absolute scores: F = SSIM to the HR,
                   Q = the weights-free SNB score, evaluate.snb_quality), trained with `train_compass.py
                   train` from random weights. It teaches the vision tower to see degradations.
+                                                               -> mini/compass_base/ (save_pretrained)
+                  (`--pretrained mini` starts the later stages from the shipped one instead)
     2. data       COMPASS-20K in miniature: 16x16 LR made by data.py's degradation (and some by a plain
                   blur + bicubic downscale) from 64x64 crops, and SR outputs of 12 "methods": the mini
                   backbone's own BASE and SFT samples at 40 steps and at the RL stages' 6 steps, an
@@ -27,11 +29,12 @@ photographs that ship inside installed packages (photos.py; the HELDOUT photos a
                   and the Table 3 cases: models trained the same way on absolute labels / without F, and
                   gamma 5 / 7 / 9 / linear                            -> mini/compass_eval.{md,json}
 
-The mini model is the real Qwen3VLForConditionalGeneration with a small config: text width 128 x 4
-layers (RoPE base 5e6 ** (1/4): --rope-theta), vision depth 3 x 96 with PATCH 4, so a 64x64 image
-costs 64 vision tokens (the 8B's patch 16 would give 4, too few to see blur or noise at this size; patch 8
-gave 16, and the model then could not learn F: README "The mini presets"); the byte tokenizer gets one
-token per word of the task text, so the real prompt is kept and costs ~110 tokens instead of ~390.
+The mini model is the real Qwen3VLForConditionalGeneration with a small config: text width 128 x 8
+layers (--text-layers; the shipped mini/compass has 4, which read out less of F), RoPE base 5e6 ** (1/4)
+(--rope-theta), vision depth 3 x 96 with PATCH 4, so a 64x64 image costs 64 vision tokens (the 8B's patch
+16 would give 4, too few to see blur or noise at this size; patch 8 gave 16, and the model then could not
+learn F: README "The mini presets"); the byte tokenizer gets one token per word of the task text, so the
+real prompt is kept and costs ~110 tokens instead of ~390.
 
     python build_mini_compass.py                      # everything, resumable (needs the mini backbone)
     python build_mini_compass.py --stage eval         # one part: pretrain | data | annotate | train | eval
@@ -63,9 +66,9 @@ from build_mini_backbone import gaussian_blur, plain_lr
 
 ROOT = Path(__file__).resolve().parent
 
-# The mini architecture (reward.build_compass): ~1.8M parameters.
+# The mini architecture (reward.build_compass): ~2.6M parameters.
 MINI_COMPASS = dict(
-    text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+    text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
               num_key_value_heads=2, head_dim=32, mrope_section=[4, 6, 6]),
     vision=dict(depth=3, hidden_size=96, intermediate_size=256, num_heads=4, deepstack_visual_indexes=[1, 2]),
     patch_size=4, min_pixels=32 * 32, max_pixels=128 * 128,
@@ -90,6 +93,10 @@ class Args:
     """a few steps of every stage (tests)"""
     seed: int = 0
     threads: int = 2
+    pretrained: str = ""
+    """start the COMPASS, Table 3 and RefReward-SR training from this pretrained model instead of the
+    pretrain stage's own output: a save_pretrained folder, or 'mini' = the shipped mini/compass_base
+    (which the pretrain stage wrote; it saves that stage's hour here). The pretrain stage is then skipped"""
     pretrain_groups: int = 800
     pretrain_epochs: int = 6
     pretrain_lr: float = 1e-3
@@ -100,6 +107,9 @@ class Args:
     miniature"""
     patch_size: int = MINI_COMPASS["patch_size"]
     """the vision tower's patch: 4 = 64 vision tokens per 64x64 image (shipped), 8 = 16"""
+    text_layers: int = MINI_COMPASS["text"]["num_hidden_layers"]
+    """decoder layers of the text model: 8 (mini/compass_base). The shipped mini/compass was built with 4
+    (held-out Spearman of F 0.546); a measured 8-layer build reached 0.625 (README "The mini presets")"""
     rope_theta: float = 5e6 ** 0.25
     """the text model's RoPE base (shipped: 5e6 ** 0.25 = 47.287). The 8B's 5e6 on a 32-dim head leaves each
     image axis ONE useful frequency; the fourth root makes the head's 16 frequencies exactly the 8B's 16
@@ -258,6 +268,13 @@ def train(model: str, data_file: Path, root: Path, out: Path, epochs: int, lr: f
          "--augment", augment, *(["--max-steps", str(max_steps)] if max_steps else [])], log)
 
 
+def publish(src: Path, dst: Path, *ignore: str) -> None:
+    """Replace `dst` by the trained model in `src`, without its checkpoints, logs and the `ignore` patterns."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "tb", "losses.json", *ignore))
+
+
 def without_fidelity(src: Path, dst: Path) -> Path:
     """The same records with F removed: the quality-only prompt (Table 3 cases without explicit fidelity)."""
     rows = [json.loads(x) for x in src.read_text().splitlines() if x.strip()]
@@ -322,15 +339,26 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--stage {args.stage}: choose all, pretrain, data, annotate, train, eval or refreward")
     if args.fidelity_metric not in reward.WEIGHTS_FREE_FIDELITY:  # dists / lpips need downloaded weights
         parser.error(f"--fidelity-metric {args.fidelity_metric}: choose {' / '.join(reward.WEIGHTS_FREE_FIDELITY)}")
+    if args.pretrained and args.stage == "pretrain":
+        parser.error("--stage pretrain with --pretrained: the pretrained model is given, nothing to pretrain")
     if args.quick:
         args = Args(**{**asdict(args), **QUICK})
     torch.set_num_threads(args.threads)
     out, work = Path(args.out), Path(args.work)
+    # what the COMPASS, Table 3 and RefReward-SR models start from (files checked before any work)
+    if args.pretrained == "mini":
+        pretrained = presets.mini_compass_base()
+    elif args.pretrained:
+        pretrained = Path(args.pretrained)
+        presets.check_files([pretrained / "config.json", pretrained / "model.safetensors"], "--pretrained model",
+                            presets.REBUILD_COMPASS_BASE)
+    else:
+        pretrained = work / "pretrained"
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     times_path = work / "times.json"
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
-    want = lambda s: args.stage in ("all", s)  # noqa: E731
+    want = lambda s: args.stage in ("all", s) and not (s == "pretrain" and args.pretrained)  # noqa: E731
 
     def timed(name: str, fn) -> None:
         t0 = time.time()
@@ -342,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
         init = work / "init"
         if not (init / "config.json").exists():  # random weights of the mini architecture
             config = {**MINI_COMPASS, "patch_size": args.patch_size,
-                      "text": {**MINI_COMPASS["text"], "rope_theta": args.rope_theta}}
+                      "text": {**MINI_COMPASS["text"], "rope_theta": args.rope_theta,
+                               "num_hidden_layers": args.text_layers}}
             model, processor = reward.build_compass(args.seed, words_from=TEXTS, **config)
             model.save_pretrained(init)
             processor.save_pretrained(init)
@@ -353,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
                      fidelity=args.fidelity_metric)
         train(str(init), folder / "pretrain.jsonl", folder, work / "pretrained", args.pretrain_epochs,
               args.pretrain_lr, args.batch, work / "train_pretrain.log")
+        publish(work / "pretrained", out / "compass_base")
 
     def make_data() -> None:
         bb = B.load_backbone(args.backbone)
@@ -369,18 +399,14 @@ def main(argv: list[str] | None = None) -> None:
                  calibration="none", fidelity=args.fidelity_metric)
 
     def train_all() -> None:
-        pretrained = str(work / "pretrained")
-        train(pretrained, work / "train" / "train.jsonl", work / "train", work / "compass", args.epochs, args.lr,
-              args.batch, work / "train_compass.log", augment=args.augment)
-        final = out / "compass"
-        if final.exists():
-            shutil.rmtree(final)
-        shutil.copytree(work / "compass", final, ignore=shutil.ignore_patterns("checkpoints", "tb", "losses.json"))
+        train(str(pretrained), work / "train" / "train.jsonl", work / "train", work / "compass", args.epochs,
+              args.lr, args.batch, work / "train_compass.log", augment=args.augment)
+        publish(work / "compass", out / "compass")
         if args.ablations:  # Table 3: the same budget on other labels
             for name, src in (("calibrated_noF", work / "train" / "train.jsonl"),
                               ("absolute_noF", work / "train" / "train_absolute.jsonl")):
                 records = without_fidelity(src, work / "train" / f"train_{name}.jsonl")
-                train(pretrained, records, work / "train", work / f"ablation_{name}", args.epochs, args.lr,
+                train(str(pretrained), records, work / "train", work / f"ablation_{name}", args.epochs, args.lr,
                       args.batch, work / f"train_{name}.log", augment=args.augment)
 
     def evaluate_all() -> None:
@@ -424,16 +450,13 @@ def main(argv: list[str] | None = None) -> None:
         for split in ("train", "heldout"):
             run(["train_refreward.py", "pairs", "--compass", str(work / split / f"{split}.jsonl"), "--out",
                  str(work / split / "pairs.jsonl")], work / f"pairs_{split}.log")
-        run(["train_refreward.py", "train", "--model", str(work / "pretrained"), "--data",
+        run(["train_refreward.py", "train", "--model", str(pretrained), "--data",
              str(work / "train" / "pairs.jsonl"), "--out", str(work / "refreward"), "--warmup-steps",
              str(args.refreward_warmup), "--steps", str(args.refreward_steps), "--prompts", "8", "--group", "8",
              "--lr", str(args.refreward_lr), "--warmup-lr", "1e-3", "--max-new-tokens", "40", "--device", "cpu",
              "--resume", "latest"], work / "train_refreward.log")
         final = out / "refreward"
-        if final.exists():
-            shutil.rmtree(final)
-        shutil.copytree(work / "refreward", final, ignore=shutil.ignore_patterns("checkpoints", "tb", "*.jsonl",
-                                                                                "reference.safetensors", "args.json"))
+        publish(work / "refreward", final, "*.jsonl", "reference.safetensors", "args.json")
         run(["train_refreward.py", "eval", "--model", str(final), "--data", str(work / "heldout" / "pairs.jsonl"),
              "--out", str(out / "refreward_eval.json")], work / "eval_refreward_pairs.log")
         run(["train_compass.py", "eval", "--model", str(out / "compass"), "--refreward", str(final), "--sriqa-root",
@@ -475,6 +498,7 @@ def eval_markdown(result: dict) -> str:
     lines += ["", "Table 3 cases (All-Acc, same held-out pairs; the MOS itself uses gamma 7):", "",
               "| case | model / reward | All-Acc |", "|---|---|---|"]
     lines += [f"| {c} | {text} | {compass(name)['All-Acc']} |" for c, text, name in cases if name in result["tables"]]
+    lines += [f"\nNote: {note}" for note in result.get("notes", [])]  # e.g. where a row's model came from
     a = result["agreement"]
     lines += ["", f"Answer parse rate (free generation, {a['pairs']} held-out pairs): {a['parse_rate']:.1%}; Spearman "
               f"with the labels: F {a['spearman_F']:.3f}, Q_SR {a['spearman_q_sr']:.3f}, Q_LR {a['spearman_q_lr']:.3f}."]

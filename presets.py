@@ -8,9 +8,11 @@ repository and are committed in `mini/`:
     mini/backbone/                    diffusers pipeline folder of the mini BASE model  (--model mini)
     mini/sft/transformer.safetensors  its cold start, made by train_sft.py             (--sft mini)
     mini/compass/                     the mini COMPASS reward model (save_pretrained)  (--reward-model mini)
+    mini/compass_base/                its pretrained Qwen3-VL (the analogue of the 8B checkpoint that
+                                      COMPASS and RefReward-SR are fine-tuned from)
     mini/refreward/                   the mini RefReward-SR pairwise reward model    (--reward refreward)
 
-`build_mini_backbone.py` rebuilds the first two, `build_mini_compass.py` the last two. A missing or damaged
+`build_mini_backbone.py` rebuilds the first two, `build_mini_compass.py` the last three. A missing or damaged
 file is reported by name with the command that rebuilds it, before any model code tries to read it.
 """
 
@@ -23,9 +25,11 @@ ROOT = Path(__file__).resolve().parent / "mini"
 MINI_BACKBONE = ROOT / "backbone"
 MINI_SFT = ROOT / "sft" / "transformer.safetensors"
 MINI_COMPASS = ROOT / "compass"
+MINI_COMPASS_BASE = ROOT / "compass_base"
 MINI_REFREWARD = ROOT / "refreward"
 REBUILD_BACKBONE = "python build_mini_backbone.py"
 REBUILD_COMPASS = "python build_mini_compass.py"
+REBUILD_COMPASS_BASE = "python build_mini_compass.py --stage pretrain"
 REBUILD_REFREWARD = "python build_mini_compass.py --stage refreward"
 
 
@@ -93,6 +97,13 @@ def mini_compass() -> Path:
     check_files([MINI_COMPASS / "config.json"], "mini COMPASS", REBUILD_COMPASS)
     check_files(weight_files(MINI_COMPASS), "mini COMPASS", REBUILD_COMPASS)
     return MINI_COMPASS
+
+
+def mini_compass_base() -> Path:
+    """The checked pretrained mini Qwen3-VL folder."""
+    check_files([MINI_COMPASS_BASE / "config.json"], "mini COMPASS base", REBUILD_COMPASS_BASE)
+    check_files(weight_files(MINI_COMPASS_BASE), "mini COMPASS base", REBUILD_COMPASS_BASE)
+    return MINI_COMPASS_BASE
 
 
 def mini_refreward() -> Path:

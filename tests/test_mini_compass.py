@@ -91,6 +91,8 @@ def test_shipped_mini_compass_loads_and_scores_deterministically():
     b = reward.LocalScorer(model, processor, synthetic=True).score_group(to_pil(lr), [to_pil(x) for x in sr])
     assert torch.equal(a.F, b.F) and torch.equal(a.q_sr, b.q_sr) and bool(a.valid.all())
     assert 0 <= float(a.F.min()) and float(a.q_sr.max()) <= 5
+    # the build script's vision tower (its text model: `--text-layers 4`, README "The mini presets")
+    assert model.config.vision_config.patch_size == build.MINI_COMPASS["patch_size"]
     size = sum(p.stat().st_size for p in presets.MINI_COMPASS.rglob("*") if p.is_file())
     assert size < 20e6  # the issue's bar for the shipped folder
 
@@ -121,6 +123,31 @@ def test_build_rejects_a_fidelity_metric_that_needs_downloads_before_any_work(tm
     # the option reaches the annotation command line
     cmd = build.annotate_command(tmp_path, tmp_path / "a.jsonl", fidelity="texture")
     assert cmd[cmd.index("--fidelity-metric") + 1] == "texture"
+
+
+def test_build_starts_from_the_given_pretrained_model_and_names_a_broken_one(tmp_path, monkeypatch, capsys):
+    """`--pretrained mini` skips the pretrain stage and trains COMPASS from the shipped mini/compass_base;
+    a broken folder is named with the rebuild command before any work; `--stage pretrain` with it is refused."""
+    commands = []
+    monkeypatch.setattr(build, "run", lambda args, log: commands.append(args))
+    monkeypatch.setattr(build, "publish", lambda *a: None)
+    work, out = tmp_path / "work", tmp_path / "out"
+    build.main(["--stage", "train", "--pretrained", "mini", "--work", str(work), "--out", str(out), "--no-ablations"])
+    (train,) = commands
+    assert train[:2] == ["train_compass.py", "train"]
+    assert train[train.index("--model") + 1] == str(presets.MINI_COMPASS_BASE)
+    assert not (work / "init").exists()  # nothing pretrained
+    broken = tmp_path / "base"
+    broken.mkdir()
+    (broken / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"base/config\.json is damaged.*--stage pretrain"):
+        build.main(["--pretrained", str(broken), "--work", str(tmp_path / "w2"), "--out", str(out)])
+    assert not (tmp_path / "w2").exists()
+    with pytest.raises(SystemExit):
+        build.main(["--stage", "pretrain", "--pretrained", "mini", "--work", str(work), "--out", str(out)])
+    assert "--stage pretrain with --pretrained" in capsys.readouterr().err
+    model, _ = reward.load_compass(str(presets.mini_compass_base()))  # the shipped base: the build's architecture
+    assert model.config.text_config.num_hidden_layers == build.MINI_COMPASS["text"]["num_hidden_layers"]
 
 
 def test_missing_mini_compass_file_is_named_with_the_rebuild_command(tmp_path, monkeypatch):
@@ -177,13 +204,16 @@ def test_shipped_mini_compass_reproduces_its_held_out_agreement(tmp_path):
 def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     proc = subprocess.run([sys.executable, "build_mini_compass.py", "--quick", "--out", str(out), "--work", str(work),
-                           "--threads", "1", "--pretrain-foreign", "1"], cwd=ROOT, capture_output=True, text=True,
+                           "--threads", "1", "--pretrain-foreign", "1", "--text-layers", "2"], cwd=ROOT, capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     first = sorted(p.name for p in (work / "pretrain" / "sr").iterdir() if (p / "p00000.png").exists())
     assert "foreign_0" in first and len(first) == 8, first  # hr, bicubic, 5 operators, 1 foreign detail
     model, _ = reward.load_compass(str(out / "compass"))
     assert model.config.vision_config.patch_size == 4  # the shipped architecture (MINI_COMPASS)
+    assert model.config.text_config.num_hidden_layers == 2  # --text-layers reaches the model
+    base, _ = reward.load_compass(str(out / "compass_base"))  # the pretrain stage's model is published too
+    assert base.config.text_config.num_hidden_layers == 2
     result = json.loads((out / "compass_eval.json").read_text())
     assert {"main", "gamma_5", "gamma_9", "gamma_inf", "calibrated_noF", "absolute_noF"} <= set(result["tables"])
     assert result["agreement_check"]["groups"] == 2 and result["agreement_check"]["pairs"] == 24
