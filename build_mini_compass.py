@@ -349,9 +349,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.pretrained == "mini":
         pretrained = presets.mini_compass_base()
     elif args.pretrained:
-        pretrained = Path(args.pretrained)
-        presets.check_files([pretrained / "config.json", pretrained / "model.safetensors"], "--pretrained model",
-                            presets.REBUILD_COMPASS_BASE)
+        pretrained = presets.checked_model_folder(Path(args.pretrained), "--pretrained model",
+                                                  presets.REBUILD_COMPASS_BASE)
     else:
         pretrained = work / "pretrained"
     work.mkdir(parents=True, exist_ok=True)

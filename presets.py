@@ -92,22 +92,23 @@ def mini_sft() -> Path:
     return MINI_SFT
 
 
+def checked_model_folder(folder: Path, what: str, rebuild: str) -> Path:
+    """A save_pretrained folder whose config.json and weights were checked (named with `rebuild` if not)."""
+    check_files([folder / "config.json"], what, rebuild)
+    check_files(weight_files(folder), what, rebuild)
+    return folder
+
+
 def mini_compass() -> Path:
     """The checked mini COMPASS folder."""
-    check_files([MINI_COMPASS / "config.json"], "mini COMPASS", REBUILD_COMPASS)
-    check_files(weight_files(MINI_COMPASS), "mini COMPASS", REBUILD_COMPASS)
-    return MINI_COMPASS
+    return checked_model_folder(MINI_COMPASS, "mini COMPASS", REBUILD_COMPASS)
 
 
 def mini_compass_base() -> Path:
     """The checked pretrained mini Qwen3-VL folder."""
-    check_files([MINI_COMPASS_BASE / "config.json"], "mini COMPASS base", REBUILD_COMPASS_BASE)
-    check_files(weight_files(MINI_COMPASS_BASE), "mini COMPASS base", REBUILD_COMPASS_BASE)
-    return MINI_COMPASS_BASE
+    return checked_model_folder(MINI_COMPASS_BASE, "mini COMPASS base", REBUILD_COMPASS_BASE)
 
 
 def mini_refreward() -> Path:
     """The checked mini RefReward folder."""
-    check_files([MINI_REFREWARD / "config.json"], "mini RefReward", REBUILD_REFREWARD)
-    check_files(weight_files(MINI_REFREWARD), "mini RefReward", REBUILD_REFREWARD)
-    return MINI_REFREWARD
+    return checked_model_folder(MINI_REFREWARD, "mini RefReward", REBUILD_REFREWARD)
