@@ -92,6 +92,9 @@ class Args:
     quick: bool = False
     """a few steps of every stage (tests)"""
     seed: int = 0
+    train_seed: int = 0
+    """seed of the COMPASS and Table 3 trainings' sample order and augmentation (`train_compass.py --seed`);
+    the data stay those of --seed, so runs with another --train-seed measure the training's own spread"""
     threads: int = 2
     pretrained: str = ""
     """start the COMPASS, Table 3 and RefReward-SR training from this pretrained model instead of the
@@ -261,11 +264,11 @@ def annotate(folder: Path, out: Path, log: Path, calibration: str = "rank", fide
 
 
 def train(model: str, data_file: Path, root: Path, out: Path, epochs: int, lr: float, batch: int, log: Path,
-          max_steps: int = 0, augment: str = "none") -> None:
+          max_steps: int = 0, augment: str = "none", seed: int = 0) -> None:
     run(["train_compass.py", "train", "--model", model, "--data", str(data_file), "--root", str(root),
          "--out", str(out), "--epochs", str(epochs), "--global-batch", str(batch), "--per-device-batch",
          str(batch), "--lr", str(lr), "--warmup-steps", "100", "--device", "cpu", "--resume", "latest",
-         "--augment", augment, *(["--max-steps", str(max_steps)] if max_steps else [])], log)
+         "--augment", augment, "--seed", str(seed), *(["--max-steps", str(max_steps)] if max_steps else [])], log)
 
 
 def publish(src: Path, dst: Path, *ignore: str) -> None:
@@ -399,14 +402,14 @@ def main(argv: list[str] | None = None) -> None:
 
     def train_all() -> None:
         train(str(pretrained), work / "train" / "train.jsonl", work / "train", work / "compass", args.epochs,
-              args.lr, args.batch, work / "train_compass.log", augment=args.augment)
+              args.lr, args.batch, work / "train_compass.log", augment=args.augment, seed=args.train_seed)
         publish(work / "compass", out / "compass")
         if args.ablations:  # Table 3: the same budget on other labels
             for name, src in (("calibrated_noF", work / "train" / "train.jsonl"),
                               ("absolute_noF", work / "train" / "train_absolute.jsonl")):
                 records = without_fidelity(src, work / "train" / f"train_{name}.jsonl")
                 train(str(pretrained), records, work / "train", work / f"ablation_{name}", args.epochs, args.lr,
-                      args.batch, work / f"train_{name}.log", augment=args.augment)
+                      args.batch, work / f"train_{name}.log", augment=args.augment, seed=args.train_seed)
 
     def evaluate_all() -> None:
         records = load_records(work / "heldout" / "heldout.jsonl", work / "heldout")

@@ -132,10 +132,12 @@ def test_build_starts_from_the_given_pretrained_model_and_names_a_broken_one(tmp
     monkeypatch.setattr(build, "run", lambda args, log: commands.append(args))
     monkeypatch.setattr(build, "publish", lambda *a: None)
     work, out = tmp_path / "work", tmp_path / "out"
-    build.main(["--stage", "train", "--pretrained", "mini", "--work", str(work), "--out", str(out), "--no-ablations"])
+    build.main(["--stage", "train", "--pretrained", "mini", "--work", str(work), "--out", str(out), "--no-ablations",
+                "--train-seed", "3"])
     (train,) = commands
     assert train[:2] == ["train_compass.py", "train"]
     assert train[train.index("--model") + 1] == str(presets.MINI_COMPASS_BASE)
+    assert train[train.index("--seed") + 1] == "3"  # the training's own seed; the data stay those of --seed
     assert not (work / "init").exists()  # nothing pretrained
     broken = tmp_path / "base"
     broken.mkdir()

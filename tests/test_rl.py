@@ -137,9 +137,12 @@ def test_torchrun_two_processes(hr_dir, fr_lora, tmp_path):
 def test_rl_loop_raises_a_planted_reward(tmp_path, objective):
     """The real rl_fr loop (rollouts, filter, r or advantages, Eq.8 or the clipped ratio) with a reward the
     tiny policy can reach: image brightness. The mean reward of fresh rollouts must rise clearly above its
-    start, under both objectives. Flow-GRPO gets 3x the steps: it climbs more slowly here (about 3x), in line
-    with the paper's appendix ("NFT trains and converges 5-10x faster")."""
-    steps = {"nft": 24, "flow_grpo": 72}[objective]
+    start, under both objectives. Flow-GRPO gets more steps: it climbs more slowly here, in line with the
+    paper's appendix ("NFT trains and converges 5-10x faster"), and a lower rate: at NFT's 3e-2 its reward
+    rose for 25 steps, then fell back to the start (measured: gain 0.007 after 72 steps, 0.046 at 1e-2).
+    Measured gains at 2 / 1 threads (threshold 2 x the first rollouts' std, about 0.02): NFT 0.026 / 0.035,
+    Flow-GRPO 0.046 / 0.046: the float summation order of the machine moves them, the climb stays."""
+    steps, lr = {"nft": (40, "3e-2"), "flow_grpo": (72, "1e-2")}[objective]
     import reward
     from data import save_image
 
@@ -150,7 +153,7 @@ def test_rl_loop_raises_a_planted_reward(tmp_path, objective):
     out = tmp_path / "planted.safetensors"
     args = rl_fr.parse_args(["--model", "tiny", "--lr-dir", str(tmp_path / "lr"), "--hr-dir", str(tmp_path / "hr"),
                              "--crop-size", "64", "--group-size", "16", "--rollout-batch", "16", "--train-batch", "16",
-                             "--rollout-steps", "4", "--lr", "3e-2", "--steps", str(steps), "--sample-every", "0",
+                             "--rollout-steps", "4", "--lr", lr, "--steps", str(steps), "--sample-every", "0",
                              "--save-every", "100", "--objective", objective, "--out", str(out)])
 
     def brightness_reward(_args):
