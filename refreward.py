@@ -173,17 +173,22 @@ def format_verdict(verdict: str, reason: str = "") -> str:
     return f"<think>{' '.join(reason.split())}</think><answer>{verdict}</answer>"
 
 
+ANSWER_END = "</answer>"
 _ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.IGNORECASE | re.DOTALL)
 
 
 def parse_verdict(text: str) -> str | None:
     """"A" or "B" from an answer, or None when it is not well formed.
 
-    Well formed: exactly one <answer>...</answer> holding exactly A or B (case and surrounding spaces
-    ignored), after a <think>...</think> block. No answer, two answers, "A and B", "A/B", text around the
-    letter or a missing think block: None (the callers count it as invalid, never as a tie).
+    The answer ends at its first </answer> (where generation stops, `answer_generation_kwargs`): anything
+    after it is ignored. Well formed: one <answer>...</answer> holding exactly A or B (case and surrounding
+    spaces ignored), after a <think>...</think> block. No answer, "A and B", "A/B", text around the letter,
+    a second <answer> before the first </answer> or a missing think block: None (the callers count it as
+    invalid, never as a tie).
     """
     text = reward.strip_special_tokens(text)
+    end = re.search(re.escape(ANSWER_END), text, re.IGNORECASE)
+    text = text[:end.end()] if end else text
     answers = _ANSWER.findall(text)
     if len(answers) != 1 or not re.search(r"<think>.*?</think>", text, re.IGNORECASE | re.DOTALL):
         return None
@@ -191,9 +196,23 @@ def parse_verdict(text: str) -> str | None:
     return verdict if verdict in ("A", "B") else None
 
 
+def answer_generation_kwargs(tokenizer) -> dict:
+    """`generate()` arguments of every RefReward answer, sampled (GRPO) or greedy (scoring).
+
+    - The image/video placeholder tokens are suppressed: an answer must never contain them (a sampled
+      <|image_pad|> would break the model's count of image features).
+    - The answer ends at its first `</answer>` (kept in the text): the verdict is complete there, so the
+      policy is neither rewarded nor penalised for what it would write after it, and a small model need not
+      also learn to end its turn (without the stop, answers such as "...<answer>A</answer>A</answer>" are
+      invalid although the verdict was given). `parse_verdict` reads an answer only up to its first
+      `</answer>`, so a served model's reply (no stop sent: `transformers serve` fails on stop strings with
+      a multimodal processor) gets the same verdict as the local greedy answer.
+    """
+    return {"suppress_tokens": vision_token_ids(tokenizer), "stop_strings": [ANSWER_END], "tokenizer": tokenizer}
+
+
 def vision_token_ids(tokenizer) -> list[int]:
-    """The image/video placeholder tokens: an answer must never contain them (a sampled <|image_pad|> would
-    break the model's count of image features), so generation suppresses them."""
+    """The image/video placeholder tokens, which generation suppresses (`answer_generation_kwargs`)."""
     return tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
 
 
@@ -265,7 +284,7 @@ class RefRewardScorer:
         """Raw answers to the prompts (lr, A=x, B=y)."""
         conversations = [build_pair_messages(lr, x, y) for lr, x, y in zip(lrs, xs, ys)]
         if self.remote is not None:
-            return self.remote.chat_texts(conversations)
+            return self.remote.chat_texts(conversations)  # read up to the first </answer> (parse_verdict)
         texts = []
         for i in range(0, len(conversations), self.batch_size):
             batch = self.processor.apply_chat_template(
@@ -273,7 +292,7 @@ class RefRewardScorer:
                 return_tensors="pt", processor_kwargs={"padding": True, "padding_side": "left"}).to(self.model.device)
             with torch.no_grad():
                 out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                          suppress_tokens=vision_token_ids(self.processor.tokenizer))
+                                          **answer_generation_kwargs(self.processor.tokenizer))
             texts += self.processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:])
         return texts
 

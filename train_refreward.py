@@ -109,11 +109,13 @@ def answer_logprobs(model, batch: dict, prompt_len: int, completion: torch.Tenso
     return RR.token_log_probs(logits, completion)
 
 
-def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 on the answer tokens up to and including the first end-of-turn, 0 after it (padding)."""
+def completion_mask(completion: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """1 on the answer tokens up to and including the first end-of-turn, 0 after it and on padding: an answer
+    that ended at its `</answer>` (a stop string) is padded from there on. The pad token is never sampled
+    (the sampling suppresses it), so every pad is padding."""
     is_eos = (completion == eos_id).int()
     after = (torch.cumsum(is_eos, dim=1) - is_eos) > 0
-    return (~after).float()
+    return (~after & (completion != pad_id)).float()
 
 
 def train(args: TrainArgs) -> Path:
@@ -151,7 +153,9 @@ def train(args: TrainArgs) -> Path:
         T.truncate_jsonl(log, start)
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    vision_tokens = RR.vision_token_ids(tok)
+    # the answer's generation settings (RR.answer_generation_kwargs), and the pad token never sampled
+    sampling = RR.answer_generation_kwargs(tok)
+    sampling.update(suppress_tokens=[*sampling["suppress_tokens"], tok.pad_token_id], pad_token_id=tok.pad_token_id)
     from tqdm import tqdm
 
     for step in tqdm(range(start, total), initial=start, total=total, desc="refreward", disable=not dist_info.is_main):
@@ -190,10 +194,10 @@ def train(args: TrainArgs) -> Path:
             model.eval()
             with torch.no_grad():
                 sequences = model.generate(**batch, do_sample=True, temperature=args.temperature, top_p=1.0, top_k=0,
-                                           max_new_tokens=args.max_new_tokens, suppress_tokens=vision_tokens)
+                                           max_new_tokens=args.max_new_tokens, **sampling)
             model.train()
             completion = sequences[:, prompt_len:]
-            mask = completion_mask(completion, eos)
+            mask = completion_mask(completion, eos, tok.pad_token_id)
             texts = tok.batch_decode(completion)
             # 3-4. rule rewards and group-normalised advantages
             rewards = torch.tensor([RR.rule_reward(t, truth, args.format_weight) for t, truth in zip(texts, truths)])

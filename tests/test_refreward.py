@@ -26,7 +26,9 @@ from data import save_image
     ("<think></think><answer> b </answer><|im_end|>", "B"),
     ("<think>x</think>\n<answer>\nA\n</answer>", "A"),
     ("<answer>A</answer>", None),                                     # no reasoning block
-    ("<think>x</think><answer>A</answer><answer>B</answer>", None),   # two answers
+    ("<think>x</think><answer>A</answer><answer>B</answer>", "A"),    # the answer ends at its first </answer>
+    ("<think>x</think><answer>A</answer>A</answer>B", "A"),
+    ("<think>x</think><answer>A<answer>B</answer>", None),            # two answers
     ("<think>x</think><answer>A and B</answer>", None),               # both
     ("<think>x</think><answer>A/B</answer>", None),
     ("<think>x</think><answer></answer>", None),                      # none
@@ -64,8 +66,9 @@ def test_grpo_pieces_hand_worked():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
     assert torch.allclose(RR.token_log_probs(logits, torch.tensor([[0, 1]])), torch.log(torch.tensor([[0.5, 0.8]])))
     assert float(RR.masked_mean(torch.tensor([[1.0, 3.0, 100.0]]), torch.tensor([[1, 1, 0]]))) == 2.0
-    mask = train_refreward.completion_mask(torch.tensor([[5, 7, 9, 9], [9, 5, 5, 5]]), eos_id=9)
-    assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    # answers that ended at the end-of-turn (9) or at a stop string (then padded with 0)
+    mask = train_refreward.completion_mask(torch.tensor([[5, 7, 9, 9], [9, 5, 5, 5], [5, 7, 0, 0]]), eos_id=9, pad_id=0)
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -140,10 +143,15 @@ def _train(data, out, *extra):
 @pytest.fixture(scope="module")
 def trained(planted, tmp_path_factory):
     out = tmp_path_factory.mktemp("rr") / "model"
-    # One CPU thread: which step GRPO discovers the rule at depends on the float summation order. Measured
-    # with these seeds: at 1 thread the sampled accuracy is 0.49 over the first 10 GRPO steps and 0.99 over
-    # the last 10; at 2 threads it stayed at ~0.5 for all 100. Pinning the thread count keeps the test
-    # reproducible on one CPU type (not across types: see below); it does not make the rule easier to learn.
+    # One CPU thread, so the test is reproducible on one CPU type (the float summation order decides how well
+    # a tiny random model learns). Measured with these seeds and answers ending at their first </answer>:
+    # at 1 / 2 threads the warm-up ends at losses 0.24 / 0.05 (from 6.1), 39 % / 100 % of the first GRPO
+    # samples are well formed, the sampled accuracy goes 0.31 -> 0.93 / 0.50 -> 0.99 (first / last 10 GRPO
+    # steps) and the greedy scorer gets all 6 held-out pairs right in both orders. Before the stop at
+    # </answer> (answers ran on past it, "<answer>A</answer>A</answer>") the same setting failed on one of
+    # two CPU types; warm-ups strong enough to start GRPO well formed (3e-3 x 60, 1e-2 x 100) then learned no
+    # rule in 100 steps (sampled accuracy ~0.48), so the test asks that the warm-up taught the format (its
+    # loss fell tenfold) and that GRPO ends well formed, not that GRPO starts so.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -153,29 +161,17 @@ def trained(planted, tmp_path_factory):
     return out
 
 
-# GRPO on the tiny random Qwen3-VL finds the planted rule in some float summation orders and not in others
-# (the fixture pins 1 thread, but the CPU's kernels still set the order). Measured on two CPU types with the
-# same code: on one every assertion below holds; on the other the warm-up leaves 39 % of the first GRPO
-# samples well-formed (not > 90 %), GRPO still learns the rule (sampled accuracy 0.31 -> 0.94), but the
-# greedy answers run on past </answer> (0 of 6 held-out pairs consistent) and the RL loop gets 4 invalid
-# answers of 8. Warm-up rates 3e-3 / 1e-2 x 60-100 steps, GRPO rates 5e-4..5e-3, 8 or 16 prompts, 100-200
-# steps: each reached a well-formed start or the rule, never both. Until a setting holds on every CPU the two
-# tests are expected failures that may pass; any error other than a failed assertion still fails them.
-PLANTED_RULE_IS_FLOAT_ORDER_DEPENDENT = pytest.mark.xfail(
-    strict=False, raises=AssertionError,
-    reason="GRPO on the tiny random model learns the planted rule only in some float summation orders")
-
-
 @pytest.mark.slow
-@PLANTED_RULE_IS_FLOAT_ORDER_DEPENDENT
 def test_grpo_learns_the_planted_rule_and_the_scorer_ranks_with_it(planted, trained):
     train, heldout, root = planted
     out = trained
     log = [json.loads(x) for x in (out / "rewards.jsonl").read_text().splitlines()]
     grpo = [e for e in log if "accuracy" in e]
     assert len(grpo) == 100 and all(e["ratio_max_deviation"] == 0.0 for e in grpo)
+    warmup = [e["warmup_loss"] for e in log if "warmup_loss" in e]
+    assert len(warmup) == 60 and np.mean(warmup[-10:]) < 0.1 * warmup[0]  # the warm-up taught the format
+    assert np.mean([e["format_rate"] for e in grpo[-10:]]) > 0.9  # and GRPO's answers end well formed
     first, last = np.mean([e["accuracy"] for e in grpo[:10]]), np.mean([e["accuracy"] for e in grpo[-10:]])
-    assert grpo[0]["format_rate"] > 0.9  # the warm-up taught the format, with random verdicts
     assert first < 0.6 and last > 0.8, (first, last)  # GRPO learned the preference (sampled answers, T = 1)
     model, processor = RR.load_refreward(str(out))
     scorer = RR.RefRewardScorer(model, processor)
@@ -230,7 +226,6 @@ def test_invalid_answers_are_counted_never_a_tie():
 
 
 @pytest.mark.slow
-@PLANTED_RULE_IS_FLOAT_ORDER_DEPENDENT
 def test_refreward_is_the_reward_of_the_rl_loop(planted, trained, tmp_path):
     """rl_nr.py --reward refreward --refreward-mode anchor with the planted model ("the brighter one wins"):
     the tiny policy's samples are brighter than the bicubic upscale of a dark LR, so they all win (reward 1),
