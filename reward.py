@@ -586,6 +586,22 @@ class _TemplateLogits:
         return scores + mask
 
 
+# The dihedral group of a square: the identity, two flips, three rotations and the two diagonal transposes.
+_DIHEDRAL = (None, "FLIP_LEFT_RIGHT", "FLIP_TOP_BOTTOM", "ROTATE_90", "ROTATE_180", "ROTATE_270", "TRANSPOSE",
+             "TRANSVERSE")
+
+
+def augment_pair(lr: Image.Image, sr: Image.Image, index: int) -> tuple[Image.Image, Image.Image]:
+    """The same dihedral transform `index` (0 = none, 1 = horizontal flip, 2-7 = the others) applied to both
+    PIL images of a pair. Labels stay valid when they do not depend on orientation: SSIM to an equally
+    transformed HR, the SNB score, a human's opinion under a horizontal flip. Used by `train_compass.py
+    train --augment` and by `LocalScorer(views=...)`."""
+    if index == 0:
+        return lr, sr
+    op = getattr(Image.Transpose, _DIHEDRAL[index])
+    return lr.transpose(op), sr.transpose(op)
+
+
 class LocalScorer:
     """COMPASS scoring with an in-process transformers model, batched and deterministic (greedy).
 
@@ -594,15 +610,23 @@ class LocalScorer:
     generation parsed by `parse_answer`; unparseable -> valid=False, NaN, counted in stats["invalid"].
     max_new_tokens: None = just the numbers in "expected" mode (RL use) and numbers + 32 tokens in
     "text" mode; larger values also generate the rationale. stats: pairs, invalid, clamped.
+    views: test-time averaging (not in the paper; an option): each pair is scored in the first `views`
+    transforms of `augment_pair` (1 = as given, 2 = and its horizontal flip, 8 = all flips/rotations) and
+    F, Q_LR, Q_SR are the means of those readings ("expected" mode only; the text and rationale are the
+    untransformed pair's). It costs `views` times the model calls. For a model trained with `--augment
+    dihedral` it averages out the orientation noise of single readings (README "The mini presets").
     """
 
     def __init__(
-        self, model, processor, synthetic: bool, batch_size: int = 8, max_new_tokens: int | None = None, mode: str = "expected"
+        self, model, processor, synthetic: bool, batch_size: int = 8, max_new_tokens: int | None = None,
+        mode: str = "expected", views: int = 1
     ):
         if mode not in ("expected", "text"):
             raise ValueError(f"LocalScorer: mode must be 'expected' or 'text', got {mode!r}")
+        if views not in range(1, len(_DIHEDRAL) + 1) or (views > 1 and mode != "expected"):
+            raise ValueError(f"LocalScorer: views must be 1..{len(_DIHEDRAL)}, and 1 in 'text' mode; got {views} ({mode})")
         self.model, self.processor, self.synthetic = model, processor, synthetic
-        self.batch_size, self.mode = batch_size, mode
+        self.batch_size, self.mode, self.views = batch_size, mode, views
         self.stats: Counter = Counter()
         self.tokenizer = processor.tokenizer
         self.slots, self.digit_slots = self._template_slots()
@@ -661,11 +685,17 @@ class LocalScorer:
     def score(self, lr_images: list[Image.Image], sr_images: list[Image.Image]) -> Scores:
         """Score N pairs in batches of `batch_size`. Returns Scores with (N,) tensors."""
         _check_pairs(lr_images, sr_images)
+        n = len(lr_images)
+        # view v of pair i at index v * n + i (view 0 = the pairs as given)
+        pairs = [augment_pair(lr, sr, v) for v in range(self.views) for lr, sr in zip(lr_images, sr_images)]
         rows = []
-        for i in range(0, len(lr_images), self.batch_size):
-            lr, sr = lr_images[i : i + self.batch_size], sr_images[i : i + self.batch_size]
+        for i in range(0, len(pairs), self.batch_size):
+            lr, sr = zip(*pairs[i : i + self.batch_size])
             rows += self._score_expected(lr, sr) if self.mode == "expected" else self._score_text(lr, sr)
-        self.stats["pairs"] += len(rows)
+        if self.views > 1:  # every reading is valid in "expected" mode: average the numbers over the views
+            rows = [{**rows[i], **{name: sum(rows[v * n + i][name] for v in range(self.views)) / self.views
+                                   for name in fields_for(self.synthetic)}} for i in range(n)]
+        self.stats["pairs"] += n
         return _stack_scores(rows, self.synthetic)
 
     def score_group(self, lr_image: Image.Image, sr_images: list[Image.Image]) -> Scores:
@@ -908,15 +938,17 @@ class RemoteScorer:
 
 
 def make_scorer(model: str = "tiny", url: str | None = None, model_name: str = "compass", synthetic: bool = True,
-                concurrency: int = 8, device: str = "cpu") -> "LocalScorer | RemoteScorer":
+                concurrency: int = 8, device: str = "cpu", views: int = 1) -> "LocalScorer | RemoteScorer":
     """The COMPASS scorer the scripts use: remote when `url` is given (vLLM / `transformers serve`, the
     model named `model_name` there), else `model` ('tiny', 'mini', hub name, folder) in-process on `device`
-    (bfloat16 on CUDA, float32 otherwise)."""
+    (bfloat16 on CUDA, float32 otherwise), averaging `views` orientations (LocalScorer; in-process only)."""
     if url:
+        if views != 1:
+            raise ValueError(f"make_scorer: views={views} is an in-process option; the remote scorer reads one view")
         return RemoteScorer(url, model_name, concurrency=concurrency, synthetic=synthetic)
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     compass, processor = load_compass(model, dtype=dtype, device=device)
-    return LocalScorer(compass, processor, synthetic=synthetic)
+    return LocalScorer(compass, processor, synthetic=synthetic, views=views)
 
 
 def time_remote_scoring(

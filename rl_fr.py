@@ -130,6 +130,9 @@ class Args:
     """OpenAI-compatible server (vLLM) instead of in-process scoring, e.g. http://host:8000"""
     reward_model_name: str = "compass"
     reward_concurrency: int = 8
+    reward_views: int = 1
+    """in-process COMPASS only: average its readings over this many flips/rotations of each (LR, SR) pair
+    (reward.LocalScorer views; 1 = the paper's single reading, 8 = all, at 8x the scoring cost)"""
     reward_form: str = "compass"
     """'compass' (Eq.4), 'gain' or 'gated' (Table 8 ablations)"""
     reward: str = "compass"
@@ -393,7 +396,7 @@ def make_compass_scorer(args: Args, synthetic: bool):
     import reward
 
     return reward.make_scorer(args.reward_model, args.reward_url, args.reward_model_name, synthetic,
-                              args.reward_concurrency)
+                              args.reward_concurrency, views=args.reward_views)
 
 
 def make_refreward(args: Args) -> RewardFn:

@@ -631,22 +631,9 @@ def load_pil_pair(rec: Record, root: Path):
     return to_pil(load_image(root / rec.lr)), to_pil(load_image(root / rec.sr))
 
 
-# The dihedral group of a square: the identity, two flips, three rotations and the two diagonal transposes.
+# One of the 8 flips/rotations of each pair (reward.augment_pair: the dihedral group of a square)
 AUGMENTATIONS = {"none": 1, "flip": 2, "dihedral": 8}
-_DIHEDRAL = (None, "FLIP_LEFT_RIGHT", "FLIP_TOP_BOTTOM", "ROTATE_90", "ROTATE_180", "ROTATE_270", "TRANSPOSE",
-             "TRANSVERSE")
-
-
-def augment_pair(lr, sr, index: int):
-    """The same dihedral transform `index` (0 = none, 1 = horizontal flip, 2-7 = the others) applied to both
-    PIL images of a pair. Labels stay valid when they do not depend on orientation: SSIM to an equally
-    transformed HR, the SNB score, a human's opinion under a horizontal flip."""
-    if index == 0:
-        return lr, sr
-    from PIL import Image
-
-    op = getattr(Image.Transpose, _DIHEDRAL[index])
-    return lr.transpose(op), sr.transpose(op)
+augment_pair = reward.augment_pair
 
 
 def augment_index(kind: str, seed: int, step: int, slot: int) -> int:
@@ -1154,6 +1141,9 @@ class EvalArgs:
     """OpenAI-compatible URL of a served COMPASS (instead of --model), e.g. http://127.0.0.1:8000 (vllm serve OUT)"""
     server_model: str = "compass"
     """model name on --server"""
+    views: int = 1
+    """average COMPASS's readings over this many flips/rotations of each pair (reward.LocalScorer views:
+    1 = the paper's single reading, 8 = all; in-process --model only)"""
     real_prompt: bool = False
     """score with the no-F prompt (R = Q_SR)"""
     gamma: float = 7.0
@@ -1184,7 +1174,7 @@ def run_eval(args: EvalArgs, extra: dict[str, tuple[str, ScoreFn]] | None = None
     extra_gammas = {text: _gamma_value(text) for text in args.extra_gammas}  # checked before loading the model
     if args.model or args.server:
         scorer = reward.make_scorer(args.model, args.server or None, args.server_model, not args.real_prompt,
-                                    device=device)
+                                    device=device, views=args.views)
         answers: dict = {}  # every gamma's row reads the same answers
         note = "Eq.4, " + ("no-F prompt" if args.real_prompt else "synthetic prompt")
         scorers.append(("GT-Free", "COMPASS", compass_score_fn(scorer, not args.real_prompt, args.gamma, answers),

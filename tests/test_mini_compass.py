@@ -194,9 +194,10 @@ def test_shipped_evaluation_ranks_above_the_bar_and_the_gt_metrics():
 def test_shipped_mini_compass_reproduces_its_held_out_agreement(tmp_path):
     """Rebuild the build's small held-out check set exactly (same seeds: candidates from the shipped backbone,
     annotation), score it with the shipped model: parse rate and Spearman values = the recorded ones."""
-    recorded = json.loads((presets.ROOT / "compass_eval.json").read_text())["agreement_check"]
+    result = json.loads((presets.ROOT / "compass_eval.json").read_text())
+    recorded = result["agreement_check"]
     again = build.agreement_check(tmp_path / "check", recorded["groups"], build.Args().seed, "mini", "mini", "mini",
-                                  build.Args().fidelity_metric)
+                                  build.Args().fidelity_metric, result.get("views", 1))
     assert again["parse_rate"] == recorded["parse_rate"] == 1.0
     for key in ("spearman_F", "spearman_q_sr", "spearman_q_lr"):
         assert again[key] == pytest.approx(recorded[key], abs=0.03), key
@@ -206,7 +207,8 @@ def test_shipped_mini_compass_reproduces_its_held_out_agreement(tmp_path):
 def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     proc = subprocess.run([sys.executable, "build_mini_compass.py", "--quick", "--out", str(out), "--work", str(work),
-                           "--threads", "1", "--pretrain-foreign", "1", "--text-layers", "2"], cwd=ROOT, capture_output=True, text=True,
+                           "--threads", "1", "--pretrain-foreign", "1", "--text-layers", "2", "--views", "2"], cwd=ROOT,
+                          capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     first = sorted(p.name for p in (work / "pretrain" / "sr").iterdir() if (p / "p00000.png").exists())
@@ -219,6 +221,8 @@ def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
     result = json.loads((out / "compass_eval.json").read_text())
     assert {"main", "gamma_5", "gamma_9", "gamma_inf", "calibrated_noF", "absolute_noF"} <= set(result["tables"])
     assert result["agreement_check"]["groups"] == 2 and result["agreement_check"]["pairs"] == 24
+    assert result["views"] == 2 and "means over 2 flips/rotations" in (out / "compass_eval.md").read_text()
+    assert proc.stdout.count("--views 2") == 3  # the COMPASS and both Table 3 models' evaluations
     assert set(json.loads((work / "times.json").read_text())) == {"pretrain", "data", "annotate", "train", "eval",
                                                                   "refreward"}
     assert (out / "refreward" / "config.json").exists() and (out / "refreward_eval.json").exists()

@@ -283,6 +283,31 @@ def test_local_expected_readout_in_range_and_deterministic(tiny):
     assert torch.unique(g.q_lr).numel() == 1 and g.q_lr[0].item() == pytest.approx(g.q_lr_pair.mean().item(), abs=1e-6)
 
 
+def test_views_average_the_readings_of_the_flipped_and_rotated_pairs(tiny):
+    model, processor = tiny
+    lrs, srs = _pairs(2, lr_size=16, sr_size=32)
+    # the 8 transforms by hand: a pixel (row 0, col 1) goes to (0, w-2), (h-1, 1), ... ; all distinct
+    lr = np.asarray(lrs[0])
+    moved = [np.asarray(R.augment_pair(lrs[0], srs[0], v)[0]) for v in range(8)]
+    assert np.array_equal(moved[0], lr) and np.array_equal(moved[1], lr[:, ::-1]) and np.array_equal(moved[2], lr[::-1])
+    assert len({m.tobytes() for m in moved}) == 8
+    one = R.LocalScorer(model, processor, synthetic=True)
+    readings = [one.score(*map(list, zip(*[R.augment_pair(a, b, v) for a, b in zip(lrs, srs)]))) for v in range(8)]
+    for views in (2, 8):
+        s = R.LocalScorer(model, processor, synthetic=True, views=views).score(lrs, srs)
+        for name in ("F", "q_lr", "q_sr"):
+            by_hand = torch.stack([getattr(r, name) for r in readings[:views]]).mean(0)
+            torch.testing.assert_close(getattr(s, name), by_hand, atol=1e-5, rtol=0)
+        assert s.text == readings[0].text and s.valid.all()
+    assert not torch.allclose(readings[0].F, readings[1].F)  # the views do read differently
+    with pytest.raises(ValueError, match="views"):
+        R.LocalScorer(model, processor, synthetic=True, mode="text", views=2)
+    with pytest.raises(ValueError, match="views"):
+        R.LocalScorer(model, processor, synthetic=True, views=9)
+    with pytest.raises(ValueError, match="views=8 is an in-process option"):
+        R.make_scorer("tiny", url="http://127.0.0.1:9", views=8)
+
+
 def test_local_text_mode_marks_garbage_invalid(tiny):
     model, processor = tiny
     lrs, srs = _pairs(2)
