@@ -631,9 +631,8 @@ def load_pil_pair(rec: Record, root: Path):
     return to_pil(load_image(root / rec.lr)), to_pil(load_image(root / rec.sr))
 
 
-# One of the 8 flips/rotations of each pair (reward.augment_pair: the dihedral group of a square)
+# How many of reward.augment_pair's transforms (the dihedral group of a square) each option draws from
 AUGMENTATIONS = {"none": 1, "flip": 2, "dihedral": 8}
-augment_pair = reward.augment_pair
 
 
 def augment_index(kind: str, seed: int, step: int, slot: int) -> int:
@@ -831,7 +830,7 @@ def train(args: TrainArgs) -> Path:
             slots = [dist_info.rank * per_rank + first + j for j in range(len(chunk))]  # places in the global batch
             # 2. prompt (both images + task) and the labelled answer; labels only on the answer tokens
             #    (--augment: the same flip/rotation of both images, chosen per sample)
-            pairs = [augment_pair(*load_pil_pair(r, root), augment_index(args.augment, args.seed, step, slot))
+            pairs = [reward.augment_pair(*load_pil_pair(r, root), augment_index(args.augment, args.seed, step, slot))
                      for r, slot in zip(chunk, slots)]
             batch = sft_collate(processor, [sft_conversation(r, *pair) for r, pair in zip(chunk, pairs)])
             batch = {k: v.to(device) for k, v in batch.items()}

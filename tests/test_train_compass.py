@@ -382,7 +382,7 @@ def test_augment_pair_is_the_dihedral_group_on_both_images_by_hand():
                 3: [[2, 5], [1, 4], [0, 3]], 4: [[5, 4, 3], [2, 1, 0]], 5: [[3, 0], [4, 1], [5, 2]],
                 6: [[0, 3], [1, 4], [2, 5]], 7: [[5, 2], [4, 1], [3, 0]]}
     for index, rows in expected.items():
-        lr, sr = tc.augment_pair(a, b, index)
+        lr, sr = reward.augment_pair(a, b, index)
         assert np.asarray(lr).tolist() == rows and (np.asarray(sr) - 6).tolist() == rows  # the same transform
     # the choice is a pure function of (seed, step, slot) and covers the group; "none" never transforms
     draws = [tc.augment_index("dihedral", 0, step, slot) for step in range(20) for slot in range(8)]
