@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import photos
+import presets
 from data import degrade, item_seed, list_images, load_image, save_image
 
 ROOT = Path(__file__).resolve().parent
@@ -145,7 +146,7 @@ def policy_table(before_after: dict[str, dict[str, list[float]]]) -> list[str]:
 
 
 def write_report(out: Path, dirs: dict[str, Path], timings: dict[str, float], quick: bool,
-                 before_after: dict[str, dict[str, list[float]]]) -> Path:
+                 before_after: dict[str, dict[str, list[float]]], views: tuple[int, int]) -> Path:
     sft_log = json.loads((out / "sft" / "train_log.json").read_text())
     losses = sft_log["losses"]
     k = max(1, len(losses) // 5)
@@ -164,7 +165,9 @@ def write_report(out: Path, dirs: dict[str, Path], timings: dict[str, float], qu
         "# OARS demo report (mini presets)", "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M')}{' with --quick' if quick else ''}. Every stage ran as its "
         "command line (see `*.log`), on the mini presets: small configs of the real classes with weights trained on "
-        "a CPU by build_mini_backbone.py and build_mini_compass.py. Inputs are 16x16 LR crops, outputs 64x64.", "",
+        "a CPU by build_mini_backbone.py and build_mini_compass.py. Inputs are 16x16 LR crops, outputs 64x64. "
+        f"Mini COMPASS readings are means over flips/rotations of the (LR, SR) pair: {views[0]} in the RL stages "
+        f"(--reward-views), {views[1]} in the evaluations of stages 2 and 6 (--eval-views).", "",
         "## Stage times", "", "| stage | seconds |", "|---|---|",
         *[f"| {s} | {t:.0f} |" for s, t in timings.items()], "",
         "## 1. Cold start (train_sft.py from the mini base, Eq.5)", "",
@@ -207,6 +210,11 @@ def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="out/demo")
     p.add_argument("--quick", action="store_true", help="shortened settings (CI)")
+    p.add_argument("--reward-views", type=int, default=1,
+                   help="the RL stages' mini COMPASS readings are means over this many flips/rotations of each "
+                        "pair (1 = the paper's single reading)")
+    p.add_argument("--eval-views", type=int, default=presets.MINI_COMPASS_VIEWS,
+                   help="the same for the evaluations (stages 2 and 6); 8 = the shipped evaluation's reading")
     a = p.parse_args(argv)
     out = Path(a.out)
     if out.exists():
@@ -249,13 +257,14 @@ def main(argv: list[str] | None = None) -> Path:
     write_sriqa_layout(load_records(groups / "heldout.jsonl", groups), groups, out / "data" / "sriqa_heldout",
                        generative=lambda method: method in GENERATIVE)
     run(["python", "train_compass.py", "eval", "--model", "mini", "--sriqa-root", str(out / "data" / "sriqa_heldout"),
-         "--out", str(out / "compass_eval"), "--baselines", "PSNR", "SSIM", "--device", "cpu"],
+         "--out", str(out / "compass_eval"), "--baselines", "PSNR", "SSIM", "--device", "cpu", "--views", str(a.eval_views)],
         out / "compass_eval.log", "COMPASS evaluation")
     done("2. COMPASS reward model")
 
     k = str(n["group"])
     rl_common = ["--model", "mini", "--crop-size", "64", "--group-size", k, "--rollout-batch", k, "--train-batch", k,
-                 "--rollout-steps", "6", "--sample-every", "8", "--save-every", "8"]
+                 "--rollout-steps", "6", "--sample-every", "8", "--save-every", "8", "--reward-views",
+                 str(a.reward_views)]
     stage("3. full-reference RL")
     run(["python", "rl_fr.py", *rl_common, "--hr-dir", str(dirs["hr_train"]), "--fidelity", "ssim",
          "--reward-model", "mini", "--steps", str(n["fr_steps"]), "--out", str(out / "fr.safetensors")],
@@ -263,7 +272,6 @@ def main(argv: list[str] | None = None) -> Path:
     done("3. full-reference RL")
 
     stage("4. non-reference RL (mini COMPASS served on 127.0.0.1)")
-    import presets
     import serving
 
     with serving.serve_locally(presets.MINI_COMPASS, log_path=out / "compass_server.log") as url:
@@ -286,7 +294,7 @@ def main(argv: list[str] | None = None) -> Path:
     import reward
     from miniature import HeldOut, evaluate_policy, policy
 
-    held_out, scorer = HeldOut.make(n["test"] * 2), reward.make_scorer("mini")
+    held_out, scorer = HeldOut.make(n["test"] * 2), reward.make_scorer("mini", views=a.eval_views)
     before_after = {name: evaluate_policy(policy("mini", lora), held_out, scorer, n["infer_steps"])[0]
                     for name, lora in (("SFT", None), ("SFT + FR LoRA", str(out / "fr.safetensors")),
                                        ("SFT + NR LoRA", str(out / "nr.safetensors")))}
@@ -294,7 +302,8 @@ def main(argv: list[str] | None = None) -> Path:
     done("6. before / after RL on the held-out set")
 
     stage("7. report")
-    report = write_report(out, dirs, {k: v for k, v in timings.items() if k != "7. report"}, q, before_after)
+    report = write_report(out, dirs, {k: v for k, v in timings.items() if k != "7. report"}, q, before_after,
+                          (a.reward_views, a.eval_views))
     done("7. report")
     stages.close()
     print(f"\nreport: {report}")

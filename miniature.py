@@ -124,13 +124,16 @@ class Settings:
     eval_crops: int = 24
     eval_steps: int = 40
     train_images: int = 48
+    reward_views: int = 1  # the RL reward's mini COMPASS readings: means over this many flips/rotations
+    eval_views: int = presets.MINI_COMPASS_VIEWS  # the same for the held-out evaluation (the shipped reading)
     extra: list[str] = field(default_factory=list)
 
     def common(self, seed: int) -> list[str]:
         k = str(self.group_size)
         return ["--model", "mini", "--crop-size", "64", "--group-size", k, "--rollout-batch", k, "--train-batch", k,
                 "--rollout-steps", str(self.rollout_steps), "--lr", str(self.lr), "--reward-model", "mini",
-                "--seed", str(seed), "--sample-every", "0", "--save-every", "1000", *self.extra]
+                "--seed", str(seed), "--sample-every", "0", "--save-every", "1000", "--reward-views",
+                str(self.reward_views), *self.extra]
 
 
 def make_training_data(folder: Path, n: int) -> tuple[Path, Path]:
@@ -285,8 +288,9 @@ def write_report(out: Path, results: dict[str, dict], pictures: dict[str, Path],
     lines = [f"# OARS in miniature{' (--quick)' if quick else ''}", "",
              f"{len(s.seeds)} seed(s) per row; shared settings: K={s.group_size}, {s.rollout_steps} rollout steps, "
              f"LoRA r32/a64, lr {s.lr:g}, FR {s.fr_steps} steps (F = SSIM to the HR), NR {s.nr_steps} steps (mini COMPASS "
-             f"in-process); held-out: {s.eval_crops} crops of {', '.join(photos.HELDOUT)}, {s.eval_steps} Euler steps, "
-             f"fixed noise. Total run time {minutes:.0f} min.", ""]
+             f"in-process, readings over {s.reward_views} flip(s)/rotation(s)); held-out: {s.eval_crops} crops of "
+             f"{', '.join(photos.HELDOUT)}, {s.eval_steps} Euler steps, fixed noise, mini COMPASS readings over "
+             f"{s.eval_views} flip(s)/rotation(s). Total run time {minutes:.0f} min.", ""]
     for table, title in (("5", "Table 5: RL stages, LoRA on the base vs on the SFT weights"),
                          ("8", "Table 8: reward forms of the NR stage"), ("7", "Table 7: NFT vs Flow-GRPO (NR stage)")):
         names = ["SFT"] + [n for n, r in results.items() if r.get("table") == table]
@@ -313,16 +317,21 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", default="out/miniature")
     p.add_argument("--quick", action="store_true", help="1 seed, a few steps, small evaluation (CI)")
     p.add_argument("--tables", default="5,8,7", help="which tables to run, e.g. 5,8")
+    p.add_argument("--reward-views", type=int, default=Settings.reward_views,
+                   help="the RL reward's mini COMPASS readings averaged over this many flips/rotations (1 = paper)")
+    p.add_argument("--eval-views", type=int, default=Settings.eval_views,
+                   help="the same for the held-out evaluation")
     a = p.parse_args(argv)
     t0 = time.time()
-    s = Settings(fr_steps=3, nr_steps=2, seeds=(0,), eval_crops=4, eval_steps=4, train_images=8) if a.quick \
-        else Settings()
+    views = dict(reward_views=a.reward_views, eval_views=a.eval_views)
+    s = Settings(fr_steps=3, nr_steps=2, seeds=(0,), eval_crops=4, eval_steps=4, train_images=8, **views) \
+        if a.quick else Settings(**views)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     hr_dir, lq_dir = make_training_data(out / "data", s.train_images)
     rows = run_rows(out, s, hr_dir, lq_dir, set(a.tables.split(",")))
     held_out = HeldOut.make(s.eval_crops)
-    scorer = reward.make_scorer("mini")
+    scorer = reward.make_scorer("mini", views=s.eval_views)
     results: dict[str, dict] = {}
     pictures: dict[str, Path] = {}
     per_seed: dict[str, dict[int, dict]] = {}

@@ -602,6 +602,30 @@ def augment_pair(lr: Image.Image, sr: Image.Image, index: int) -> tuple[Image.Im
     return lr.transpose(op), sr.transpose(op)
 
 
+def check_views(views: int, owner: str) -> None:
+    """`views` must name 1 to 8 of `augment_pair`'s transforms."""
+    if views not in range(1, len(_DIHEDRAL) + 1):
+        raise ValueError(f"{owner}: views must be 1..{len(_DIHEDRAL)}, got {views}")
+
+
+def pairs_in_views(lr_images: Sequence, sr_images: Sequence, views: int) -> list[tuple[Image.Image, Image.Image]]:
+    """The (LR, SR) pairs in the first `views` transforms of `augment_pair`: view v of pair i at v * n + i
+    (view 0 = the pairs as given)."""
+    return [augment_pair(lr, sr, v) for v in range(views) for lr, sr in zip(lr_images, sr_images)]
+
+
+def mean_over_views(rows: list[dict], views: int, synthetic: bool) -> list[dict]:
+    """Readings of `pairs_in_views` -> one row per pair: F, Q_LR, Q_SR are the means over the pair's valid
+    views (a pair is invalid only when every view is); text and rationale stay view 0's."""
+    n = len(rows) // views
+    merged = []
+    for i in range(n):
+        valid = [rows[v * n + i] for v in range(views) if rows[v * n + i]["valid"]]
+        merged.append({**rows[i], "valid": True, **{name: sum(r[name] for r in valid) / len(valid)
+                                                    for name in fields_for(synthetic)}} if valid else rows[i])
+    return merged
+
+
 class LocalScorer:
     """COMPASS scoring with an in-process transformers model, batched and deterministic (greedy).
 
@@ -612,7 +636,7 @@ class LocalScorer:
     "text" mode; larger values also generate the rationale. stats: pairs, invalid, clamped.
     views: test-time averaging (not in the paper; an option): each pair is scored in the first `views`
     transforms of `augment_pair` (1 = as given, 2 = and its horizontal flip, 8 = all flips/rotations) and
-    F, Q_LR, Q_SR are the means of those readings ("expected" mode only; the text and rationale are the
+    F, Q_LR, Q_SR are the means of those readings (`mean_over_views`; the text and rationale are the
     untransformed pair's). It costs `views` times the model calls. For a model trained with `--augment
     dihedral` it averages out the orientation noise of single readings (README "The mini presets").
     """
@@ -623,8 +647,7 @@ class LocalScorer:
     ):
         if mode not in ("expected", "text"):
             raise ValueError(f"LocalScorer: mode must be 'expected' or 'text', got {mode!r}")
-        if views not in range(1, len(_DIHEDRAL) + 1) or (views > 1 and mode != "expected"):
-            raise ValueError(f"LocalScorer: views must be 1..{len(_DIHEDRAL)}, and 1 in 'text' mode; got {views} ({mode})")
+        check_views(views, "LocalScorer")
         self.model, self.processor, self.synthetic = model, processor, synthetic
         self.batch_size, self.mode, self.views = batch_size, mode, views
         self.stats: Counter = Counter()
@@ -685,18 +708,13 @@ class LocalScorer:
     def score(self, lr_images: list[Image.Image], sr_images: list[Image.Image]) -> Scores:
         """Score N pairs in batches of `batch_size`. Returns Scores with (N,) tensors."""
         _check_pairs(lr_images, sr_images)
-        n = len(lr_images)
-        # view v of pair i at index v * n + i (view 0 = the pairs as given)
-        pairs = [augment_pair(lr, sr, v) for v in range(self.views) for lr, sr in zip(lr_images, sr_images)]
+        pairs = pairs_in_views(lr_images, sr_images, self.views)
         rows = []
         for i in range(0, len(pairs), self.batch_size):
             lr, sr = zip(*pairs[i : i + self.batch_size])
             rows += self._score_expected(lr, sr) if self.mode == "expected" else self._score_text(lr, sr)
-        if self.views > 1:  # every reading is valid in "expected" mode: average the numbers over the views
-            rows = [{**rows[i], **{name: sum(rows[v * n + i][name] for v in range(self.views)) / self.views
-                                   for name in fields_for(self.synthetic)}} for i in range(n)]
-        self.stats["pairs"] += n
-        return _stack_scores(rows, self.synthetic)
+        self.stats["pairs"] += len(lr_images)
+        return _stack_scores(mean_over_views(rows, self.views, self.synthetic), self.synthetic)
 
     def score_group(self, lr_image: Image.Image, sr_images: list[Image.Image]) -> Scores:
         """Score K outputs of one LR; Q_LR shared across the group (`share_group_q_lr`)."""
@@ -802,6 +820,8 @@ class RemoteScorer:
     `RewardServerError` names the URL; a 4xx reply raises at once. stats: requests (HTTP attempts),
     replies, retried (unparseable replies asked again), invalid, clamped, logprob_readouts,
     server_retries, max_in_flight. `concurrency` is the knob bench.py times (`time_remote_scoring`).
+    views: as LocalScorer's (each pair sent in `views` orientations, the valid readings averaged; the stats
+    count requests and replies of every view).
     """
 
     def __init__(
@@ -816,7 +836,10 @@ class RemoteScorer:
         synthetic: bool = False,
         max_new_tokens: int = 64,
         top_logprobs: int = 20,
+        views: int = 1,
     ):
+        check_views(views, "RemoteScorer")
+        self.views = views
         base = base_url.rstrip("/")
         base = base[: -len("/v1")] if base.endswith("/v1") else base  # accept ".../v1" as OpenAI clients do
         self.url = base + "/v1/chat/completions"
@@ -929,8 +952,9 @@ class RemoteScorer:
         """Score N pairs with up to `concurrency` requests in flight. Returns Scores with (N,) tensors."""
         _check_pairs(lr_images, sr_images)
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            rows = list(pool.map(self._score_pair, lr_images, sr_images))
-        return _stack_scores(rows, self.synthetic)
+            rows = list(pool.map(lambda pair: self._score_pair(*pair),
+                                 pairs_in_views(lr_images, sr_images, self.views)))
+        return _stack_scores(mean_over_views(rows, self.views, self.synthetic), self.synthetic)
 
     def score_group(self, lr_image: Image.Image, sr_images: list[Image.Image]) -> Scores:
         """Score K outputs of one LR; Q_LR shared across the group (`share_group_q_lr`)."""
@@ -941,11 +965,9 @@ def make_scorer(model: str = "tiny", url: str | None = None, model_name: str = "
                 concurrency: int = 8, device: str = "cpu", views: int = 1) -> "LocalScorer | RemoteScorer":
     """The COMPASS scorer the scripts use: remote when `url` is given (vLLM / `transformers serve`, the
     model named `model_name` there), else `model` ('tiny', 'mini', hub name, folder) in-process on `device`
-    (bfloat16 on CUDA, float32 otherwise), averaging `views` orientations (LocalScorer; in-process only)."""
+    (bfloat16 on CUDA, float32 otherwise); either averages its readings over `views` orientations."""
     if url:
-        if views != 1:
-            raise ValueError(f"make_scorer: views={views} is an in-process option; the remote scorer reads one view")
-        return RemoteScorer(url, model_name, concurrency=concurrency, synthetic=synthetic)
+        return RemoteScorer(url, model_name, concurrency=concurrency, synthetic=synthetic, views=views)
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     compass, processor = load_compass(model, dtype=dtype, device=device)
     return LocalScorer(compass, processor, synthetic=synthetic, views=views)

@@ -131,8 +131,8 @@ class Args:
     reward_model_name: str = "compass"
     reward_concurrency: int = 8
     reward_views: int = 1
-    """in-process COMPASS only: average its readings over this many flips/rotations of each (LR, SR) pair
-    (reward.LocalScorer views; 1 = the paper's single reading, 8 = all, at 8x the scoring cost)"""
+    """average COMPASS's readings over this many flips/rotations of each (LR, SR) pair, in-process or served
+    (reward.LocalScorer / RemoteScorer views; 1 = the paper's single reading, 8 = all, at 8x the scoring cost)"""
     reward_form: str = "compass"
     """'compass' (Eq.4), 'gain' or 'gated' (Table 8 ablations)"""
     reward: str = "compass"

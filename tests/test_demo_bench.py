@@ -24,8 +24,13 @@ def _run_script(*args: str) -> str:
 @pytest.mark.slow
 def test_demo_quick_writes_a_complete_report(tmp_path):
     out = tmp_path / "demo"
-    _run_script("demo.py", "--quick", "--out", str(out))
+    stdout = _run_script("demo.py", "--quick", "--out", str(out), "--reward-views", "2", "--eval-views", "3")
     report = (out / "report.md").read_text()
+    # the RL stages (FR in-process, NR served) read 2 views, the evaluations 3
+    assert "2 in the RL stages (--reward-views), 3 in the evaluations" in report
+    assert re.search(r"train_compass\.py eval .*--views 3", stdout)
+    for stage in ("fr", "nr"):
+        assert json.loads((out / stage / "args.json").read_text())["reward_views"] == 2, stage
     for section in ("## 1. Cold start", "## 2. COMPASS reward model", "## 3-4. Online RL",
                     "## 5-6. The policies before and after RL", "![curves](curves.png)", "![comparison](comparison.png)"):
         assert section in report, section

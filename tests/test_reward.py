@@ -300,12 +300,8 @@ def test_views_average_the_readings_of_the_flipped_and_rotated_pairs(tiny):
             torch.testing.assert_close(getattr(s, name), by_hand, atol=1e-5, rtol=0)
         assert s.text == readings[0].text and s.valid.all()
     assert not torch.allclose(readings[0].F, readings[1].F)  # the views do read differently
-    with pytest.raises(ValueError, match="views"):
-        R.LocalScorer(model, processor, synthetic=True, mode="text", views=2)
-    with pytest.raises(ValueError, match="views"):
+    with pytest.raises(ValueError, match="LocalScorer: views must be 1..8, got 9"):
         R.LocalScorer(model, processor, synthetic=True, views=9)
-    with pytest.raises(ValueError, match="views=8 is an in-process option"):
-        R.make_scorer("tiny", url="http://127.0.0.1:9", views=8)
 
 
 def test_local_text_mode_marks_garbage_invalid(tiny):
@@ -344,6 +340,24 @@ def test_remote_reply_paths_logprobs_retry_invalid(monkeypatch):
     assert s.valid.all() and s.q_lr.item() == pytest.approx(2.41) and stats["retried"] == 1 and stats["invalid"] == 0
     s, stats = results["invalid"]
     assert not s.valid.any() and torch.isnan(s.q_lr).all() and stats["retried"] == 1 and stats["invalid"] == 1
+
+
+def test_remote_views_average_the_valid_readings(monkeypatch):
+    lrs, srs = _pairs(3)
+    reply = lambda text: {"choices": [{"message": {"content": text}}]}  # noqa: E731
+    a, b, c = ("Input quality: %s\nOutput quality: %s" % qs for qs in (("2.00", "3.00"), ("1.00", "4.00"), ("2.50", "3.50")))
+    # one worker: requests in order view 0 of pairs 0, 1, 2, then view 1 of them; "garbage" is asked again once
+    queue = [reply(t) for t in (a, "garbage", "garbage", "garbage", "garbage", b, "garbage", "garbage", c)]
+    scorer = R.make_scorer(url="http://127.0.0.1:9", synthetic=False, concurrency=1, views=2)
+    monkeypatch.setattr(scorer, "_post", lambda payload: queue.pop(0))
+    s = scorer.score(lrs, srs)
+    assert not queue and scorer.stats["replies"] == 9 and scorer.stats["invalid"] == 3
+    # pair 0: both views read -> their mean; pair 1: no view read -> invalid; pair 2: only view 1 read
+    assert s.valid.tolist() == [True, False, True] and s.text == [a, "garbage", "garbage"]
+    torch.testing.assert_close(s.q_lr, torch.tensor([1.5, float("nan"), 2.5]), equal_nan=True)
+    torch.testing.assert_close(s.q_sr, torch.tensor([3.5, float("nan"), 3.5]), equal_nan=True)
+    with pytest.raises(ValueError, match="RemoteScorer: views must be 1..8, got 0"):
+        R.RemoteScorer("http://127.0.0.1:9", "compass", views=0)
 
 
 def test_remote_wrong_port_raises_naming_url():
