@@ -27,8 +27,9 @@ MINI_SFT = ROOT / "sft" / "transformer.safetensors"
 MINI_COMPASS = ROOT / "compass"
 MINI_COMPASS_BASE = ROOT / "compass_base"
 MINI_REFREWARD = ROOT / "refreward"
-# How many flips/rotations of each (LR, SR) pair the demo and miniature.py average the mini COMPASS's readings
-# over (reward.LocalScorer views), as its shipped evaluation (`compass_eval.json`, "views") does
+# How many flips/rotations of each (LR, SR) pair the mini COMPASS's evaluations average its readings over
+# (reward.LocalScorer views): its shipped evaluation (`compass_eval.json`, "views"; build_mini_compass.py
+# --views) and the held-out evaluations of the demo, miniature.py and bench.py. Their RL rewards read one view.
 MINI_COMPASS_VIEWS = 8
 REBUILD_BACKBONE = "python build_mini_backbone.py"
 REBUILD_COMPASS = "python build_mini_compass.py"
