@@ -595,7 +595,7 @@ def augment_pair(lr: Image.Image, sr: Image.Image, index: int) -> tuple[Image.Im
     """The same dihedral transform `index` (0 = none, 1 = horizontal flip, 2-7 = the others) applied to both
     PIL images of a pair. Labels stay valid when they do not depend on orientation: SSIM to an equally
     transformed HR, the SNB score, a human's opinion under a horizontal flip. Used by `train_compass.py
-    train --augment` and by `LocalScorer(views=...)`."""
+    train --augment` and by the scorers' `views` (`pairs_in_views`)."""
     if index == 0:
         return lr, sr
     op = getattr(Image.Transpose, _DIHEDRAL[index])

@@ -1141,8 +1141,8 @@ class EvalArgs:
     server_model: str = "compass"
     """model name on --server"""
     views: int = 1
-    """average COMPASS's readings over this many flips/rotations of each pair (reward.LocalScorer views:
-    1 = the paper's single reading, 8 = all; in-process --model only)"""
+    """average COMPASS's readings over this many flips/rotations of each pair (reward.LocalScorer /
+    RemoteScorer views: 1 = the paper's single reading, 8 = all; --model or --server)"""
     real_prompt: bool = False
     """score with the no-F prompt (R = Q_SR)"""
     gamma: float = 7.0
