@@ -16,8 +16,10 @@ $(VENV)/.installed: requirements.txt
 demo: install
 	$(PY) demo.py
 
+# two pytest-xdist workers (one per core here; fewer on a 1-core machine), one torch thread each (tests/conftest.py);
+# tests that share an expensive module fixture stay on one worker (xdist_group marks, --dist loadgroup)
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 2 --dist loadgroup
 
 bench: install
 	$(PY) bench.py

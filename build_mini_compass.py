@@ -142,7 +142,9 @@ class Args:
     refreward_warmup: int = 100
     """RefReward-SR: format warm-up steps (random verdicts) before GRPO"""
     refreward_steps: int = 150
-    """RefReward-SR: GRPO steps (8 pairs x 8 answers each)"""
+    """RefReward-SR: GRPO steps (--refreward-prompts pairs x --refreward-group answers each)"""
+    refreward_prompts: int = 8
+    refreward_group: int = 8
     refreward_lr: float = 3e-4
 
 
@@ -338,7 +340,7 @@ def agreement_check(folder: Path, groups: int, seed: int, backbone: str, sft: st
 # ====================================================================================================
 
 QUICK = dict(pretrain_groups=3, pretrain_epochs=1, train_groups=3, heldout_groups=2, epochs=1, batch=4,
-             refreward_warmup=2, refreward_steps=2)
+             refreward_warmup=2, refreward_steps=2, refreward_prompts=2, refreward_group=4)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -462,7 +464,8 @@ def main(argv: list[str] | None = None) -> None:
                  str(work / split / "pairs.jsonl")], work / f"pairs_{split}.log")
         run(["train_refreward.py", "train", "--model", str(pretrained), "--data",
              str(work / "train" / "pairs.jsonl"), "--out", str(work / "refreward"), "--warmup-steps",
-             str(args.refreward_warmup), "--steps", str(args.refreward_steps), "--prompts", "8", "--group", "8",
+             str(args.refreward_warmup), "--steps", str(args.refreward_steps), "--prompts",
+             str(args.refreward_prompts), "--group", str(args.refreward_group),
              "--lr", str(args.refreward_lr), "--warmup-lr", "1e-3", "--max-new-tokens", "40", "--device", "cpu",
              "--resume", "latest"], work / "train_refreward.log")
         final = out / "refreward"

@@ -324,8 +324,8 @@ def main(argv: list[str] | None = None) -> Path:
     a = p.parse_args(argv)
     t0 = time.time()
     views = dict(reward_views=a.reward_views, eval_views=a.eval_views)
-    s = Settings(fr_steps=3, nr_steps=2, seeds=(0,), eval_crops=4, eval_steps=4, train_images=8, **views) \
-        if a.quick else Settings(**views)
+    quick = dict(group_size=4, fr_steps=3, nr_steps=2, seeds=(0,), eval_crops=4, eval_steps=4, train_images=8)
+    s = Settings(**(quick if a.quick else {}), **views)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     hr_dir, lq_dir = make_training_data(out / "data", s.train_images)

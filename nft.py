@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "group_masks",
     "implicit_policies",
     "keep_groups",
     "kl_to_reference",
@@ -58,6 +59,24 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------
 # Rewards -> optimality probability r (§4) and group filtering (§4, thresholds §5.1)
 # ---------------------------------------------------------------------------------------------------
+
+
+def group_masks(rewards: Tensor, group_ids: Tensor | Sequence[Hashable], caller: str) -> list[Tensor]:
+    """One (N,) bool mask per group (groups in the order their first sample appears).
+
+    Args:
+        rewards: (N,) rewards (only their shape is used here).
+        group_ids: (N,) group key of each sample: an integer tensor or a sequence of hashables (the LR id).
+        caller: the function's name, for the error message.
+    """
+    if rewards.ndim != 1:
+        raise ValueError(f"{caller}: rewards must have shape (N,), got {tuple(rewards.shape)}")
+    keys = group_ids.tolist() if isinstance(group_ids, Tensor) else list(group_ids)
+    if len(keys) != rewards.shape[0]:
+        raise ValueError(f"{caller}: {len(keys)} group_ids for {rewards.shape[0]} rewards")
+    index: dict = {}
+    group = torch.tensor([index.setdefault(k, len(index)) for k in keys], dtype=torch.long)  # (N,) 0..G-1
+    return [group == g for g in range(len(index))]
 
 
 def optimality(
@@ -102,26 +121,19 @@ def optimality(
     With several processes, gather the rewards and ids of all ranks before calling this (a group's K
     samples may be spread over ranks, as in DiffusionNFT) and give each rank its slice of r.
     """
-    if rewards.ndim != 1:
-        raise ValueError(f"optimality: rewards must have shape (N,), got {tuple(rewards.shape)}")
     if std_mode not in ("group", "global"):
         raise ValueError(f"optimality: std_mode must be 'group' or 'global', got {std_mode!r}")
     if clip <= 0:
         raise ValueError(f"optimality: clip must be > 0, got {clip}")
-    keys = group_ids.tolist() if isinstance(group_ids, Tensor) else list(group_ids)
-    if len(keys) != rewards.shape[0]:
-        raise ValueError(f"optimality: {len(keys)} group_ids for {rewards.shape[0]} rewards")
-    index: dict = {}
-    group = torch.tensor([index.setdefault(k, len(index)) for k in keys], dtype=torch.long)  # (N,)
-
+    groups = group_masks(rewards, group_ids, "optimality")
     s = rewards.detach().double().cpu()  # statistics in float64
     valid = ~torch.isnan(s)  # (N,)
     r = torch.full_like(s, float("nan"))
     correction = 1 if unbiased else 0  # population (n) or sample (n - 1) std
     n_valid = int(valid.sum())
     global_std = s[valid].std(correction=correction) if n_valid > correction else None  # "global" mode
-    for g in range(len(index)):
-        members = (group == g) & valid  # (N,) valid members of group g
+    for in_group in groups:
+        members = in_group & valid  # (N,) valid members of the group
         n = int(members.sum())
         if n == 0:
             continue
@@ -174,21 +186,14 @@ def keep_groups(
     Returns:
         keep: (N,) bool, True for samples to train on.
     """
-    if rewards.ndim != 1:
-        raise ValueError(f"keep_groups: rewards must have shape (N,), got {tuple(rewards.shape)}")
     if reward_scale <= 0:
         raise ValueError(f"keep_groups: reward_scale must be > 0, got {reward_scale}")
-    keys = group_ids.tolist() if isinstance(group_ids, Tensor) else list(group_ids)
-    if len(keys) != rewards.shape[0]:
-        raise ValueError(f"keep_groups: {len(keys)} group_ids for {rewards.shape[0]} rewards")
-    index: dict = {}
-    group = torch.tensor([index.setdefault(k, len(index)) for k in keys], dtype=torch.long)  # (N,)
-
+    groups = group_masks(rewards, group_ids, "keep_groups")
     s = rewards.detach().double().cpu() / reward_scale  # (N,) scaled rewards
     valid = ~torch.isnan(s)
     keep = torch.zeros(s.shape[0], dtype=torch.bool)
-    for g in range(len(index)):
-        members = (group == g) & valid
+    for in_group in groups:
+        members = in_group & valid
         n = int(members.sum())
         if n < max(min_group_size, 1):
             continue  # too few valid rewards to judge the group

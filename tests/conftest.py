@@ -10,3 +10,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# Under pytest-xdist (`make test` runs `pytest -n auto`), each worker is one process of the suite: it uses ONE
+# thread for torch and passes that on to the scripts the tests start, so that N workers share N cores instead of
+# oversubscribing them (set before torch is imported by any test module).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+
+
+def pytest_collection_modifyitems(items):
+    """Run the tests marked slow first: with several workers the long ones start at once and the short ones
+    fill the tail, instead of one long test running alone at the end (stable sort: file order otherwise)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

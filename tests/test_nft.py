@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nft import (
+    group_masks,
     implicit_policies,
     keep_groups,
     kl_to_reference,
@@ -98,6 +99,17 @@ def test_optimality_rejects_bad_arguments():
         optimality(torch.ones(2), [0, 0], std_mode="batch")
     with pytest.raises(ValueError, match="group_ids"):
         optimality(torch.ones(3), [0, 0])
+    with pytest.raises(ValueError, match=r"keep_groups: rewards must have shape \(N,\), got \(2, 2\)"):
+        keep_groups(torch.ones(2, 2), [0, 1])
+
+
+def test_group_masks_in_first_seen_order():
+    masks = group_masks(torch.zeros(5), ["b", "a", "b", "c", "a"], "test")
+    assert [m.tolist() for m in masks] == [[True, False, True, False, False], [False, True, False, False, True],
+                                           [False, False, False, True, False]]
+    assert [m.tolist() for m in group_masks(torch.zeros(3), torch.tensor([7, 7, 7]), "test")] == [[True] * 3]
+    with pytest.raises(ValueError, match="test: 2 group_ids for 3 rewards"):
+        group_masks(torch.zeros(3), [0, 1], "test")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ import train_refreward
 import training as T
 from data import save_image
 
+# one pytest-xdist worker runs this file: its module fixtures (the GRPO-trained model) are built once
+pytestmark = pytest.mark.xdist_group("test_refreward")
+
 
 # ---------------------------------------------------------------------------------------------------
 # verdicts and rewards

@@ -480,6 +480,7 @@ def taught(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("taught")  # one worker builds the module fixture once
 def test_taught_model_readout_matches_labels(taught):
     model, processor, _, (lrs, srs), losses = taught
     assert losses[-1] < 0.05 < losses[0]
@@ -491,6 +492,7 @@ def test_taught_model_readout_matches_labels(taught):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("taught")
 def test_transformers_serve_remote_scorer(taught, tmp_path):
     import serving
 

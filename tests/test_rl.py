@@ -17,6 +17,9 @@ import rl_nr
 import serving
 import training as T
 
+# one pytest-xdist worker runs this file: its module fixtures (the FR LoRA) are built once
+pytestmark = pytest.mark.xdist_group("test_rl")
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny", "--crop-size", "64", "--group-size", "4", "--rollout-batch", "4",
         "--rollout-steps", "3", "--sample-every", "0", "--lr", "1e-2"]

@@ -17,6 +17,9 @@ import reward
 import train_compass as tc
 from data import save_image
 
+# one pytest-xdist worker runs this file: its module fixtures (the tiny COMPASS runs) are built once
+pytestmark = pytest.mark.xdist_group("test_train_compass")
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
