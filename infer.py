@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import backbone as B
+import evaluate
 import training as T
 from data import ImageReadError, list_images, load_image, save_image
 
@@ -68,6 +69,8 @@ class Args:
     """the "enhance" instruction c"""
     hr: str | None = None
     """optional HR folder: evaluate the outputs against it (paired by file name) and print the table"""
+    metrics: list[str] = field(default_factory=lambda: list(evaluate.DEFAULT_METRICS))
+    """with --hr: evaluate.py columns or pyiqa names (default: Table 2's; `PSNR SSIM piqe` need no downloads)"""
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -217,9 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
     print(f"wrote {len(inputs) - len(failures)} image(s) to {out_dir}")
     if args.hr:
-        import evaluate
-
-        evaluate.main(["--sr", str(out_dir), "--hr", args.hr, "--csv", str(out_dir / "metrics.csv")])
+        evaluate.main(["--sr", str(out_dir), "--hr", args.hr, "--csv", str(out_dir / "metrics.csv"), "--metrics",
+                       *args.metrics])
     if failures:
         print(f"{len(failures)} input(s) failed:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1

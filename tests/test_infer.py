@@ -44,6 +44,25 @@ def test_folder_of_mixed_inputs_gives_exact_4x_outputs(inputs, tmp_path):
         assert sr.shape == (3, 4 * lr.shape[1], 4 * lr.shape[2]), src.name
 
 
+def test_hr_folder_is_evaluated_with_the_chosen_metrics(tmp_path):
+    """--hr scores the outputs against the HR of the same stem; --metrics picks the columns (here weights-free)."""
+    rng = np.random.default_rng(1)
+    lr_dir, hr_dir, out = tmp_path / "lr", tmp_path / "hr", tmp_path / "sr"
+    lr_dir.mkdir(), hr_dir.mkdir()
+    for name in ("a", "b"):
+        _write(lr_dir / f"{name}.png", (rng.random((16, 16, 3)) * 255).astype(np.uint8))
+        _write(hr_dir / f"{name}.png", (rng.random((64, 64, 3)) * 255).astype(np.uint8))
+    assert infer.main(["--input", str(lr_dir), "--output", str(out), "--steps", "2", "--hr", str(hr_dir),
+                       "--metrics", "PSNR", "piqe"]) == 0
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",") == ["name", "PSNR", "piqe"] and [r.split(",")[0] for r in rows[1:]] == ["a", "b", "MEAN"]
+    sr, hr = load_image(out / "a.png"), load_image(hr_dir / "a.png")
+    import evaluate
+
+    psnr = float(evaluate.create_metric("PSNR")(sr[None], hr[None]))
+    assert float(rows[1].split(",")[1]) == pytest.approx(psnr, abs=1e-3)  # the PSNR of THIS pair
+
+
 def test_bad_file_is_reported_and_others_are_written(inputs, tmp_path):
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     _write(inputs / "tiny.png", np.zeros((4, 40, 3), np.uint8))  # smaller than MIN_LR_SIDE
