@@ -99,8 +99,6 @@ def test_optimality_rejects_bad_arguments():
         optimality(torch.ones(2), [0, 0], std_mode="batch")
     with pytest.raises(ValueError, match="group_ids"):
         optimality(torch.ones(3), [0, 0])
-    with pytest.raises(ValueError, match=r"keep_groups: rewards must have shape \(N,\), got \(2, 2\)"):
-        keep_groups(torch.ones(2, 2), [0, 1])
 
 
 def test_group_masks_in_first_seen_order():
@@ -110,6 +108,11 @@ def test_group_masks_in_first_seen_order():
     assert [m.tolist() for m in group_masks(torch.zeros(3), torch.tensor([7, 7, 7]), "test")] == [[True] * 3]
     with pytest.raises(ValueError, match="test: 2 group_ids for 3 rewards"):
         group_masks(torch.zeros(3), [0, 1], "test")
+    # the callers' shape errors name them
+    with pytest.raises(ValueError, match=r"keep_groups: rewards must have shape \(N,\), got \(2, 2\)"):
+        keep_groups(torch.ones(2, 2), [0, 1])
+    with pytest.raises(ValueError, match=r"optimality: 2 group_ids for 3 rewards"):
+        optimality(torch.ones(3), [0, 0])
 
 
 # ----------------------------------------------------------------------------------------------
