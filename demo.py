@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> Path:
     write_sriqa_layout(load_records(groups / "heldout.jsonl", groups), groups, out / "data" / "sriqa_heldout",
                        generative=lambda method: method in GENERATIVE)
     run(["python", "train_compass.py", "eval", "--model", "mini", "--sriqa-root", str(out / "data" / "sriqa_heldout"),
-         "--out", str(out / "compass_eval"), "--baselines", "PSNR", "SSIM", "--device", "cpu", "--views", str(a.eval_views)],
+         "--out", str(out / "compass_eval"), "--baselines", "PSNR", "SSIM", "--device", "cpu", "--views",
+         str(a.eval_views)],
         out / "compass_eval.log", "COMPASS evaluation")
     done("2. COMPASS reward model")
 

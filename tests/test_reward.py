@@ -345,7 +345,8 @@ def test_remote_reply_paths_logprobs_retry_invalid(monkeypatch):
 def test_remote_views_average_the_valid_readings(monkeypatch):
     lrs, srs = _pairs(3)
     reply = lambda text: {"choices": [{"message": {"content": text}}]}  # noqa: E731
-    a, b, c = ("Input quality: %s\nOutput quality: %s" % qs for qs in (("2.00", "3.00"), ("1.00", "4.00"), ("2.50", "3.50")))
+    a, b, c = (f"Input quality: {q_lr}\nOutput quality: {q_sr}"
+               for q_lr, q_sr in (("2.00", "3.00"), ("1.00", "4.00"), ("2.50", "3.50")))
     # one worker: requests in order view 0 of pairs 0, 1, 2, then view 1 of them; "garbage" is asked again once
     queue = [reply(t) for t in (a, "garbage", "garbage", "garbage", "garbage", b, "garbage", "garbage", c)]
     scorer = R.make_scorer(url="http://127.0.0.1:9", synthetic=False, concurrency=1, views=2)
