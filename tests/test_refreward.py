@@ -19,6 +19,15 @@ from data import save_image
 pytestmark = pytest.mark.xdist_group("test_refreward")
 
 
+def test_this_file_stays_on_one_worker(request):
+    """Under `make test` (pytest-xdist, --dist loadgroup) the group is in each test's node id, by which the
+    scheduler keeps the file, and its GRPO-trained fixture, on one worker. pytest 9.2 ignores that suffix, and
+    the fixture was built twice (2 min): requirements.txt pins a pytest / pytest-xdist pair that keeps it."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("not run by pytest-xdist with --dist loadgroup")
+    assert request.node.nodeid.endswith("@test_refreward"), request.node.nodeid
+
+
 # ---------------------------------------------------------------------------------------------------
 # verdicts and rewards
 # ---------------------------------------------------------------------------------------------------
