@@ -20,6 +20,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(items):
-    """Run the tests marked slow first: with several workers the long ones start at once and the short ones
-    fill the tail, instead of one long test running alone at the end (stable sort: file order otherwise)."""
+    """List the tests marked slow first (stable sort: file order otherwise). pytest-xdist's loadgroup hands out
+    the `xdist_group` units first, largest first, then the other tests in this order: the long ones start early
+    and the short ones fill the tail, instead of one long test running alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
