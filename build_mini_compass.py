@@ -144,7 +144,9 @@ class Args:
     refreward_steps: int = 150
     """RefReward-SR: GRPO steps (--refreward-prompts pairs x --refreward-group answers each)"""
     refreward_prompts: int = 8
+    """RefReward-SR: labelled pairs per GRPO step (`train_refreward.py train --prompts`)"""
     refreward_group: int = 8
+    """RefReward-SR: sampled answers per pair, the GRPO group (`train_refreward.py train --group`)"""
     refreward_lr: float = 3e-4
 
 
