@@ -130,6 +130,9 @@ class Args:
     augment: str = "dihedral"
     """`train_compass.py train --augment` of the COMPASS stage and the Table 3 models: one of the 8
     flips/rotations of each pair (its labels, SSIM and SNB, do not depend on orientation; none = paper)"""
+    fidelity_weight: float = 1.0
+    """`train_compass.py train --fidelity-weight` of the COMPASS stage: loss weight of the answer's Fidelity
+    line (the Table 3 models answer without F); RESULT_PLACEHOLDER"""
     lr: float = 5e-4
     batch: int = 16
     views: int = presets.MINI_COMPASS_VIEWS
@@ -274,11 +277,12 @@ def annotate(folder: Path, out: Path, log: Path, calibration: str = "rank", fide
 
 
 def train(model: str, data_file: Path, root: Path, out: Path, epochs: int, lr: float, batch: int, log: Path,
-          max_steps: int = 0, augment: str = "none", seed: int = 0) -> None:
+          max_steps: int = 0, augment: str = "none", seed: int = 0, fidelity_weight: float = 1.0) -> None:
     run(["train_compass.py", "train", "--model", model, "--data", str(data_file), "--root", str(root),
          "--out", str(out), "--epochs", str(epochs), "--global-batch", str(batch), "--per-device-batch",
          str(batch), "--lr", str(lr), "--warmup-steps", "100", "--device", "cpu", "--resume", "latest",
-         "--augment", augment, "--seed", str(seed), *(["--max-steps", str(max_steps)] if max_steps else [])], log)
+         "--augment", augment, "--seed", str(seed), "--fidelity-weight", str(fidelity_weight),
+         *(["--max-steps", str(max_steps)] if max_steps else [])], log)
 
 
 def publish(src: Path, dst: Path, *ignore: str) -> None:
@@ -413,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def train_all() -> None:
         train(str(pretrained), work / "train" / "train.jsonl", work / "train", work / "compass", args.epochs,
-              args.lr, args.batch, work / "train_compass.log", augment=args.augment, seed=args.train_seed)
+              args.lr, args.batch, work / "train_compass.log", augment=args.augment, seed=args.train_seed,
+              fidelity_weight=args.fidelity_weight)
         publish(work / "compass", out / "compass")
         if args.ablations:  # Table 3: the same budget on other labels
             for name, src in (("calibrated_noF", work / "train" / "train.jsonl"),

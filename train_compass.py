@@ -609,6 +609,32 @@ def answer_only_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, pr
     return labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
 
 
+def fidelity_line_weights(labels: torch.Tensor, tokenizer, weight: float) -> torch.Tensor:
+    """(B, T) loss weights: 1 on the answer tokens, `weight` on the tokens of the answer's first line when
+    that line is the Fidelity line (format_answer writes F first; a quality-only answer has none), 0 where
+    `labels` is IGNORE_INDEX. The line ends with the first token whose text holds a newline."""
+    weights = (labels != IGNORE_INDEX).float()
+    for b in range(labels.shape[0]):
+        positions = weights[b].nonzero().flatten().tolist()
+        texts = [tokenizer.decode([int(labels[b, t])]) for t in positions]
+        if not "".join(texts).lstrip().startswith(reward.FIELD_LABELS["F"]):
+            continue
+        for t, text in zip(positions, texts):
+            weights[b, t] = weight
+            if "\n" in text:
+                break
+    return weights
+
+
+def weighted_answer_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of the labelled tokens, weighted: sum(w * ce) / sum(w). With weights 1 on
+    every labelled token this is the model's own loss (the mean over them)."""
+    logits, target, w = logits[:, :-1].float(), labels[:, 1:], weights[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                           ignore_index=IGNORE_INDEX, reduction="none")
+    return (ce * w.reshape(-1)).sum() / w.sum()
+
+
 def sft_collate(processor, conversations: list[list[dict]]) -> dict[str, torch.Tensor]:
     """Conversations -> a model batch with `labels`.
 
@@ -733,6 +759,9 @@ class TrainArgs:
     """drop (and count) invalid records instead of refusing the file"""
     max_nonfinite: int = 10
     """NaN/Inf steps skipped before giving up"""
+    fidelity_weight: float = 1.0
+    """loss weight of the answer's Fidelity line (its tokens) relative to the other answer tokens (paper
+    silent: 1 = the plain mean over the answer tokens); > 1 spends more of each step on F"""
     augment: str = "none"
     """none (paper) | flip (horizontal flip of the pair) | dihedral (one of the 8 flips/rotations of the pair,
     for labels that do not depend on orientation, like the mini build's): the same transform on LR and SR"""
@@ -761,6 +790,8 @@ def train(args: TrainArgs) -> Path:
 
     if args.augment not in AUGMENTATIONS:
         raise ValueError(f"--augment {args.augment}: choose one of {', '.join(AUGMENTATIONS)}")
+    if not args.fidelity_weight > 0:
+        raise ValueError(f"--fidelity-weight {args.fidelity_weight}: must be > 0 (1 = every answer token alike)")
     if args.global_batch % (args.per_device_batch * world):
         raise ValueError(f"--global-batch {args.global_batch} must be a multiple of --per-device-batch "
                          f"{args.per_device_batch} x {world} processes")
@@ -838,7 +869,12 @@ def train(args: TrainArgs) -> Path:
                 model.set_requires_gradient_sync(micro == args.grad_accum - 1)
             # 3. next-token cross-entropy on the answer tokens, averaged over the accumulation
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not sharded):
-                loss = model(**batch).loss / args.grad_accum
+                if args.fidelity_weight == 1.0:
+                    loss = model(**batch).loss / args.grad_accum
+                else:  # --fidelity-weight: the Fidelity line's tokens count more
+                    weights = fidelity_line_weights(batch["labels"], processor.tokenizer, args.fidelity_weight)
+                    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                    loss = weighted_answer_loss(logits, batch["labels"], weights) / args.grad_accum
             loss.backward()
             step_loss += loss.detach()
         # 4. clip, step AdamW, advance the cosine schedule (NaN/Inf steps are skipped and counted)

@@ -411,11 +411,14 @@ def sft_data(tmp_path_factory):
     return _write_jsonl(root / "train.jsonl", rows), root
 
 
-def test_unknown_augmentation_names_the_flag(sft_data, tmp_path):
+def test_unknown_augmentation_or_bad_fidelity_weight_names_the_flag(sft_data, tmp_path):
     path, root = sft_data
     with pytest.raises(ValueError, match="--augment rotate: choose one of none, flip, dihedral"):
         tc.train(tc.TrainArgs(data=str(path), root=str(root), out=str(tmp_path / "x"), model="tiny", device="cpu",
                               augment="rotate"))
+    with pytest.raises(ValueError, match="--fidelity-weight 0.0: must be > 0"):
+        tc.train(tc.TrainArgs(data=str(path), root=str(root), out=str(tmp_path / "x"), model="tiny", device="cpu",
+                              fidelity_weight=0.0))
     assert not (tmp_path / "x").exists()  # refused before any model is built or folder written
 
 
@@ -432,6 +435,50 @@ def test_sft_collate_keeps_mm_token_type_ids_and_masks_the_prompt(sft_data):
         text = processor.tokenizer.decode(supervised)
         # exactly the answer (no-F answer for the real-world records) + the end-of-turn token
         assert text == reward.format_answer(rec.F, rec.q_lr, rec.q_sr) + "<|im_end|>"
+
+
+def test_weighted_answer_loss_hand_worked():
+    # position t predicts labels[t + 1]: logits [0, 0] for target 0 (ce ln 2), [ln 3, 0] for target 1
+    # (p = 1/4, ce ln 4); weights 1 and 3 on the two targets: (ln 2 + 3 ln 4) / 4 = 7/4 ln 2
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [5.0, 5.0]]])
+    labels = torch.tensor([[tc.IGNORE_INDEX, 0, 1]])
+    assert float(tc.weighted_answer_loss(logits, labels, torch.tensor([[0.0, 1.0, 3.0]]))) == pytest.approx(
+        7 / 4 * math.log(2.0), rel=1e-6)
+    assert float(tc.weighted_answer_loss(logits, labels, torch.tensor([[0.0, 1.0, 1.0]]))) == pytest.approx(
+        1.5 * math.log(2.0), rel=1e-6)
+
+
+def _first_batch(processor, path, root):
+    """The batch of step 0 of a one-epoch, one-process run over all 4 records (--augment none)."""
+    recs = tc.load_records(path)
+    order = tc.step_indices(len(recs), 0, 1, len(recs), 0)
+    return tc.sft_collate(processor, [tc.sft_conversation(recs[i], *tc.load_pil_pair(recs[i], root)) for i in order])
+
+
+def test_fidelity_weight_weighs_the_fidelity_line_in_the_training_loss(sft_data, tmp_path):
+    """--fidelity-weight W: the tokens of "Fidelity: 0.80\n" count W times in the loss, the rest of the answer
+    once (a no-F answer has no such line); the loss the run logs for its first step is exactly that."""
+    path, root = sft_data
+    model, processor = reward.load_compass("tiny")
+    batch = _first_batch(processor, path, root)
+    weights = tc.fidelity_line_weights(batch["labels"], processor.tokenizer, 3.0)
+    tok = processor.tokenizer
+    for row in range(len(weights)):
+        answer = batch["labels"][row] != tc.IGNORE_INDEX
+        heavy = tok.decode(batch["labels"][row][weights[row] == 3.0])
+        assert heavy in ("Fidelity: 0.80\n", "")  # the F line of a synthetic record, nothing for a real one
+        assert torch.equal(weights[row] > 0, answer) and set(weights[row][answer].tolist()) <= {1.0, 3.0}
+    assert sum(tok.decode(batch["labels"][r][weights[r] == 3.0]) != "" for r in range(len(weights))) == 2
+    with torch.no_grad():
+        plain = model(**batch)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert float(tc.weighted_answer_loss(logits, batch["labels"], (batch["labels"] != tc.IGNORE_INDEX).float())) \
+        == pytest.approx(float(plain.loss), rel=1e-5)  # weights 1 = the model's own loss
+    expected = float(tc.weighted_answer_loss(logits, batch["labels"], weights))
+    tc.train(tc.TrainArgs(data=str(path), root=str(root), out=str(tmp_path / "w3"), model="tiny", device="cpu",
+                          epochs=1, global_batch=4, per_device_batch=4, fidelity_weight=3.0))
+    logged = json.loads((tmp_path / "w3" / "losses.json").read_text())["losses"]
+    assert logged[0] == pytest.approx(expected, rel=1e-5) and expected != pytest.approx(float(plain.loss), rel=1e-3)
 
 
 def _run(args, tmp_path, torchrun=False, timeout=600):
