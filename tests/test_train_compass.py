@@ -462,13 +462,12 @@ def test_fidelity_weight_weighs_the_fidelity_line_in_the_training_loss(sft_data,
     model, processor = reward.load_compass("tiny")
     batch = _first_batch(processor, path, root)
     weights = tc.fidelity_line_weights(batch["labels"], processor.tokenizer, 3.0)
-    tok = processor.tokenizer
-    for row in range(len(weights)):
-        answer = batch["labels"][row] != tc.IGNORE_INDEX
-        heavy = tok.decode(batch["labels"][row][weights[row] == 3.0])
-        assert heavy in ("Fidelity: 0.80\n", "")  # the F line of a synthetic record, nothing for a real one
-        assert torch.equal(weights[row] > 0, answer) and set(weights[row][answer].tolist()) <= {1.0, 3.0}
-    assert sum(tok.decode(batch["labels"][r][weights[r] == 3.0]) != "" for r in range(len(weights))) == 2
+    heavy = [processor.tokenizer.decode(labels[w == 3.0]) for labels, w in zip(batch["labels"], weights)]
+    # the F line of each synthetic record (2 of the 4), nothing for a real-world one
+    assert sorted(heavy) == ["", "", "Fidelity: 0.80\n", "Fidelity: 0.80\n"]
+    for labels, w in zip(batch["labels"], weights):
+        answer = labels != tc.IGNORE_INDEX
+        assert torch.equal(w > 0, answer) and set(w[answer].tolist()) <= {1.0, 3.0}
     with torch.no_grad():
         plain = model(**batch)
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
