@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,38 +193,66 @@ def build_tiny_components(seed: int = 0, words_from: tuple[str, ...] = (), trans
 
 def load_backbone(model: str = "tiny", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   text_encoder_device: str | torch.device | None = None, seed: int = 0,
-                  transformer_on_meta: bool = False) -> Backbone:
+                  transformer_on_meta: bool = False, transformer_device: str | torch.device | None = None
+                  ) -> Backbone:
     """Load Qwen-Image-Edit-2509 by hub name or local folder, the shipped mini preset (`model="mini"`),
-    or build the tiny preset (`model="tiny"`).
+    or build the tiny preset (`model="tiny"`). Every component in `dtype` (the hub checkpoint is bf16).
 
     `text_encoder_device` lets the (frozen, used once per LR) text encoder live elsewhere, e.g. "cpu"
-    while the transformer trains on the GPU. `transformer_on_meta`: build the transformer from its config
-    with its parameters on the meta device (no memory, weights not read), for the FSDP2 ranks that receive
-    their shards from rank 0 (`training.shard_from_rank0`); the other components load as usual.
+    while the transformer trains on the GPU (`text_encoder_on` brings it over for an encoding).
+    `transformer_device` (default `device`): "cpu" keeps the transformer on the host, e.g. on the FSDP2
+    rank that shards it out. `transformer_on_meta`: build the transformer from its config with its
+    parameters on the meta device (no memory, weights not read), for the FSDP2 ranks that receive their
+    shards from rank 0 (`training.shard_from_rank0`); the other components load as usual.
     """
     if model == "tiny":
         parts = build_tiny_components(seed, transformer_on_meta=transformer_on_meta)
     else:
         path = presets.mini_backbone() if model == "mini" else Path(model)  # "mini": files checked, named
         if path.exists() and not (path / "model_index.json").exists():
-            raise FileNotFoundError(
+            raise T.RunError(
                 f"--model {model}: folder has no model_index.json. Pass a diffusers pipeline folder "
                 f"(e.g. a download of {REAL_MODEL}), 'mini' or 'tiny'.")
         extra = {}
-        if transformer_on_meta:
-            with T.parameters_on_meta():
-                config = QwenImageTransformer2DModel.load_config(str(path), subfolder="transformer")
-                extra["transformer"] = QwenImageTransformer2DModel.from_config(config)
-        pipe = QwenImageEditPlusPipeline.from_pretrained(str(path), dtype=dtype, **extra)
+        try:
+            if transformer_on_meta:
+                with T.parameters_on_meta():
+                    config = QwenImageTransformer2DModel.load_config(str(path), subfolder="transformer")
+                    extra["transformer"] = QwenImageTransformer2DModel.from_config(config)
+            pipe = QwenImageEditPlusPipeline.from_pretrained(str(path), dtype=dtype, **extra)
+        except OSError as err:  # not on disk and not downloadable (offline, a typo): one line, not three tracebacks
+            raise T.RunError(missing_checkpoint(model, "--model", REAL_MODEL, err)) from None
         parts = dict(transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder,
                      processor=pipe.processor, scheduler=pipe.scheduler)
     single_frame_convs(parts["vae"])
     te_device = text_encoder_device or device
-    for name, dev in (("transformer", device), ("vae", device), ("text_encoder", te_device)):
+    for name, dev in (("transformer", transformer_device or device), ("vae", device), ("text_encoder", te_device)):
         if not (name == "transformer" and transformer_on_meta):  # meta parameters stay where FSDP2 puts them
             place(parts[name], dev, dtype)
         parts[name].requires_grad_(False).eval()
     return Backbone(**parts, prompt_drop_idx=prompt_drop_index(parts["processor"].tokenizer), name=model)
+
+
+@contextmanager
+def text_encoder_on(backbone: Backbone, device: str | torch.device):
+    """Run with the text encoder on `device`, then put it back where it was (--offload-text-encoder: the 8B
+    encoder waits on the host in bf16 and crosses to the GPU for each batch's conditioning, ~17 GB over PCIe,
+    instead of running there on one CPU thread per rank, ~30 s per LR image)."""
+    home = backbone.text_encoder.device
+    backbone.text_encoder.to(device)
+    try:
+        yield backbone
+    finally:
+        backbone.text_encoder.to(home)
+
+
+def missing_checkpoint(name: str, flag: str, real: str, err: BaseException) -> str:
+    """The one-line message for a checkpoint that is neither a local folder nor downloadable."""
+    looks_local = name.startswith((".", "/", "~")) or Path(name).suffix or name.count("/") != 1
+    where = "no such folder" if looks_local else "not in the local Hugging Face cache and not downloadable here"
+    return (f"{flag} {name}: {where} ({type(err).__name__}). Download {real} on a machine with access "
+            f"(`huggingface-cli download {real}`) and pass its folder or set HF_HOME, or pass {flag} mini "
+            f"(the trained laptop preset) or {flag} tiny (random weights, for tests).")
 
 
 class SingleFrameCausalConv3d(QwenImageCausalConv3d):
@@ -286,10 +315,13 @@ def vae_encode(vae: AutoencoderKLQwenImage, images: torch.Tensor) -> torch.Tenso
 
 
 def vae_decode(vae: AutoencoderKLQwenImage, latents: torch.Tensor) -> torch.Tensor:
-    """Normalised latents (B,C,1,h,w) -> images (B,3,f*h,f*w) in [0,1] (inverse of `vae_encode`)."""
-    mean, std = _latent_stats(vae, latents)
-    z = latents.to(vae.dtype) * std + mean
-    x = vae.decode(z, return_dict=False)[0][:, :, 0]
+    """Normalised latents (B,C,1,h,w) -> images (B,3,f*h,f*w) in [0,1] (inverse of `vae_encode`).
+
+    The latents are cast to the VAE's dtype FIRST (the sampler integrates in float32; a bf16 VAE's convs
+    refuse float32 inputs), and de-normalised in that dtype."""
+    z = latents.to(vae.device, vae.dtype)
+    mean, std = _latent_stats(vae, z)
+    x = vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
@@ -316,14 +348,15 @@ def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 class Condition:
     """Everything the transformer needs about (x_LR, c), for ONE LR image.
 
-    prompt_embeds (1,L,D) and prompt_mask (1,L): the VL text encoder's last hidden state of
-    "Picture 1: <LR> <prompt>"; image_latents (1,N,4C): the packed, normalised VAE latents of the LR
-    upscaled to the output size; height/width: output size in pixels; vae_scale: the VAE's spatial
-    factor f (pixels per latent).
+    prompt_embeds (1,L,D): the VL text encoder's last hidden state of "Picture 1: <LR> <prompt>";
+    prompt_mask (B,L) or None: None when no text token is padding (one condition, or a batch of equal
+    lengths), as in the stock pipeline: with a mask the attention cannot use the flash kernel;
+    image_latents (1,N,4C): the packed, normalised VAE latents of the LR upscaled to the output size;
+    height/width: output size in pixels; vae_scale: the VAE's spatial factor f (pixels per latent).
     """
 
     prompt_embeds: torch.Tensor
-    prompt_mask: torch.Tensor
+    prompt_mask: torch.Tensor | None
     image_latents: torch.Tensor
     height: int
     width: int
@@ -354,9 +387,14 @@ def stack_conditions(conds: list[Condition]) -> Condition:
     if len({(c.height, c.width) for c in conds}) != 1:
         raise ValueError("stack_conditions: all conditions in a batch must share one output size "
                          "(the transformer's RoPE layout `img_shapes` is shared by the batch)")
-    length = max(c.prompt_embeds.shape[1] for c in conds)
+    lengths = [c.prompt_embeds.shape[1] for c in conds]
+    length = max(lengths)
     embeds = torch.cat([F.pad(c.prompt_embeds, (0, 0, 0, length - c.prompt_embeds.shape[1])) for c in conds])
-    mask = torch.cat([F.pad(c.prompt_mask, (0, length - c.prompt_mask.shape[1])) for c in conds])
+    mask = None  # no padding: no mask (the flash kernel stays usable)
+    if len(set(lengths)) > 1 or any(c.prompt_mask is not None for c in conds):
+        masks = [c.prompt_mask if c.prompt_mask is not None else
+                 torch.ones(c.prompt_embeds.shape[:2], dtype=torch.long, device=c.prompt_embeds.device) for c in conds]
+        mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks])
     latents = torch.cat([c.image_latents for c in conds])
     return Condition(embeds, mask, latents, conds[0].height, conds[0].width, conds[0].vae_scale)
 
@@ -368,8 +406,9 @@ def stack_pairs(pairs: list[tuple[Condition, torch.Tensor]]) -> tuple[Condition,
 
 def repeat_condition(cond: Condition, k: int) -> Condition:
     """View of one condition for a batch of K samples (no recomputation)."""
-    return Condition(cond.prompt_embeds.expand(k, -1, -1), cond.prompt_mask.expand(k, -1),
-                     cond.image_latents.expand(k, -1, -1), cond.height, cond.width, cond.vae_scale)
+    mask = None if cond.prompt_mask is None else cond.prompt_mask.expand(k, -1)
+    return Condition(cond.prompt_embeds.expand(k, -1, -1), mask, cond.image_latents.expand(k, -1, -1),
+                     cond.height, cond.width, cond.vae_scale)
 
 
 def upscale(lr: torch.Tensor, scale: int = 4) -> torch.Tensor:
@@ -379,8 +418,8 @@ def upscale(lr: torch.Tensor, scale: int = 4) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_prompt(backbone: Backbone, image: Image.Image, prompt: str = DEFAULT_PROMPT,
-                  pass_mm_token_type_ids: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """VL prompt embedding of "Picture 1: <image> <prompt>" -> (embeds (1,L,D), mask (1,L)).
+                  pass_mm_token_type_ids: bool = True) -> tuple[torch.Tensor, None]:
+    """VL prompt embedding of "Picture 1: <image> <prompt>" -> (embeds (1,L,D), None: no padding, no mask).
 
     As the stock pipeline: chat template, last hidden state, system prefix dropped. Unlike diffusers
     0.42.1, `mm_token_type_ids` is passed so image tokens get their M-RoPE positions (set
@@ -396,9 +435,7 @@ def encode_prompt(backbone: Backbone, image: Image.Image, prompt: str = DEFAULT_
              pixel_values=inputs["pixel_values"].to(te.dtype), image_grid_thw=inputs["image_grid_thw"],
              output_hidden_states=True, **extra)
     hidden = out.hidden_states[-1][0][inputs["attention_mask"][0].bool()]  # one prompt: no padding
-    embeds = hidden[backbone.prompt_drop_idx:].unsqueeze(0)
-    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-    return embeds, mask
+    return hidden[backbone.prompt_drop_idx:].unsqueeze(0), None
 
 
 def vl_view(cond_image: torch.Tensor, area: int = CONDITION_IMAGE_SIZE) -> Image.Image:
@@ -425,7 +462,7 @@ def encode_condition_image(backbone: Backbone, cond_image: torch.Tensor, prompt:
     embeds, mask = encode_prompt(backbone, vl_view(cond_image), prompt, pass_mm_token_type_ids)
     dev, dt = backbone.device, backbone.dtype
     latents = pack_latents(vae_encode(backbone.vae, cond_image.unsqueeze(0).to(backbone.vae.device)))
-    return Condition(embeds.to(dev, dt), mask.to(dev), latents.to(dev, dt), int(height), int(width),
+    return Condition(embeds.to(dev, dt), mask, latents.to(dev, dt), int(height), int(width),
                      backbone.vae_scale_factor)
 
 
@@ -500,10 +537,17 @@ def sample(transformer: QwenImageTransformer2DModel, cond: Condition, noise: tor
     return x
 
 
-def decode(backbone: Backbone, tokens: torch.Tensor, cond: Condition) -> torch.Tensor:
-    """Packed x0 tokens (K,N,4C) -> images (K,3,H,W) in [0,1]."""
+DECODE_CHUNK = 4
+"""Samples per VAE decode call. The VAE's activations at 512 px are ~0.9 GB per sample in bf16 (its
+full-resolution convs), so decoding a group of K = 24 at once adds ~20 GB at the peak of an RL step; chunks
+of 4 keep it under 4 GB (measured with fake tensors: estimate_scale.py)."""
+
+
+@torch.no_grad()
+def decode(backbone: Backbone, tokens: torch.Tensor, cond: Condition, chunk: int = DECODE_CHUNK) -> torch.Tensor:
+    """Packed x0 tokens (K,N,4C) -> images (K,3,H,W) in [0,1], `chunk` samples per VAE call."""
     h, w = cond.latent_hw
-    return vae_decode(backbone.vae, unpack_latents(tokens, h, w))
+    return torch.cat([vae_decode(backbone.vae, unpack_latents(t, h, w)) for t in tokens.split(chunk)])
 
 
 @torch.no_grad()
@@ -538,22 +582,29 @@ def super_resolve_many(backbone: Backbone, lrs: torch.Tensor, num_steps: int = 4
 
 def load_transformer_weights(transformer: QwenImageTransformer2DModel, path: str | Path, model: str = "") -> None:
     """Load full transformer weights (e.g. `out/sft/transformer.safetensors`, or "mini" for the shipped
-    mini SFT) in place. Keys and shapes must match the transformer (`model` names it in the error)."""
+    mini SFT) in place. Keys and shapes must match the transformer (`model` names it in the error).
+
+    Streams: one tensor at a time is read from the file, cast to the parameter's dtype and copied to its
+    device, so loading the 20B SFT costs one tensor of host memory per process, not a float32 copy of the
+    whole model on every rank."""
     path = presets.mini_sft() if str(path) == "mini" else Path(path)
     if path.is_dir():
         path = path / "transformer.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"--sft {path}: no such file. Pass the folder train_sft.py wrote "
-                                "(it holds transformer.safetensors), the file itself, or 'mini'.")
-    state = load_file(str(path))
+        raise T.RunError(f"--sft {path}: no such file. Pass the folder train_sft.py wrote "
+                         "(it holds transformer.safetensors), the file itself, or 'mini'.")
     own = transformer.state_dict()
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    wrong = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise ValueError(f"--sft {path} does not fit the transformer of --model {model or '?'}: {len(missing)} "
-                         f"missing, {len(unexpected)} unexpected and {len(wrong)} differently shaped weights (e.g. "
-                         f"{(missing + unexpected + wrong)[:3]}). It was trained for another --model.")
-    transformer.load_state_dict(state)
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        missing, unexpected = sorted(own.keys() - keys), sorted(keys - own.keys())
+        wrong = sorted(k for k in own.keys() & keys if tuple(own[k].shape) != tuple(f.get_slice(k).get_shape()))
+        if missing or unexpected or wrong:
+            raise T.RunError(f"--sft {path} does not fit the transformer of --model {model or '?'}: {len(missing)} "
+                             f"missing, {len(unexpected)} unexpected and {len(wrong)} differently shaped weights (e.g. "
+                             f"{(missing + unexpected + wrong)[:3]}). It was trained for another --model.")
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(f.get_tensor(key).to(target.dtype))
 
 
 def add_lora(transformer: QwenImageTransformer2DModel, rank: int = 32, alpha: int = 64,
@@ -672,9 +723,21 @@ def merge_lora_weights(weights: dict[str, torch.Tensor], lora: dict[str, torch.T
 
 
 def merge_lora_files(transformer: QwenImageTransformer2DModel, files: list[tuple[str | Path, float]]) -> None:
-    """Merge one or more pipeline-format LoRA files (with scales) into the transformer's weights in place."""
+    """Merge one or more pipeline-format LoRA files (with scales) into the transformer's weights in place.
+
+    Module by module on the weights' own device: W <- W + scale (alpha / r) B A computed in float32 for that
+    one weight, stored back in W's dtype. The model never exists twice, and never in float32 (the 20B
+    transformer merges in bf16 on its GPU, not through ~200 GB of host memory)."""
+    modules = dict(transformer.named_modules())
     for path, scale in files:
         lora, config = read_lora_file(path)
         _check_lora_keys(transformer, lora, path)
-        merged = merge_lora_weights(transformer.state_dict(), lora, config["lora_alpha"], config["r"], scale)
-        transformer.load_state_dict(merged)
+        with torch.no_grad():
+            for key in lora:
+                if ".lora_A." not in key:
+                    continue
+                name = key.split(".lora_A.")[0]
+                weight = modules[name].weight
+                a = lora[key].to(weight.device, torch.float32)
+                b = lora[f"{name}.lora_B.weight"].to(weight.device, torch.float32)
+                weight.copy_((weight.float() + scale * (config["lora_alpha"] / config["r"]) * (b @ a)).to(weight.dtype))

@@ -120,7 +120,7 @@ def bench_rl_vs_sft(tmp: Path, k: int, steps: int) -> dict:
     _, sft_mb = run_and_measure([py, "train_sft.py", "--model", "tiny", "--hr-dir", str(hr), "--crop-size", "64",
                                  "--batch-size", str(k), "--steps", str(steps), "--sample-every", "0",
                                  "--out", str(tmp / "sft")])
-    _, rl_mb = run_and_measure([py, "rl_fr.py", "--model", "tiny", "--hr-dir", str(hr), "--crop-size", "64",
+    _, rl_mb = run_and_measure([py, "rl_fr.py", "--model", "tiny", "--reward-model", "tiny", "--hr-dir", str(hr), "--crop-size", "64",
                                 "--group-size", str(k), "--rollout-batch", str(k), "--train-batch", str(k),
                                 "--steps", str(steps), "--fidelity", "ssim", "--sample-every", "0",
                                 "--out", str(tmp / "fr.safetensors")])

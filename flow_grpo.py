@@ -171,13 +171,14 @@ def clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor
     Args:
         log_prob: (B,) under the current policy (carries the gradient).
         old_log_prob: (B,) recorded at rollout time.
-        advantages: (B,) already clipped (`group_advantages`).
+        advantages: (B,) already clipped (`group_advantages`); computed on the host from the rewards, moved
+            here to the log-probabilities' device.
         clip_range: eps (public default 1e-4, small because log-probs are per-element averages).
     Returns:
         (B,) losses.
     """
     ratio = torch.exp(log_prob - old_log_prob.detach())
-    advantages = advantages.detach().to(ratio.dtype)
+    advantages = advantages.detach().to(ratio.device, ratio.dtype)
     return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
 
 

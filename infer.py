@@ -101,13 +101,15 @@ def parse_lora_arg(spec: str) -> tuple[Path, float]:
 
 def load_policy(model: str, sft: str | None = None, loras: tuple[str, ...] = (), dtype: torch.dtype = torch.float32,
                 device: str = "cpu") -> B.Backbone:
-    """Base weights -> optional SFT transformer weights -> LoRA files merged (paper §4: Delta_NR into SFT)."""
-    bb = B.load_backbone(model, dtype=torch.float32, device="cpu")  # merge in fp32, then cast
+    """Base weights -> optional SFT transformer weights -> LoRA files merged (paper §4: Delta_NR into SFT).
+
+    Everything is loaded in `dtype` on `device` directly; the SFT weights stream in one tensor at a time and
+    each LoRA product is added in float32 one weight at a time (backbone.merge_lora_files), so one-GPU
+    inference of the 20B model needs its bf16 weights once, on the GPU."""
+    bb = B.load_backbone(model, dtype=dtype, device=device)
     if sft:
         B.load_transformer_weights(bb.transformer, sft, model)
     B.merge_lora_files(bb.transformer, [parse_lora_arg(s) for s in loras])
-    for module in (bb.transformer, bb.vae, bb.text_encoder):
-        B.place(module, device, dtype)
     return bb
 
 

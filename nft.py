@@ -267,7 +267,8 @@ def nft_loss(
         v_theta: (B, ...) trainable velocity v_theta(x_t, t | c, x_LR).
         v_old: (B, ...) frozen old-policy velocity at the same inputs (no gradient).
         v_target: (B, ...) target velocity v = eps - x0 of the rollout sample x0.
-        r: (B,) optimality probabilities in [0, 1] (from `optimality`); NaN is refused.
+        r: (B,) optimality probabilities in [0, 1] (from `optimality`); NaN is refused. Rewards are scored on
+            the host, so r usually is a CPU tensor: it is checked there and moved to v_theta's device.
         lam: lambda of Eq.6-7 (paper: 1.0).
         normalize: "none" or "x0_adaptive" (see above).
         x_t: (B, ...) noisy input, needed for "x0_adaptive".
@@ -289,7 +290,7 @@ def nft_loss(
     dims = tuple(range(1, v_theta.ndim))  # all non-batch dims
     v_pos, v_neg = implicit_policies(v_theta, v_old, lam)  # Eq.6, Eq.7
     v_target = v_target.detach()
-    r = r.to(v_theta.dtype)
+    r = r.to(v_theta.device, v_theta.dtype)
 
     if normalize == "none":
         pos = ((v_pos - v_target) ** 2).mean(dim=dims)  # (B,) ||v+ - v||^2

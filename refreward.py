@@ -342,12 +342,17 @@ class RefRewardScorer:
         return self.score_group(lr_images[0], sr_images)
 
 
-def load_refreward(model: str = "tiny", device: str = "cpu"):
+def load_refreward(model: str = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32,
+                   on_meta: bool = False):
     """(model, processor): 'tiny' (the tiny Qwen3-VL of reward.py with the RefReward words as tokens),
-    'mini' (the shipped mini RefReward in mini/refreward) or a folder / hub name."""
+    'mini' (the shipped mini RefReward in mini/refreward) or a folder / hub name. `on_meta`: parameters on
+    the meta device, for the FSDP2 ranks that receive their shards from rank 0 (reward.load_compass)."""
     import presets
+    from training import parameters_on_meta
 
     if model == "tiny":
-        m, processor = reward.build_compass(0, words_from=TEXTS)
-        return m.to(device), processor
-    return reward.load_compass(str(presets.mini_refreward()) if model == "mini" else model, device=device)
+        with parameters_on_meta(on_meta):
+            m, processor = reward.build_compass(0, words_from=TEXTS)
+        return (m if on_meta else m.to(device=device, dtype=dtype)), processor
+    return reward.load_compass(str(presets.mini_refreward()) if model == "mini" else model, dtype=dtype,
+                               device=device, on_meta=on_meta)

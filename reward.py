@@ -94,6 +94,8 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from training import RunError
+
 # bitsandbytes (pulled in by diffusers, transformers and pyiqa) logs a warning about an optional 4-bit CPU
 # kernel when it is imported; nothing here uses 4-bit weights.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -279,12 +281,12 @@ def load_compass(model: str = "tiny", dtype: torch.dtype = torch.float32, device
         else:
             m = Qwen3VLForConditionalGeneration.from_pretrained(model, dtype=dtype)
         processor = AutoProcessor.from_pretrained(model)
-    except OSError as err:
-        raise OSError(
-            f"could not load the COMPASS model {model!r}: pass a folder written by train_compass.py "
-            f"(model + processor via save_pretrained), a hub name reachable from this machine, 'mini' or "
-            f"'tiny' for the presets. ({err})"
-        ) from err
+    except OSError as err:  # not on disk, not downloadable: one line that says what to pass
+        raise RunError(
+            f"COMPASS checkpoint {model!r}: no such folder, and not downloadable here ({type(err).__name__}). Pass "
+            f"the folder train_compass.py wrote (model + processor), serve it and pass --reward-url, or use 'mini' "
+            f"(the trained laptop preset) or 'tiny' (random weights, for tests)."
+        ) from None
     return (m if on_meta else m.to(device)).eval(), processor
 
 
@@ -763,8 +765,9 @@ class LocalScorer:
 # =====================================================================================================
 
 
-class RewardServerError(RuntimeError):
-    """The reward server could not be reached or refused the request (message names the URL)."""
+class RewardServerError(RunError, RuntimeError):
+    """The reward server could not be reached or refused the request (message names the URL; the scripts print
+    it as one line and stop, training.run_script)."""
 
 
 def expected_from_logprobs(content: list[dict], synthetic: bool) -> dict[str, float] | None:
@@ -816,8 +819,9 @@ class RemoteScorer:
     temperature 0: vLLM returns them and the scores are digit expectations (module docstring);
     `transformers serve` ignores them and the reply text is parsed. An unparseable reply is retried once,
     then marked valid=False (NaN scores) and counted. Connection errors, timeouts and 5xx replies are
-    retried `retries` times with exponential backoff (waits backoff, 2*backoff, 4*backoff, ... s), then
-    `RewardServerError` names the URL; a 4xx reply raises at once. stats: requests (HTTP attempts),
+    retried with exponential backoff (waits backoff, 2*backoff, 4*backoff, ... s, at most 30 s each) for
+    `retry_for` seconds in all (a server restarting or catching up), then `RewardServerError` names the URL;
+    a 4xx reply raises at once. stats: requests (HTTP attempts),
     replies, retried (unparseable replies asked again), invalid, clamped, logprob_readouts,
     server_retries, max_in_flight. `concurrency` is the knob bench.py times (`time_remote_scoring`).
     views: as LocalScorer's (each pair sent in `views` orientations, the valid readings averaged; the stats
@@ -831,7 +835,7 @@ class RemoteScorer:
         api_key_env: str = "COMPASS_API_KEY",
         concurrency: int = 8,
         timeout: float = 60,
-        retries: int = 3,
+        retry_for: float = 600.0,
         backoff: float = 0.5,
         synthetic: bool = False,
         max_new_tokens: int = 64,
@@ -844,7 +848,7 @@ class RemoteScorer:
         base = base[: -len("/v1")] if base.endswith("/v1") else base  # accept ".../v1" as OpenAI clients do
         self.url = base + "/v1/chat/completions"
         self.model_name, self.concurrency, self.timeout = model_name, concurrency, timeout
-        self.retries, self.backoff, self.synthetic = retries, backoff, synthetic
+        self.retry_for, self.backoff, self.synthetic = retry_for, backoff, synthetic
         self.max_new_tokens, self.top_logprobs = max_new_tokens, top_logprobs
         key = os.environ.get(api_key_env)
         self.headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
@@ -863,11 +867,15 @@ class RemoteScorer:
 
         session = getattr(self._local, "session", None) or requests.Session()
         self._local.session = session
-        last = None
-        for attempt in range(self.retries + 1):
+        last, start, attempt = None, time.monotonic(), 0
+        while True:
             if attempt:
+                wait = min(self.backoff * 2 ** (attempt - 1), 30.0)
+                if time.monotonic() - start + wait > self.retry_for:
+                    break
                 self._count("server_retries")
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                time.sleep(wait)
+            attempt += 1
             with self._lock:
                 self._in_flight += 1
                 self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self._in_flight)
@@ -897,7 +905,8 @@ class RemoteScorer:
                 ) from None
             return data
         raise RewardServerError(
-            f"reward server {self.url} did not answer after {self.retries + 1} attempts ({last}). Start it "
+            f"reward server {self.url} did not answer in {time.monotonic() - start:.0f} s ({attempt} attempts; "
+            f"{last}). Start it "
             f"(`vllm serve CKPT ...` or `transformers serve CKPT --host 127.0.0.1 --port N --device cpu`, see "
             f"reward.py) or pass the right URL."
         )
@@ -962,12 +971,15 @@ class RemoteScorer:
 
 
 def make_scorer(model: str = "tiny", url: str | None = None, model_name: str = "compass", synthetic: bool = True,
-                concurrency: int = 8, device: str = "cpu", views: int = 1) -> "LocalScorer | RemoteScorer":
+                concurrency: int = 8, device: str | torch.device = "cpu", views: int = 1,
+                retry_for: float = 600.0) -> "LocalScorer | RemoteScorer":
     """The COMPASS scorer the scripts use: remote when `url` is given (vLLM / `transformers serve`, the
-    model named `model_name` there), else `model` ('tiny', 'mini', hub name, folder) in-process on `device`
-    (bfloat16 on CUDA, float32 otherwise); either averages its readings over `views` orientations."""
+    model named `model_name` there, retried for `retry_for` seconds when it does not answer), else `model`
+    ('tiny', 'mini', hub name, folder) in-process on `device` (bfloat16 on CUDA, float32 otherwise); either
+    averages its readings over `views` orientations."""
     if url:
-        return RemoteScorer(url, model_name, concurrency=concurrency, synthetic=synthetic, views=views)
+        return RemoteScorer(url, model_name, concurrency=concurrency, synthetic=synthetic, views=views,
+                            retry_for=retry_for)
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     compass, processor = load_compass(model, dtype=dtype, device=device)
     return LocalScorer(compass, processor, synthetic=synthetic, views=views)

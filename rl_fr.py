@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -57,8 +57,9 @@ from data import HRFolderDataset, PairedFolderDataset, save_image
 
 @dataclass
 class Args:
-    model: str = "tiny"
-    """'tiny', 'mini' or Qwen/Qwen-Image-Edit-2509 / a local diffusers folder: the BASE weights RL trains on"""
+    model: str = B.REAL_MODEL
+    """the BASE weights RL trains on: Qwen/Qwen-Image-Edit-2509 (paper) or its local diffusers folder; 'mini' /
+    'tiny' for the laptop presets"""
     init: str = "base"
     """'base' (paper) or 'sft': put the LoRA on the SFT weights instead (Table 5 ablation; needs --sft)"""
     sft: str | None = None
@@ -124,12 +125,16 @@ class Args:
     fidelity: str = "dists"
     """F against the HR: 'dists' (paper, Eq.1), 'lpips', 'ssim', 'texture' or 'blend' (no downloaded weights;
     texture = evaluate.texture_fidelity, a DISTS analogue that does not pay for blur; blend = their mean)"""
-    reward_model: str = "tiny"
-    """COMPASS checkpoint for Q_LR/Q_SR (in-process): 'tiny', 'mini', a hub name or a folder"""
+    reward_model: str = "out/compass"
+    """COMPASS for Q_LR/Q_SR, in-process: the folder train_compass.py wrote (default: its default output), a hub
+    name, or 'mini' / 'tiny'. The paper serves it instead: --reward-url"""
     reward_url: str | None = None
     """OpenAI-compatible server (vLLM) instead of in-process scoring, e.g. http://host:8000"""
     reward_model_name: str = "compass"
     reward_concurrency: int = 8
+    reward_timeout: float = 600.0
+    """seconds to keep retrying a reward server that does not answer (backoff up to 30 s between tries); then
+    every rank stops with one line naming the URL, the last checkpoint kept"""
     reward_views: int = 1
     """average COMPASS's readings over this many flips/rotations of each (LR, SR) pair, in-process or served
     (reward.LocalScorer / RemoteScorer views; 1 = the paper's single reading, 8 = all, at 8x the scoring cost)"""
@@ -138,14 +143,18 @@ class Args:
     reward: str = "compass"
     """'compass' (the paper: Eq.4 from COMPASS's F, Q_LR, Q_SR) or 'refreward' (RefReward-SR: each sample's win rate
     over the group's other samples by pairwise LR-conditioned verdicts; in the FR stage the HR is then unused)"""
-    refreward_model: str = "tiny"
-    """RefReward-SR model for --reward refreward (in-process; --reward-url serves it instead): 'tiny', 'mini', a folder"""
+    refreward_model: str = "out/refreward"
+    """RefReward-SR model for --reward refreward (in-process; --reward-url serves it instead): the folder
+    train_refreward.py wrote (default: its default output), 'mini' or 'tiny'"""
     refreward_mode: str = "winrate"
     """'winrate' (all pairs of the group) or 'anchor' (each sample against the bicubic upscale)"""
     gamma: float = 7.0
     prompt: str = B.DEFAULT_PROMPT
-    bf16: bool = False
-    gradient_checkpointing: bool = False
+    bf16: bool | None = None
+    """bfloat16 base weights and autocast (LoRA and optimizer in float32); default: on when training on a GPU"""
+    gradient_checkpointing: bool | None = None
+    """recompute each block's activations in the backward pass (the NFT update at train batch 4 peaks at ~111 GB
+    per GPU without it, ~47 GB with it: estimate_scale.py); default: on for the real model, off for mini/tiny"""
     seed: int = 0
     log_every: int = 1
     sample_every: int = 50
@@ -184,6 +193,22 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None, doc:
     if args.reward not in ("compass", "refreward"):
         parser.error(f"--reward {args.reward}: choose compass or refreward")
     return args
+
+
+def resolve_defaults(args: Args, device: torch.device) -> None:
+    """Fill the options whose default depends on where the run is: bf16 on GPUs, gradient checkpointing for the
+    real model (the laptop presets are small enough without it, and faster)."""
+    if args.bf16 is None:
+        args.bf16 = device.type == "cuda"
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = args.model not in ("tiny", "mini")
+
+
+def policy_autocast(args: Args, device: torch.device):
+    """The one autocast of every policy forward pass, rollouts and updates alike: a rollout computed without
+    it and an update with it differ by ~3e-5 in the likelihood ratio before any step (Flow-GRPO's clip range
+    is 1e-4), because peft computes the LoRA in float32 outside autocast and in bfloat16 inside."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16))
 
 
 # ====================================================================================================
@@ -271,10 +296,11 @@ class Trajectory:
 
 @torch.no_grad()
 def rollout(bb: B.Backbone, cond: B.Condition, k: int, sigmas: torch.Tensor, chunk: int,
-            generator: torch.Generator) -> torch.Tensor:
-    """K samples x0 (K,N,4C) for ONE condition from the OLD policy on `sigmas`, `chunk` per forward pass."""
+            generator: torch.Generator, autocast=None) -> torch.Tensor:
+    """K samples x0 (K,N,4C) for ONE condition from the OLD policy on `sigmas`, `chunk` per forward pass,
+    under `autocast` (the update's, `policy_autocast`)."""
     noise = B.initial_noise(cond, k, generator)
-    with active_adapter(bb.transformer, "old"):
+    with active_adapter(bb.transformer, "old"), autocast or nullcontext():
         return torch.cat([B.sample(bb.transformer, cond, noise[i:i + chunk], sigmas) for i in range(0, k, chunk)])
 
 
@@ -288,6 +314,7 @@ def rollout_sde(bb: B.Backbone, cond: B.Condition, k: int, sigmas: torch.Tensor,
     noise = B.initial_noise(cond, k, generator)
     tr, dt = bb.transformer, cond.image_latents.dtype
     x0s, paths, log_probs = [], [], []
+    autocast = policy_autocast(args, cond.image_latents.device)  # the update's: ratios are exactly 1 at first
     with active_adapter(tr, "default"):
         for i in range(0, k, chunk):
             x = noise[i:i + chunk].to(cond.image_latents.device, torch.float32)
@@ -296,7 +323,8 @@ def rollout_sde(bb: B.Backbone, cond: B.Condition, k: int, sigmas: torch.Tensor,
             path, lps = [x], []
             for j in range(len(sigmas) - 1):
                 s, s_next = sigmas[j].expand(m).to(x.device), sigmas[j + 1].expand(m).to(x.device)
-                v = B.velocity(tr, x.to(dt), s, cond_m)
+                with autocast:
+                    v = B.velocity(tr, x.to(dt), s, cond_m)
                 x, lp, _, _ = flow_grpo.sde_step(x, v, s, s_next, float(sigmas[1]), args.noise_level, generator)
                 if j in trained:
                     path.append(x)
@@ -318,7 +346,7 @@ def grpo_backward(bb: B.Backbone, group: "Group", keep: torch.Tensor, advantages
     """
     tr, traj, sigmas = bb.transformer, group.trajectory, group.sigmas
     dt = group.cond.image_latents.dtype
-    autocast = torch.autocast(group.x0.device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    autocast = policy_autocast(args, group.x0.device)
     total, ratios = 0.0, []
     for i in range(0, traj.latents.shape[0], args.rollout_batch):
         kept = keep[i:i + args.rollout_batch]
@@ -349,35 +377,44 @@ def grpo_backward(bb: B.Backbone, group: "Group", keep: torch.Tensor, advantages
     return total, ratios
 
 
+def nft_micro_loss(bb: B.Backbone, cond: B.Condition, x0: torch.Tensor, r: torch.Tensor, args: Args,
+                   generator: torch.Generator, rollout_sigmas: torch.Tensor) -> torch.Tensor:
+    """Eq.8 for one micro-batch: kept samples x0 (m,N,4C) of one condition with their optimality r (m,) ->
+    per-sample loss (m,) carrying the gradient of the trainable adapter."""
+    tr, autocast, m = bb.transformer, policy_autocast(args, x0.device), x0.shape[0]
+    x0 = x0.float()
+    cond_m = B.repeat_condition(cond, m)
+    # 1. fresh noise on the kept samples: x_t = (1-t) x0 + t eps, target v = eps - x0 (Eq.5 form)
+    t = nft.sample_train_timesteps(m, generator, args.train_timesteps, rollout_sigmas).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+    v_target = eps - x0
+    # 2. the frozen old policy v_old (Eq.6-7 mix it with v_theta)
+    with torch.no_grad(), active_adapter(tr, "old"), autocast:
+        v_old = B.velocity(tr, x_t, t, cond_m).float()
+    # 3. the current policy v_theta, with gradients (adapter "default")
+    with autocast:
+        v_theta = B.velocity(tr, x_t, t, cond_m).float()
+    loss = nft.nft_loss(v_theta, v_old, v_target, r, args.lam, args.loss_normalize, x_t, t)  # Eq.8, (m,)
+    if args.kl_weight > 0:  # optional: stay near the reference (adapters off), DiffusionNFT-style
+        with torch.no_grad(), active_adapter(tr, None), autocast:
+            v_ref = B.velocity(tr, x_t, t, cond_m).float()
+        loss = loss + args.kl_weight * nft.kl_to_reference(v_theta, v_ref)
+    return loss
+
+
 def nft_backward(bb: B.Backbone, cond: B.Condition, x0: torch.Tensor, r: torch.Tensor, args: Args,
                  generator: torch.Generator, rollout_sigmas: torch.Tensor, normaliser: float) -> float:
-    """Accumulate d/dtheta of Eq.8 over the kept samples x0 (M,N,4C) of one condition, with r (M,).
+    """Accumulate d/dtheta of Eq.8 over the kept samples x0 (M,N,4C) of one condition, with r (M,), in
+    micro-batches of --train-batch.
 
     The loss of each sample is divided by `normaliser` (the number of kept samples over all ranks), so
     the accumulated gradient is the mean over the global batch. Returns the summed (unnormalised) loss.
     """
-    tr, total = bb.transformer, 0.0
-    autocast = torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    total = 0.0
     for i in range(0, x0.shape[0], args.train_batch):
-        x0_b, r_b = x0[i:i + args.train_batch].float(), r[i:i + args.train_batch]
-        m = x0_b.shape[0]
-        cond_b = B.repeat_condition(cond, m)
-        # 1. fresh noise on the kept samples: x_t = (1-t) x0 + t eps, target v = eps - x0 (Eq.5 form)
-        t = nft.sample_train_timesteps(m, generator, args.train_timesteps, rollout_sigmas).to(x0.device)
-        eps = torch.randn(x0_b.shape, generator=generator).to(x0.device)
-        x_t = (1 - t[:, None, None]) * x0_b + t[:, None, None] * eps
-        v_target = eps - x0_b
-        # 2. the frozen old policy v_old (Eq.6-7 mix it with v_theta)
-        with torch.no_grad(), active_adapter(tr, "old"), autocast:
-            v_old = B.velocity(tr, x_t, t, cond_b).float()
-        # 3. the current policy v_theta, with gradients (adapter "default")
-        with autocast:
-            v_theta = B.velocity(tr, x_t, t, cond_b).float()
-        loss = nft.nft_loss(v_theta, v_old, v_target, r_b, args.lam, args.loss_normalize, x_t, t)  # Eq.8, (m,)
-        if args.kl_weight > 0:  # optional: stay near the reference (adapters off), DiffusionNFT-style
-            with torch.no_grad(), active_adapter(tr, None), autocast:
-                v_ref = B.velocity(tr, x_t, t, cond_b).float()
-            loss = loss + args.kl_weight * nft.kl_to_reference(v_theta, v_ref)
+        loss = nft_micro_loss(bb, cond, x0[i:i + args.train_batch], r[i:i + args.train_batch], args, generator,
+                              rollout_sigmas)
         (loss.sum() / normaliser).backward()
         total += float(loss.detach().sum())
     return total
@@ -391,32 +428,36 @@ def nft_backward(bb: B.Backbone, cond: B.Condition, x0: torch.Tensor, r: torch.T
 RewardFn = Callable[[dict, torch.Tensor], "object"]
 
 
-def make_compass_scorer(args: Args, synthetic: bool):
-    """The COMPASS scorer: a remote OpenAI-compatible server (--reward-url) or in-process (--reward-model)."""
+def make_compass_scorer(args: Args, synthetic: bool, device: torch.device):
+    """The COMPASS scorer: a remote OpenAI-compatible server (--reward-url) or in-process (--reward-model) on the
+    policy's device."""
     import reward
 
     return reward.make_scorer(args.reward_model, args.reward_url, args.reward_model_name, synthetic,
-                              args.reward_concurrency, views=args.reward_views)
+                              args.reward_concurrency, device=device, views=args.reward_views,
+                              retry_for=args.reward_timeout)
 
 
-def make_refreward(args: Args) -> RewardFn:
+def make_refreward(args: Args, device: torch.device) -> RewardFn:
     """RefReward-SR as the reward: per-sample win rates of LR-conditioned pairwise verdicts (refreward.py)."""
     import refreward
 
-    model, processor = (None, None) if args.reward_url else refreward.load_refreward(args.refreward_model)
+    model, processor = (None, None) if args.reward_url else refreward.load_refreward(args.refreward_model,
+                                                                                     device=str(device))
     scorer = refreward.RefRewardScorer(model, processor, url=args.reward_url, model_name=args.reward_model_name,
                                        mode=args.refreward_mode, concurrency=args.reward_concurrency)
     return lambda item, srs: scorer.score_group(B.to_pil(item["lr"]), [B.to_pil(s) for s in srs])
 
 
-def make_fr_reward(args: Args) -> RewardFn:
-    """F = fidelity(SR, HR) (Eq.1 with DISTS by default); Q_LR, Q_SR from COMPASS (one Q_LR per group)."""
+def make_fr_reward(args: Args, device: torch.device) -> RewardFn:
+    """F = fidelity(SR, HR) (Eq.1 with DISTS by default) on the policy's device; Q_LR, Q_SR from COMPASS (one
+    Q_LR per group)."""
     import reward
 
     if args.reward == "refreward":
-        return make_refreward(args)
-    fidelity = reward.FidelityScorer(args.fidelity)
-    compass = make_compass_scorer(args, synthetic=False)
+        return make_refreward(args, device)
+    fidelity = reward.FidelityScorer(args.fidelity, device=device)
+    compass = make_compass_scorer(args, synthetic=False, device=device)
 
     def score(item: dict, srs: torch.Tensor) -> reward.Scores:
         quality = compass.score_group(B.to_pil(item["lr"]), [B.to_pil(s) for s in srs])
@@ -432,12 +473,14 @@ def make_fr_reward(args: Args) -> RewardFn:
 # ====================================================================================================
 
 
-def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callable[[Args], RewardFn]) -> Path:
+def run(args: Args, dataset: torch.utils.data.Dataset,
+        reward_fn_factory: Callable[[Args, torch.device], RewardFn]) -> Path:
     import reward
 
     # ------------------------------------------------------------------ setup (plumbing)
     dist_info = T.setup_distributed()
     generator = T.seed_everything(args.seed, dist_info.rank)       # per-rank noise: different rollouts per GPU
+    resolve_defaults(args, dist_info.device)
     out_file = Path(args.out)
     run_dir = out_file.with_suffix("")
     ckpt_root = run_dir / "checkpoints"
@@ -445,7 +488,7 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
     bb, params, old_params = setup_policy(args, dist_info.device)
-    reward_fn = reward_fn_factory(args)
+    reward_fn = reward_fn_factory(args, dist_info.device)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
     start_step, invalid_total = 0, 0
@@ -474,7 +517,10 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
         model_time = reward_time = 0.0  # policy forward/backward, reward scoring; the rest is RL bookkeeping
         _, items = next(batches)
         groups: list[Group] = []
+        failure = None  # the first error of this rank's generation and scoring, agreed on by all ranks below
         for item in items:
+            if failure is not None:
+                break
             t0 = time.perf_counter()
             # 1. condition once per LR
             cond = B.encode_condition(bb, item["lr"].to(bb.device), args.prompt, args.scale)
@@ -483,18 +529,25 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
             sigmas = B.sigma_schedule(bb.scheduler, args.rollout_steps, cond.num_tokens)
             trajectory = None
             if args.objective == "nft":
-                x0 = rollout(bb, cond, args.group_size, sigmas, args.rollout_batch, generator)
+                x0 = rollout(bb, cond, args.group_size, sigmas, args.rollout_batch, generator,
+                             policy_autocast(args, bb.device))
             else:
                 x0, trajectory = rollout_sde(bb, cond, args.group_size, sigmas, args.rollout_batch, generator, args)
             srs = B.decode(bb, x0, cond)
             model_time += time.perf_counter() - t0
             # 3. reward: Eq.4 from (F, Q_LR, Q_SR); invalid scores drop out of their group
             t0 = time.perf_counter()
-            scores = reward_fn(item, srs)
+            try:
+                scores = reward_fn(item, srs)
+            except T.RunError as err:  # e.g. the reward server stayed down for --reward-timeout seconds
+                failure = err
+                continue
             reward_time += time.perf_counter() - t0
             R = reward.combine_reward(scores.F, scores.q_lr, scores.q_sr, args.reward_form, args.gamma).float()
             R = torch.where(scores.valid, R, torch.full_like(R, float("nan")))
             groups.append(Group(item, cond, sigmas, x0, srs, scores, R, trajectory))
+
+        T.raise_if_any_rank_failed(failure)  # every rank stops with the failed rank's message, not a NCCL timeout
 
         # 4. group filter, then per group (the K samples of one LR, on this rank) the optimality r (NFT)
         #    or the advantage (Flow-GRPO)
@@ -507,8 +560,7 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
             r = flow_grpo.group_advantages(all_R, group_ids, args.std_mode, clip=args.adv_clip)
         weight = 1 if args.objective == "nft" else len(flow_grpo.train_step_indices(args.rollout_steps,
                                                                                      args.timestep_fraction))
-        n_keep = torch.tensor([float(keep.sum())])
-        n_keep_global = float(T.all_reduce_mean(n_keep)) * dist_info.world_size
+        n_keep_global = float(T.all_reduce_sum(torch.tensor([float(keep.sum())])))  # kept samples, all ranks
         invalid = int(sum((~g.scores.valid).sum() for g in groups))
         invalid_total += invalid
 
@@ -521,8 +573,9 @@ def run(args: Args, dataset: torch.utils.data.Dataset, reward_fn_factory: Callab
         for g, kept, r_g in zip(groups, keep.split(args.group_size), r.split(args.group_size)):
             if not kept.any():
                 continue
-            if args.objective == "nft":
-                loss_sum += nft_backward(bb, g.cond, g.x0[kept], r_g[kept], args, generator, g.sigmas, normaliser)
+            if args.objective == "nft":  # r stays on the host here; nft_loss moves it to the velocities' device
+                loss_sum += nft_backward(bb, g.cond, g.x0[kept.to(g.x0.device)], r_g[kept], args, generator, g.sigmas,
+                                         normaliser)
             else:
                 group_loss, group_ratios = grpo_backward(bb, g, kept, r_g, args, normaliser)
                 loss_sum += group_loss

@@ -28,12 +28,12 @@ import training as T
 from data import LRFolderDataset
 
 
-def make_nr_reward(args: rl_fr.Args) -> rl_fr.RewardFn:
+def make_nr_reward(args: rl_fr.Args, device: torch.device) -> rl_fr.RewardFn:
     """F, Q_LR, Q_SR all from COMPASS (synthetic-style prompt that asks for fidelity too), one Q_LR per group;
     or RefReward-SR's win rates (--reward refreward)."""
     if args.reward == "refreward":
-        return rl_fr.make_refreward(args)
-    compass = rl_fr.make_compass_scorer(args, synthetic=True)
+        return rl_fr.make_refreward(args, device)
+    compass = rl_fr.make_compass_scorer(args, synthetic=True, device=device)
 
     def score(item: dict, srs: torch.Tensor):
         return compass.score_group(B.to_pil(item["lr"]), [B.to_pil(s) for s in srs])

@@ -91,6 +91,8 @@ from training import (
     add_dataclass_args,
     all_reduce_mean,
     atomic_write_text,
+    barrier,
+    broadcast_object,
     cleanup_distributed,
     gather_full_state,
     resolve_resume,
@@ -688,11 +690,12 @@ def step_indices(n: int, step: int, steps_per_epoch: int, global_batch: int, see
     return [order[(k * global_batch + i) % n] for i in range(global_batch)]
 
 
-# --- Full-state save / restore, identical for one process and for FSDP2 -----------------------------
-# torch.distributed.checkpoint.state_dict gathers the shards of an FSDP2 model into FULL tensors
-# (full_state_dict=True), offloaded to the CPU of rank 0 (cpu_offload=True; the other ranks get {}).
-# Resume goes the other way: rank 0 reads the files and broadcast_from_rank0 scatters the shards.
-# The optimizer state is keyed by parameter NAME there, so it is flattened as "optim.<name>.<key>".
+# --- Checkpoints: one process writes full state; FSDP2 ranks write their own shards ------------------
+# On one process the checkpoint holds the full model and optimizer (training.save_training_checkpoint).
+# Under FSDP2 every rank writes ITS shards of the weights and of the AdamW state (safetensors, in parallel,
+# no gather: a full 8B checkpoint with AdamW is ~140 GB) and resumes from them on the same number of ranks.
+# The optimizer state is keyed by parameter NAME, flattened as "optim.<name>.<key>". The final export
+# gathers the full weights once to rank 0 (torch.distributed.checkpoint.state_dict, cpu_offload).
 
 
 def shard_model(model, dist_info, bf16: bool) -> None:
@@ -826,10 +829,8 @@ def train(args: TrainArgs) -> Path:
     # ---- resume ------------------------------------------------------------------------------------
     start, losses = 0, []  # losses: one per optimizer step, kept in the checkpoints across resumes
     found = resolve_resume(args.resume, ckpt_root) if dist_info.is_main else None
-    if sharded:  # rank 0 reads the checkpoint; the others get its JSON part and their shards from it
-        box = [found]
-        torch.distributed.broadcast_object_list(box, src=0)
-        found = box[0]
+    if sharded:  # rank 0 finds the checkpoint; every rank reads its own shards of it
+        found = broadcast_object(found)
     if found is not None:
         state = restore_training_checkpoint(found, model, optimizer, dist_info, None, scheduler, sharded)
         start, losses = state["step"], state.get("losses", [])
@@ -840,8 +841,8 @@ def train(args: TrainArgs) -> Path:
 
     def save(step: int) -> None:  # collective under FSDP2: every rank calls it, rank 0 writes
         save_training_checkpoint(ckpt_root, step, model, optimizer, dist_info, None, scheduler,
-                                 keep_last=args.keep_last, epoch=step / args.steps_per_epoch, losses=losses,
-                                 args=vars(args))
+                                 keep_last=args.keep_last, sharded=sharded, epoch=step / args.steps_per_epoch,
+                                 losses=losses, args=vars(args))
 
     # ---- the loop -----------------------------------------------------------------------------------
     writer = summary_writer(out / "tb", start) if dist_info.is_main else None  # purges a killed run's tail
@@ -906,8 +907,7 @@ def train(args: TrainArgs) -> Path:
             model.save_pretrained(out, state_dict={k: v.to(export) for k, v in model_sd.items()})
             processor.save_pretrained(out)
             print(f"[train] saved the reward model to {out} ({guard.skipped} non-finite steps skipped)")
-        if sharded:
-            torch.distributed.barrier()
+        barrier()
     if dist_info.is_main:
         atomic_write_text(json.dumps({"losses": losses, "resumed_at": start, "end_step": end}), out / "losses.json")
     if writer is not None:

@@ -21,8 +21,8 @@ Commands (tiny preset on a CPU; mini: `--model` = a mini COMPASS-sized folder, s
 
     python train_refreward.py pairs --compass data/compass.jsonl --out data/pairs.jsonl
     python train_refreward.py train --model tiny --data data/pairs.jsonl --out out/refreward --steps 50
-    torchrun --nproc_per_node 8 train_refreward.py train --model Qwen/Qwen3-VL-8B-Instruct \\
-        --data RefSR/pairs.jsonl --out out/refreward --steps 2000          # full scale; --resume latest
+    torchrun --nproc_per_node 8 train_refreward.py train --data RefSR/pairs.jsonl --out out/refreward --steps 2000
+        # full scale: Qwen3-VL-8B-Instruct (the default --model), sharded by FSDP2 over the GPUs; --resume latest
     python train_refreward.py eval --model out/refreward --data data/pairs_heldout.jsonl
 
 Writes OUT/ (save_pretrained: model + processor, loads with refreward.load_refreward and `vllm serve`),
@@ -46,6 +46,7 @@ import flow_grpo
 import refreward as RR
 import training as T
 from data import load_image, to_pil
+from train_compass import shard_model
 
 
 @dataclass
@@ -55,8 +56,9 @@ class TrainArgs:
     root: str = ""
     """folder the JSONL paths are relative to (default: the JSONL's folder)"""
     out: str = "out/refreward"
-    model: str = "tiny"
-    """'tiny', 'mini' (continue the shipped mini RefReward), a folder or a hub name (e.g. Qwen/Qwen3-VL-8B-Instruct)"""
+    model: str = "Qwen/Qwen3-VL-8B-Instruct"
+    """the initial judge: Qwen/Qwen3-VL-8B-Instruct (the seed paper's size) or a folder; 'mini' (continue the shipped
+    mini RefReward) or 'tiny'"""
     steps: int = 200
     """GRPO steps (after the warm-up)"""
     warmup_steps: int = 0
@@ -83,6 +85,8 @@ class TrainArgs:
     resume: str = ""
     """'latest' or a checkpoint folder"""
     device: str = "auto"
+    bf16: str = "auto"
+    """bfloat16 compute: on | off | auto (on with CUDA); under FSDP2 float32 master weights and AdamW state"""
 
 
 def load_images(pair: RR.Pair, root: Path):
@@ -120,27 +124,39 @@ def completion_mask(completion: torch.Tensor, eos_id: int, pad_id: int) -> torch
 
 def train(args: TrainArgs) -> Path:
     dist_info = T.setup_distributed(args.device)
-    device = dist_info.device
+    device, sharded = dist_info.device, dist_info.world_size > 1
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device.type == "cuda")
     T.seed_everything(args.seed, dist_info.rank)
     root = Path(args.root) if args.root else Path(args.data).parent
     pairs = RR.load_pairs(args.data, root)  # every bad record / missing image named before training
     out = Path(args.out)
     ckpt_root = out / "checkpoints"
-    model, processor = RR.load_refreward(args.model, device=str(device))
-    reference, _ = RR.load_refreward(args.model, device=str(device))  # the policy before GRPO, frozen: the
-    reference.eval().requires_grad_(False)                              # warmed-up model, saved once (below)
+    # Under torchrun the policy (float32 master weights + AdamW, ~16 bytes/parameter: 140 GB for the 8B) and the
+    # frozen reference are sharded by FSDP2 over the ranks, loaded once per node (rank 0 on the host, the
+    # others on the meta device, train_compass.shard_model); on one process they are plain modules
+    model, processor = RR.load_refreward(args.model, device="cpu", on_meta=sharded and not dist_info.is_main)
+    reference = None
+    if args.beta > 0:  # the policy before GRPO, frozen: the warmed-up model, saved once (below)
+        reference, _ = RR.load_refreward(args.model, device="cpu", on_meta=sharded and not dist_info.is_main)
+        reference.eval().requires_grad_(False)
+    model.config.use_cache = False
+    for module in (model, reference):
+        if module is not None and sharded:
+            shard_model(module, dist_info, bf16)
+        elif module is not None:
+            module.to(device)
     reference_file = out / "reference.safetensors"
     model.train().requires_grad_(True)
-    model.config.use_cache = False
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     total = args.warmup_steps + args.steps
     start = 0
-    found = T.resolve_resume(args.resume or None, ckpt_root)
+    found = T.broadcast_object(T.resolve_resume(args.resume or None, ckpt_root) if dist_info.is_main else None)
     if found is not None:
-        start = T.restore_training_checkpoint(found, model, optimizer, dist_info)["step"]
+        start = T.restore_training_checkpoint(found, model, optimizer, dist_info, sharded=sharded)["step"]
         if dist_info.is_main:
             print(f"[train] resumed from {found} at step {start}")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not sharded)  # FSDP2 casts itself
     log = out / "rewards.jsonl"
     writer = None
     if dist_info.is_main:
@@ -166,21 +182,23 @@ def train(args: TrainArgs) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = args.warmup_lr if step < args.warmup_steps else args.lr
         optimizer.zero_grad(set_to_none=True)
-        if step == args.warmup_steps or (step == start and step > args.warmup_steps):  # GRPO starts or resumes
-            if not reference_file.exists():  # the reference is the model as GRPO starts (after the warm-up)
-                weights = T.gather_full_state(model, None)[0]
+        grpo_starts = step == args.warmup_steps or (step == start and step > args.warmup_steps)  # or resumes
+        if reference is not None and grpo_starts:
+            if not T.broadcast_object(reference_file.exists() if dist_info.is_main else None):
+                weights = T.gather_full_state(model, None)[0]  # the model as GRPO starts (after the warm-up)
                 if dist_info.is_main:
                     T.atomic_save_safetensors(weights, reference_file)
-                if dist_info.world_size > 1:
-                    torch.distributed.barrier()
-            reference.load_state_dict(load_file(str(reference_file)))
+                T.barrier()
+            weights = load_file(str(reference_file)) if dist_info.is_main or not sharded else {}
+            T.restore_full_state(reference, None, weights, {}, sharded)
         if step < args.warmup_steps:  # format warm-up: teacher-forced answer with a random verdict
             answers = [RR.format_verdict(rng.choice("AB")) + "<|im_end|>" for _ in prompts]
             batch = processor.apply_chat_template([m for m, _ in prompts], add_generation_prompt=True, tokenize=True,
                                                   return_dict=True, return_tensors="pt",
                                                   processor_kwargs={"padding": True, "padding_side": "left"}).to(device)
             completion = torch.tensor([tok.encode(a, add_special_tokens=False) for a in answers], device=device)
-            loss = -answer_logprobs(model, batch, batch["input_ids"].shape[1], completion).mean()
+            with autocast:
+                loss = -answer_logprobs(model, batch, batch["input_ids"].shape[1], completion).mean()
             stats = {"warmup_loss": float(loss.detach())}
         else:
             # 1-2. G sampled answers per pair (each prompt repeated G times)
@@ -192,9 +210,9 @@ def train(args: TrainArgs) -> Path:
             prompt_len = batch["input_ids"].shape[1]
             torch.manual_seed(args.seed * 1_000_003 + step * 1009 + dist_info.rank)
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), autocast:  # synced_gpus: FSDP2 ranks run forwards until the last rank's answers end
                 sequences = model.generate(**batch, do_sample=True, temperature=args.temperature, top_p=1.0, top_k=0,
-                                           max_new_tokens=args.max_new_tokens, **sampling)
+                                           max_new_tokens=args.max_new_tokens, synced_gpus=sharded, **sampling)
             model.train()
             completion = sequences[:, prompt_len:]
             mask = completion_mask(completion, eos, tok.pad_token_id)
@@ -206,12 +224,15 @@ def train(args: TrainArgs) -> Path:
             # 5. clipped surrogate per token. The old policy is the sampling policy, i.e. exactly this model
             #    before its one update of the step, so its log-probabilities are the current ones, detached
             #    (no second forward pass; the ratio is 1 and only its gradient drives the step)
-            new = answer_logprobs(model, batch, prompt_len, completion)
+            with autocast:
+                new = answer_logprobs(model, batch, prompt_len, completion)
             old = new.detach()
-            with torch.no_grad():
-                ref = answer_logprobs(reference, batch, prompt_len, completion)
-            per_token = flow_grpo.clipped_surrogate(new, old, advantages[:, None], args.clip_range) \
-                + args.beta * RR.kl_k3(new, ref)
+            per_token = flow_grpo.clipped_surrogate(new, old, advantages[:, None], args.clip_range)
+            ref = old  # no reference (--beta 0): the KL below reads 0
+            if reference is not None:
+                with torch.no_grad(), autocast:
+                    ref = answer_logprobs(reference, batch, prompt_len, completion)
+                per_token = per_token + args.beta * RR.kl_k3(new, ref)
             loss = RR.masked_mean(per_token, mask).mean()
             verdicts = [RR.parse_verdict(t) for t in texts]
             stats = {"reward_mean": float(rewards.mean()), "accuracy": float(sum(v == t for v, t in zip(verdicts, truths))
@@ -219,9 +240,9 @@ def train(args: TrainArgs) -> Path:
                      "format_rate": float(sum(v is not None for v in verdicts) / len(texts)),
                      "kl": float(RR.masked_mean(RR.kl_k3(old, ref), mask).mean()),
                      "ratio_max_deviation": float(((new.detach() - old).exp() - 1).abs().mul(mask).max())}
-        (loss / dist_info.world_size).backward()
-        T.all_reduce_grads(params)
+        loss.backward()  # FSDP2 averages the gradients over the ranks in its reduce-scatter
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
         done = step + 1
         stats.update(step=done, loss=float(loss.detach()), grad_norm=float(grad_norm))
@@ -233,11 +254,12 @@ def train(args: TrainArgs) -> Path:
                     writer.add_scalar(f"refreward/{key}", value, done)
             writer.flush()
         if done % args.save_every == 0 or done == total:
-            T.save_training_checkpoint(ckpt_root, done, model, optimizer, dist_info, keep_last=args.keep_last)
+            T.save_training_checkpoint(ckpt_root, done, model, optimizer, dist_info, keep_last=args.keep_last,
+                                       sharded=sharded)
+    weights = T.gather_full_state(model, None)[0]  # collective under FSDP2: rank 0 gets the full weights
     if dist_info.is_main:
         model.config.use_cache = True
-        model.eval()
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=weights)
         processor.save_pretrained(out)
         writer.close()
         print(f"[train] saved the RefReward model to {out}")

@@ -9,22 +9,25 @@ Tiny preset on a CPU (a minute); the mini preset's SFT is this command run on it
 (build_mini_backbone.py), shipped as `--sft mini`:
     python train_sft.py --model tiny --hr-dir data/hr --crop-size 64 --steps 50 --lr 1e-3
     python train_sft.py --model mini --hr-dir data/hr --crop-size 64 --steps 3500 --batch-size 16 --lr 2e-4 --reuse 4
-Full scale (paper: LSDIR, 512 px crops), 8 GPUs:
-    torchrun --nproc_per_node 8 train_sft.py --model Qwen/Qwen-Image-Edit-2509 --hr-dir LSDIR/HR \
-        --crop-size 512 --bf16 --gradient-checkpointing --offload-text-encoder
-    (full fine-tuning of the 20B transformer with AdamW needs ~16 bytes/param of optimizer+weights state
-     per replica under DDP; use --lora-rank 64 on smaller GPUs.)
+Full scale (paper: LSDIR, 512 px crops), 8 GPUs; --model defaults to Qwen/Qwen-Image-Edit-2509, and on GPUs
+bf16 and gradient checkpointing are on by default:
+    torchrun --nproc_per_node 8 train_sft.py --hr-dir LSDIR/HR --fsdp
+    (--fsdp shards the 20B transformer with its float32 master weights and AdamW state, ~16 bytes/param, over
+     the GPUs; rank 0 reads the checkpoint on the host and sends each rank its shards. Without --fsdp every
+     GPU holds a replica, which fits only a LoRA: --lora-rank 64.)
 Resume a killed run:  python train_sft.py ... --resume latest
 
-Writes out/sft/transformer.safetensors (full transformer weights, or the LoRA merged into them), which
-`infer.py --sft out/sft` and `rl_fr.py --init sft` load; checkpoints under out/sft/checkpoints/;
-TensorBoard scalars under out/sft/tb/; LR | SR | HR grids under out/sft/samples/.
+Writes out/sft/transformer.safetensors (full transformer weights, or the LoRA merged into them; bfloat16 when
+training in bf16, 41 GB for the 20B model), which `infer.py --sft out/sft` and `rl_fr.py --init sft` load;
+checkpoints under out/sft/checkpoints/ (under --fsdp every rank writes its own shards, no gather); TensorBoard
+scalars under out/sft/tb/; LR | SR | HR grids under out/sft/samples/.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,8 +42,8 @@ from data import HRFolderDataset, PairedFolderDataset, collate, save_image
 
 @dataclass
 class Args:
-    model: str = "tiny"
-    """'tiny', 'mini' (the trained mini base) or Qwen/Qwen-Image-Edit-2509 / a local diffusers folder"""
+    model: str = B.REAL_MODEL
+    """Qwen/Qwen-Image-Edit-2509 (paper) or its local diffusers folder; 'mini' (the trained laptop base) or 'tiny'"""
     hr_dir: str | None = None
     """HR folder, degraded on the fly (Real-ESRGAN second order, data.py)"""
     lr_dir: str | None = None
@@ -65,14 +68,17 @@ class Args:
     """'uniform' (t ~ U(0,1), Eq.5 as written) | 'logit_normal' | 'shifted' (diffusers' SD3/Qwen alternatives)"""
     lora_rank: int = 0
     """0 = full fine-tuning (paper); >0 trains a LoRA of this rank (alpha = 2*rank) and merges it at the end"""
-    bf16: bool = False
-    """bf16 autocast for the transformer forward"""
-    gradient_checkpointing: bool = False
+    bf16: bool | None = None
+    """bfloat16: frozen text encoder and VAE in bf16, the transformer's forward under bf16 autocast (FSDP: bf16
+    compute, float32 master weights and gradient reduction); default: on when training on a GPU"""
+    gradient_checkpointing: bool | None = None
+    """recompute each block's activations in the backward pass; default: on for the real model, off for mini/tiny"""
     fsdp: bool = False
     """shard the transformer over the torchrun processes with FSDP2 (full fine-tuning of the 20B model
     does not fit one GPU with AdamW); without it, torchrun replicates it with DDP"""
     offload_text_encoder: bool = False
-    """keep the frozen text encoder on the CPU (it runs once per LR image)"""
+    """keep the frozen text encoder on the host between conditionings (it moves to the GPU for each batch's,
+    ~17 GB in bf16 over PCIe; it is not run on the CPU)"""
     prompt: str = B.DEFAULT_PROMPT
     seed: int = 0
     log_every: int = 10
@@ -135,6 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------ setup (plumbing)
     dist_info = T.setup_distributed()
     generator = T.seed_everything(args.seed, dist_info.rank)   # per-rank noise and timesteps
+    if args.bf16 is None:
+        args.bf16 = dist_info.device.type == "cuda"
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = args.model not in ("tiny", "mini")
     out = Path(args.out)
     ckpt_root = out / "checkpoints"
     if dist_info.is_main:
@@ -150,16 +160,20 @@ def main(argv: list[str] | None = None) -> None:
     dataset.check()  # one error listing every unreadable / too small / unmatched file, before any training
 
     sharded = args.fsdp and dist_info.world_size > 1
-    # FSDP2 keeps ONE full copy of the transformer per node: rank 0 loads it, the others build it on the
-    # meta device and receive their shards from rank 0 (training.shard_from_rank0)
-    bb = B.load_backbone(args.model, device=dist_info.device,
+    # FSDP2 keeps ONE full copy of the transformer per node, on the host: rank 0 reads it there, the others
+    # build it on the meta device, and every rank receives its shards from rank 0 (training.shard_from_rank0)
+    bb = B.load_backbone(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32, device=dist_info.device,
                          text_encoder_device="cpu" if args.offload_text_encoder else None,
-                         transformer_on_meta=sharded and not dist_info.is_main)
+                         transformer_on_meta=sharded and not dist_info.is_main,
+                         transformer_device="cpu" if sharded else None)
     transformer = bb.transformer
+    if not args.lora_rank and not (sharded and not dist_info.is_main):
+        transformer.float()  # full fine-tuning keeps float32 master weights (bf16 compute via autocast / FSDP)
     if args.lora_rank:
         B.add_lora(transformer, rank=args.lora_rank, alpha=2 * args.lora_rank)
         params = [p for n, p in transformer.named_parameters() if "lora_" in n]
-        for p in params:
+        for p in params:  # the LoRA trains in float32 on the (bf16) base
+            p.data = p.data.float()
             p.requires_grad_(True)
     else:
         transformer.requires_grad_(True)
@@ -191,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     def encode(batch: dict) -> list[tuple[B.Condition, torch.Tensor]]:
         """One loader batch -> one (condition, x_HR latent tokens) item per LR-HR pair."""
         lr_imgs, hr_imgs = batch["lr"].to(bb.device), batch["hr"].to(bb.device)
-        with torch.no_grad():
+        with torch.no_grad(), B.text_encoder_on(bb, dist_info.device) if args.offload_text_encoder else nullcontext():
             # 1. condition (x_LR, c): once per LR image, frozen text encoder and VAE
             conds = [B.encode_condition(bb, x, args.prompt, args.scale) for x in lr_imgs]
             # 2. x_HR in the latent space the velocity lives in
@@ -206,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     def save(step: int) -> None:
         # all ranks hold identical weights under DDP; every rank contributes its noise generator state
         T.save_training_checkpoint(ckpt_root, step, transformer, optimizer, dist_info, generator, scheduler,
-                                   keep=trainable.__contains__, keep_last=args.keep_last, losses=losses)
+                                   keep=trainable.__contains__, keep_last=args.keep_last, sharded=sharded,
+                                   losses=losses)
 
     # ------------------------------------------------------------------ the cold-start loop (Eq.5)
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="SFT",
@@ -252,9 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.lora_rank:  # the SFT output is always full weights: merge the LoRA in
         transformer.fuse_lora()
         transformer.unload_lora()
-    final, _ = T.gather_full_state(transformer, None)  # collective under FSDP2
+    final, _ = T.gather_full_state(transformer, None)  # collective under FSDP2: rank 0 gets the full weights
     if dist_info.is_main:
-        T.atomic_save_safetensors(final, out / "transformer.safetensors")
+        export = torch.bfloat16 if args.bf16 else torch.float32  # bf16: the checkpoint's own precision, half the file
+        T.atomic_save_safetensors({k: v.to(export) for k, v in final.items()}, out / "transformer.safetensors")
         T.atomic_write_text(json.dumps({"losses": losses, "start_step": start_step,
                                         "nonfinite_skipped": guard.skipped, "time": time.time()}),
                             out / "train_log.json")

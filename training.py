@@ -25,6 +25,7 @@ import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,8 +51,12 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup_distributed(device: str = "auto") -> DistInfo:
-    """Initialise torch.distributed when launched by torchrun (nccl on GPUs, gloo on CPU)."""
+def setup_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
+    """Initialise torch.distributed when launched by torchrun (nccl on GPUs, gloo on CPU).
+
+    `timeout_minutes` bounds how long a collective waits for the other ranks (torch's default is 10 min).
+    Rank failures do not rely on it: the scripts agree on errors each step (`raise_if_any_rank_failed`).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -63,7 +68,8 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=timeout_minutes))
     return DistInfo(rank, world_size, local_rank, dev)
 
 
@@ -71,9 +77,15 @@ def cleanup_distributed() -> None:
     """Leave the process group together: a rank that tears gloo down while another is still talking to it
     can abort at exit ("terminate called without an active exception"), so every rank waits at a barrier
     first. Scripts end through `run_script`, which also skips the interpreter teardown under torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    if distributed():
+        barrier()
         dist.destroy_process_group()
+
+
+class RunError(Exception):
+    """The run cannot go on for a reason its message names in full (a flag, a file, a missing checkpoint, a
+    server that stays down, another rank's failure): `run_script` prints it as ONE line and exits with
+    status 2, no traceback (tracebacks are for bugs)."""
 
 
 def run_script(main: Callable[[], Any]) -> None:
@@ -86,7 +98,11 @@ def run_script(main: Callable[[], Any]) -> None:
     ("terminate called without an active exception", SIGABRT) after all its work is done and written;
     torchrun reports that as a failed run. A plain `python` run (or an exception) exits the usual way.
     """
-    result = main()
+    try:
+        result = main()
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        result = 2
     code = result if isinstance(result, int) and not isinstance(result, bool) else 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         logging.shutdown()
@@ -109,24 +125,118 @@ def seed_everything(seed: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(s)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Collectives. EVERY collective of the project goes through the helpers below (tests/test_distributed.py
+# fails on a call elsewhere). NCCL takes tensors on the GPU only ("No backend type associated with device
+# type cpu"); gloo takes CPU tensors. The scripts hold small host tensors (a loss summed as a float, a
+# count, a generator state), so each helper moves its tensors to the device the process group serves
+# (`comm_device`) and hands results back on the caller's device. The tests check this rule without a GPU
+# under a process group registered for cuda only, as NCCL's is, on fake cuda tensors.
+# ----------------------------------------------------------------------------------------------------
+
+
+def distributed() -> bool:
+    """True inside an initialised process group of more than zero ranks (torchrun), False for one process."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def comm_device() -> torch.device:
+    """The device collectives must use: CPU when the process group serves CPU tensors (gloo), else the
+    current accelerator device (NCCL serves "cuda" only). Read from the group's backend map, e.g.
+    "cpu:gloo,cuda:gloo", "cuda:nccl" or "cpu:gloo,cuda:nccl"."""
+    served = [item.split(":")[0] for item in dist.get_backend_config().split(",")]
+    if "cpu" in served:
+        return torch.device("cpu")
+    index = torch.cuda.current_device() if served[0] == "cuda" and torch.cuda.is_available() else 0
+    return torch.device(served[0], index)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of `x` over ranks, on `x`'s device (a copy of `x` on one process)."""
+    if not distributed():
+        return x.clone()
+    y = x.detach().to(comm_device(), copy=True)
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y.to(x.device)
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of `x` over ranks (identity on one process)."""
-    if dist.is_available() and dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        x /= dist.get_world_size()
-    return x
+    if not distributed():
+        return x
+    return all_reduce_sum(x) / dist.get_world_size()
 
 
 def all_reduce_grads(params: list[torch.Tensor]) -> None:
     """Sum the gradients of `params` over ranks, by hand (each rank already divided its loss by the GLOBAL
     sample count). Used where ranks may train on different numbers of samples in a step (RL after the
-    group filter), which a DDP wrapper (one all-reduce per backward) cannot handle without deadlocking."""
-    if dist.is_available() and dist.is_initialized():
+    group filter), which a DDP wrapper (one all-reduce per backward) cannot handle without deadlocking.
+    The gradients live on the compute device already (the GPU under NCCL); they are reduced in place."""
+    if distributed():
+        device = comm_device()
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            if p.grad.device == device:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            else:
+                p.grad.copy_(all_reduce_sum(p.grad))
+
+
+def all_gather(x: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `x` (same shape and dtype on every rank), rank order, on `x`'s device."""
+    if not distributed():
+        return [x.clone()]
+    y = x.detach().to(comm_device())
+    out = [torch.empty_like(y) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, y)
+    return [o.to(x.device) for o in out]
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`src`'s picklable object on every rank (the project's own small JSON-like values only)."""
+    if not distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=comm_device())
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op on one process)."""
+    if distributed():
+        dist.barrier()
+
+
+class RankFailure(RunError):
+    """Another rank failed; raised on every rank with that rank's message, so all stop together."""
+
+
+def raise_if_any_rank_failed(error: BaseException | None) -> None:
+    """Agree on failures: every rank calls this at the same point of a step with its own error (or None).
+
+    If any rank failed, EVERY rank raises: the failed rank its own error, the others `RankFailure` naming
+    the first failed rank and its message. Without this, a rank that stops alone (a reward server that
+    stays down, bad data) leaves the others blocked in their next collective until the NCCL timeout. On one
+    process it re-raises `error`. The last checkpoint, written before this step, is kept.
+    """
+    if not distributed():
+        if error is not None:
+            raise error
+        return
+    mine = "" if error is None else f"{type(error).__name__}: {error}"
+    codes = torch.tensor([len(mine.encode())], dtype=torch.long)
+    lengths = [int(c) for c in all_gather(codes)]
+    if not any(lengths):
+        return
+    if error is not None:
+        raise error
+    # a failed rank's message, as bytes padded to the longest (tensors, so it works the same on NCCL)
+    width = max(lengths)
+    text = torch.zeros(width, dtype=torch.uint8)
+    messages = [bytes(m[:n].tolist()).decode(errors="replace") for m, n in zip(all_gather(text), lengths)]
+    first = next(r for r, n in enumerate(lengths) if n)
+    raise RankFailure(f"rank {first} failed: {messages[first]}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -196,7 +306,6 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: dict[str, torch.Ten
     `model` and `optimizer` are flat name->tensor dicts; `state` is JSON (step is added).
     """
     root = Path(ckpt_root)
-    final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -205,6 +314,13 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: dict[str, torch.Ten
     if optimizer is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in optimizer.items()},
                   str(tmp / "optimizer.safetensors"))
+    return publish_checkpoint(root, step, tmp, state, keep_last)
+
+
+def publish_checkpoint(root: Path, step: int, tmp: Path, state: dict | None, keep_last: int) -> Path:
+    """Write state.json into the complete `tmp` folder, rename it to step_{step:06d}/ (atomic) and delete
+    all but the newest `keep_last` checkpoints."""
+    final = root / f"step_{step:06d}"
     (tmp / "state.json").write_text(json.dumps({**(state or {}), "step": step}, indent=1))
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
@@ -402,10 +518,8 @@ def check_ranks_in_sync(params: list[torch.Tensor], atol: float = 0.0) -> float:
     alone, a parameter outside DDP, different initial weights from an unseeded build).
     """
     checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).cpu()
-    if dist.is_available() and dist.is_initialized():
-        gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, checksum)
-        values = torch.cat(gathered)
+    if distributed():
+        values = torch.cat(all_gather(checksum))
         if (values - values[0]).abs().max() > atol:
             raise RuntimeError(f"ranks diverged: parameter checksums {values.tolist()}")
     return float(checksum)
@@ -416,12 +530,14 @@ def check_ranks_in_sync(params: list[torch.Tensor], atol: float = 0.0) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 
-def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
-                      ) -> tuple[dict[str, torch.Tensor], dict]:
+def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                      keep: Callable[[str], bool] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(model state dict, optimizer state dict keyed by parameter NAME) as full CPU tensors.
 
     Collective under FSDP2 (every rank must call it; rank 0 gets the tensors). Works unchanged on a
-    plain module, which is why every script checkpoints through it.
+    plain module, which is why every script checkpoints through it. `keep` selects the weights by name;
+    on a plain module only those are copied to the host (an RL checkpoint copies its LoRA adapters, a few
+    hundred MB, not the 41 GB base they sit on).
     """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -430,7 +546,10 @@ def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     )
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(model, options=opts)
+    if any(hasattr(p, "device_mesh") for p in model.parameters()):  # FSDP2 DTensors: gather, then select
+        model_sd = {k: v for k, v in get_model_state_dict(model, options=opts).items() if keep is None or keep(k)}
+    else:  # references to the live tensors: select first, then copy only those
+        model_sd = {k: v.detach().cpu() for k, v in model.state_dict().items() if keep is None or keep(k)}
     seen: set[int] = set()
     for k, v in model_sd.items():  # tied weights share memory, which safetensors refuses: copy them
         if v.data_ptr() in seen:
@@ -549,31 +668,103 @@ def save_training_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.M
                              optimizer: torch.optim.Optimizer, dist_info: DistInfo,
                              generator: torch.Generator | None = None,
                              scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                             keep: Callable[[str], bool] | None = None, keep_last: int = 3, **extra: Any) -> None:
+                             keep: Callable[[str], bool] | None = None, keep_last: int = 3, sharded: bool = False,
+                             **extra: Any) -> None:
     """Everything a resumed run needs: weights (those whose name passes `keep`, default all),
     optimizer (by parameter name), scheduler, global RNG and every rank's own noise generator.
 
-    Call on ALL ranks (it gathers, and shards under FSDP2); rank 0 writes.
+    Call on ALL ranks; rank 0 writes the JSON state. `sharded` (FSDP2): every rank writes its OWN shards of
+    the weights and the optimizer state (`model.rank{r}.safetensors`, `optimizer.rank{r}.safetensors`),
+    in parallel and without a gather: a full-state checkpoint of the 20B SFT (fp32 weights + AdamW,
+    ~245 GB) would be gathered to rank 0's host while the other ranks wait. Such a checkpoint resumes on
+    the same number of ranks. Without `sharded`, rank 0 gathers and writes one file per kind.
     """
-    model_sd, optim_sd = gather_full_state(model, optimizer)
-    states = []
-    if generator is not None:
-        state = generator.get_state()
-        states = [state]
-        if dist_info.world_size > 1:
-            states = [torch.empty_like(state) for _ in range(dist_info.world_size)]
-            dist.all_gather(states, state)
+    states = all_gather(generator.get_state()) if generator is not None else []  # every rank's noise stream
+    rng_tensors, rng_meta = rng_state()
+    gens = {f"generator.{r}": g for r, g in enumerate(states)}
+    root = Path(ckpt_root)
+    if sharded:
+        tmp = root / f"step_{step:06d}.tmp"
+        if dist_info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        weights, optim_tensors, optim_meta = local_shards(model, optimizer, keep)
+        rank = dist_info.rank
+        save_file(weights, str(tmp / f"model.rank{rank}.safetensors"))
+        save_file(optim_tensors, str(tmp / f"optimizer.rank{rank}.safetensors"))
+        if dist_info.is_main:
+            save_file(rng_tensors | gens, str(tmp / "rng.safetensors"))
+        barrier()
+        if dist_info.is_main:
+            meta = {"optimizer": optim_meta, "rng": rng_meta, "shards": dist_info.world_size, **extra}
+            if scheduler is not None:
+                meta["scheduler"] = scheduler.state_dict()
+            publish_checkpoint(root, step, tmp, meta, keep_last)
+        barrier()
+        return
+    model_sd, optim_sd = gather_full_state(model, optimizer, keep)
     if dist_info.is_main:
-        weights = {k: v for k, v in model_sd.items() if keep is None or keep(k)}
         opt_tensors, opt_meta = flatten_optimizer_state(optim_sd)
-        rng_tensors, rng_meta = rng_state()
-        tensors = {**opt_tensors, **rng_tensors, **{f"generator.{r}": s for r, s in enumerate(states)}}
         meta = {"optimizer": opt_meta, "rng": rng_meta, **extra}
         if scheduler is not None:
             meta["scheduler"] = scheduler.state_dict()
-        save_checkpoint(ckpt_root, step, weights, tensors, meta, keep_last=keep_last)
-    if dist_info.world_size > 1:
-        dist.barrier()
+        save_checkpoint(ckpt_root, step, model_sd, {**opt_tensors, **rng_tensors, **gens}, meta, keep_last=keep_last)
+    barrier()
+
+
+def local_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                 keep: Callable[[str], bool] | None = None) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """This rank's pieces of an FSDP2 model and its optimizer, as plain CPU tensors (no communication):
+    (weights by name, "optim.<name>.<key>" tensors, the optimizer's JSON part)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=False)
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return (t.to_local() if hasattr(t, "to_local") else t).detach().contiguous().cpu()
+
+    weights = {k: local(v) for k, v in get_model_state_dict(model, options=opts).items() if keep is None or keep(k)}
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else {}
+    tensors, meta = flatten_optimizer_state(
+        {"state": {n: {k: local(v) if torch.is_tensor(v) else v for k, v in st.items()}
+                   for n, st in optim_sd.get("state", {}).items()},
+         "param_groups": optim_sd.get("param_groups", [])})
+    return weights, tensors, meta
+
+
+def restore_local_shards(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                         rank: int, state: dict) -> None:
+    """Inverse of `local_shards` for this rank: the shards go back into the model's DTensors in place, the
+    optimizer state is rebuilt as DTensors laid out like the parameters they belong to."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+
+    weights = load_file(str(path / f"model.rank{rank}.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name in weights:
+                target = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+                target.copy_(weights[name])
+    if optimizer is None:
+        return
+    tensors = load_file(str(path / f"optimizer.rank{rank}.safetensors"))
+    optim_sd = unflatten_optimizer_state({k: v for k, v in tensors.items() if k.startswith("optim.")},
+                                         state["optimizer"])
+    for name, st in optim_sd["state"].items():
+        p = params[name]
+        for key, value in st.items():
+            if torch.is_tensor(value) and hasattr(p, "device_mesh") and value.shape == p.to_local().shape:
+                st[key] = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements, run_check=False,
+                                             shape=p.shape, stride=p.stride())
+            elif torch.is_tensor(value):
+                st[key] = value.to(p.device) if value.ndim else value
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=False))
 
 
 def restore_training_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -582,28 +773,34 @@ def restore_training_checkpoint(path: str | Path, model: torch.nn.Module, optimi
                                 sharded: bool = False) -> dict:
     """Inverse of `save_training_checkpoint`; returns the JSON state (step, extras).
 
-    `sharded` (FSDP2): only rank 0 reads the tensors and broadcasts them into the shards. A run resumed
-    on a different number of ranks reuses rank 0's noise stream for the new ranks.
+    A checkpoint of per-rank shards is read back by each rank (same number of ranks required). A full-state
+    checkpoint under `sharded` (FSDP2): only rank 0 reads the tensors and broadcasts them into the shards.
+    A run resumed on a different number of ranks reuses rank 0's noise stream for the new ranks.
     """
-    read = dist_info.is_main or not sharded
-    weights, tensors, state = load_checkpoint(path) if read else ({}, {}, None)
-    if sharded:
-        box = [state]
-        dist.broadcast_object_list(box, src=0)
-        state = box[0]
-    optim_sd = unflatten_optimizer_state(tensors, state["optimizer"]) if read else {}
-    restore_full_state(model, optimizer, weights, optim_sd, sharded)
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    shards = state.get("shards")
+    if shards is not None:
+        if shards != dist_info.world_size or not sharded:
+            raise RunError(f"--resume {path}: this checkpoint holds the shards of {shards} FSDP processes; "
+                             f"resume it with torchrun --nproc_per_node {shards} and --fsdp")
+        restore_local_shards(path, model, optimizer, dist_info.rank, state)
+        tensors = load_file(str(path / "rng.safetensors"))  # global RNG and every rank's noise generator
+    else:
+        read = dist_info.is_main or not sharded
+        weights, tensors, _ = load_checkpoint(path) if read else ({}, {}, None)
+        optim_sd = unflatten_optimizer_state(tensors, state["optimizer"]) if read else {}
+        restore_full_state(model, optimizer, weights, optim_sd, sharded)
+        if not read:  # the generator states come from rank 0
+            tensors = broadcast_object({k: v for k, v in tensors.items() if k.startswith("generator.")})
+        elif sharded:
+            broadcast_object({k: v for k, v in tensors.items() if k.startswith("generator.")})
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
-    if read:
+    if dist_info.is_main or not sharded or shards is not None:
         set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng.")}, state["rng"])
     if generator is not None:
-        gens = tensors if read else {}
-        if sharded:  # every rank needs its own stream: broadcast the generator states from rank 0
-            box = [{k: v for k, v in tensors.items() if k.startswith("generator.")} if dist_info.is_main else None]
-            dist.broadcast_object_list(box, src=0)
-            gens = box[0]
-        generator.set_state(gens.get(f"generator.{dist_info.rank}", gens["generator.0"]))
+        generator.set_state(tensors.get(f"generator.{dist_info.rank}", tensors["generator.0"]))
     return state
 
 
@@ -646,7 +843,7 @@ def add_dataclass_args(parser, cls, defaults: dict | None = None) -> None:
         conv = int if kind.startswith("int") else float if kind.startswith("float") else str
         if default is MISSING:
             parser.add_argument(flag, type=conv, required=True, help=help_text)
-        elif kind == "bool":
+        elif kind.startswith("bool"):  # "bool" or "bool | None" (None = decided at run time, the help says how)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif isinstance(default, tuple):
             parser.add_argument(flag, action="extend", nargs="+", default=list(default), help=help_text)

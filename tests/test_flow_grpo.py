@@ -112,7 +112,7 @@ def test_train_steps_drop_the_last_one():
 # in the RL loop
 # ---------------------------------------------------------------------------------------------------
 
-FAST = ["--model", "tiny", "--crop-size", "64", "--group-size", "4", "--rollout-batch", "4", "--rollout-steps", "3",
+FAST = ["--model", "tiny", "--reward-model", "tiny", "--crop-size", "64", "--group-size", "4", "--rollout-batch", "4", "--rollout-steps", "3",
         "--sample-every", "0", "--lr", "1e-2", "--fidelity", "ssim", "--objective", "flow_grpo"]
 
 

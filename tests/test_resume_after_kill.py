@@ -54,7 +54,7 @@ def test_rl_run_killed_after_a_checkpoint_resumes_with_exact_logs(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(2):
         Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(hr / f"{i}.png")
-    common = [sys.executable, "rl_fr.py", "--model", "tiny", "--hr-dir", str(hr), "--crop-size", "64",
+    common = [sys.executable, "rl_fr.py", "--model", "tiny", "--reward-model", "tiny", "--hr-dir", str(hr), "--crop-size", "64",
               "--group-size", "4", "--rollout-batch", "4", "--rollout-steps", "3", "--sample-every", "0",
               "--lr", "1e-2", "--fidelity", "ssim", "--steps", "9", "--save-every", "4"]
     subprocess.run([*common, "--out", str(tmp_path / "a.safetensors")], cwd=ROOT, check=True, capture_output=True,

@@ -260,7 +260,7 @@ def test_tiny_save_load_round_trip(tiny, tmp_path):
     for name in ("F", "q_lr", "q_sr"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert a.text == b.text
-    with pytest.raises(OSError, match="no/such/ckpt"):
+    with pytest.raises(R.RunError, match="COMPASS checkpoint 'no/such/ckpt': no such folder"):
         R.load_compass("no/such/ckpt")
 
 
@@ -363,7 +363,7 @@ def test_remote_views_average_the_valid_readings(monkeypatch):
 
 def test_remote_wrong_port_raises_naming_url():
     url = f"http://127.0.0.1:{serving.free_port()}"
-    scorer = R.RemoteScorer(url, "compass", retries=2, backoff=0.01, timeout=2)
+    scorer = R.RemoteScorer(url, "compass", retry_for=0.05, backoff=0.01, timeout=2)
     start = time.perf_counter()
     with pytest.raises(R.RewardServerError, match=f"{url}/v1/chat/completions.*3 attempts"):
         scorer.score(*_pairs(1))

@@ -21,7 +21,7 @@ import training as T
 pytestmark = pytest.mark.xdist_group("test_rl")
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--model", "tiny", "--crop-size", "64", "--group-size", "4", "--rollout-batch", "4",
+FAST = ["--model", "tiny", "--reward-model", "tiny", "--crop-size", "64", "--group-size", "4", "--rollout-batch", "4",
         "--rollout-steps", "3", "--sample-every", "0", "--lr", "1e-2"]
 
 
@@ -154,12 +154,12 @@ def test_rl_loop_raises_a_planted_reward(tmp_path, objective):
     save_image(torch.full((3, 16, 16), 0.5), tmp_path / "lr" / "gray.png")
     save_image(torch.full((3, 64, 64), 0.5), tmp_path / "hr" / "gray.png")
     out = tmp_path / "planted.safetensors"
-    args = rl_fr.parse_args(["--model", "tiny", "--lr-dir", str(tmp_path / "lr"), "--hr-dir", str(tmp_path / "hr"),
+    args = rl_fr.parse_args(["--model", "tiny", "--reward-model", "tiny", "--lr-dir", str(tmp_path / "lr"), "--hr-dir", str(tmp_path / "hr"),
                              "--crop-size", "64", "--group-size", "16", "--rollout-batch", "16", "--train-batch", "16",
                              "--rollout-steps", "4", "--lr", lr, "--steps", str(steps), "--sample-every", "0",
                              "--save-every", "100", "--objective", objective, "--out", str(out)])
 
-    def brightness_reward(_args):
+    def brightness_reward(_args, _device):
         def score(item, srs):
             k = srs.shape[0]
             return reward.Scores(F=torch.ones(k), q_lr=torch.ones(k), q_sr=1 + 4 * srs.float().mean((1, 2, 3)).cpu(),
@@ -190,7 +190,7 @@ def test_nr_reward_url_that_does_not_answer_names_it_and_keeps_checkpoint(fr_lor
     saved = T.load_checkpoint(tmp_path / "nr" / "checkpoints" / "step_000001")[0]
     url = f"http://127.0.0.1:{serving.free_port()}"
     with pytest.raises(reward.RewardServerError, match=url):
-        rl_nr.main([*common, "--steps", "2", "--resume", "latest", "--reward-url", url])
+        rl_nr.main([*common, "--steps", "2", "--resume", "latest", "--reward-url", url, "--reward-timeout", "1"])
     again = T.load_checkpoint(tmp_path / "nr" / "checkpoints" / "step_000001")[0]
     assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
     assert B.read_lora_file(out)[0]  # the last written LoRA file is intact
