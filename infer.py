@@ -7,9 +7,8 @@ rl_nr.py) and is added to the SFT weights here: W = W_SFT + (alpha/r) * B A.
 Tiny or mini preset (CPU, seconds):
     python infer.py --model tiny --input lr.png --output out/sr --steps 4
     python infer.py --model mini --sft mini --input lr.png --output out/sr          # a trained model
-Full scale (one GPU, 40 steps as §5.1):
-    python infer.py --model Qwen/Qwen-Image-Edit-2509 --sft out/sft --lora out/nr.safetensors \
-        --input data/RealSR/test_LR --output out/sr --dtype bf16
+Full scale (one GPU, 40 steps as §5.1; --model defaults to Qwen/Qwen-Image-Edit-2509):
+    python infer.py --sft out/sft --lora out/nr.safetensors --input data/RealSR/test_LR --output out/sr
     # optional: --hr data/RealSR/test_HR  (writes the metric table of the paper's Table 2, see evaluate.py)
 
 Writes one PNG per input with the same stem, exactly `scale` times the input size. Inputs whose output
@@ -28,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import backbone as B
-import evaluate
-import training as T
-from data import ImageReadError, list_images, load_image, save_image
+from common import backbone as B
+from common import training as T
+from common.data import ImageReadError, list_images, load_image, save_image
+from evaluation import evaluate
 
 # The smallest LR side we accept: below it the VL encoder and the VAE see almost nothing.
 MIN_LR_SIDE = 8
@@ -43,8 +42,9 @@ class Args:
     """an LR image file or a folder of them"""
     output: str = "out/sr"
     """output folder (one PNG per input, same stem)"""
-    model: str = "tiny"
-    """'tiny', 'mini' or Qwen/Qwen-Image-Edit-2509 / a local diffusers folder (the BASE weights)"""
+    model: str = B.REAL_MODEL
+    """the BASE weights: Qwen/Qwen-Image-Edit-2509 (paper) or its local diffusers folder; 'mini' (the trained
+    laptop preset, with --sft mini) or 'tiny'"""
     sft: str | None = None
     """transformer weights from train_sft.py (folder or .safetensors), or 'mini'; None keeps the base weights"""
     lora: tuple[str, ...] = ()
@@ -61,8 +61,8 @@ class Args:
     """overlap between output tiles in pixels"""
     color_fix: str = "none"
     """'adain' | 'wavelet' | 'none': match colours to the bicubic upscale (not in the paper: off by default)"""
-    dtype: str = "fp32"
-    """'fp32' | 'bf16'"""
+    dtype: str = "auto"
+    """'fp32' | 'bf16' | 'auto' (bf16 on a GPU, fp32 on the CPU)"""
     device: str = "auto"
     """'auto' (CUDA when available), 'cuda', 'cpu'"""
     prompt: str = B.DEFAULT_PROMPT
@@ -77,8 +77,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
     args, p = T.parse_dataclass_args(Args, argv, __doc__.split("\n")[0])
     if args.color_fix not in COLOR_FIXES:
         p.error(f"--color-fix {args.color_fix}: choose one of {', '.join(COLOR_FIXES)}")
-    if args.dtype not in ("fp32", "bf16"):
-        p.error(f"--dtype {args.dtype}: choose fp32 or bf16")
+    if args.dtype not in ("fp32", "bf16", "auto"):
+        p.error(f"--dtype {args.dtype}: choose fp32, bf16 or auto")
     if args.steps < 2:
         p.error(f"--steps {args.steps}: at least 2 (the paper uses 40 at inference)")
     if args.process_size % 16 or args.process_size < 64:
@@ -199,7 +199,8 @@ def super_resolve_image(bb: B.Backbone, lr: torch.Tensor, args: Args, generator:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.startswith("cuda"))
+    dtype = torch.bfloat16 if bf16 else torch.float32
     src = Path(args.input)
     if src.is_dir():
         inputs = list_images(src)
@@ -231,4 +232,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    T.run_script(main)

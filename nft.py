@@ -31,7 +31,7 @@ are available as named options (each documented where it is defined):
     * KL to the reference (adapter disabled): the public code uses weight 1e-4; OARS does not mention
       a KL term, so the training scripts default to 0.
 
-Every function is pure torch and copyable alone (no helper shared between them).
+Every function is pure torch and copyable alone: none calls another (tests/test_nft.py checks it).
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "group_masks",
     "implicit_policies",
     "keep_groups",
     "kl_to_reference",
@@ -59,24 +58,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------
 # Rewards -> optimality probability r (§4) and group filtering (§4, thresholds §5.1)
 # ---------------------------------------------------------------------------------------------------
-
-
-def group_masks(rewards: Tensor, group_ids: Tensor | Sequence[Hashable], caller: str) -> list[Tensor]:
-    """One (N,) bool mask per group (groups in the order their first sample appears).
-
-    Args:
-        rewards: (N,) rewards (only their shape is used here).
-        group_ids: (N,) group key of each sample: an integer tensor or a sequence of hashables (the LR id).
-        caller: the function's name, for the error message.
-    """
-    if rewards.ndim != 1:
-        raise ValueError(f"{caller}: rewards must have shape (N,), got {tuple(rewards.shape)}")
-    keys = group_ids.tolist() if isinstance(group_ids, Tensor) else list(group_ids)
-    if len(keys) != rewards.shape[0]:
-        raise ValueError(f"{caller}: {len(keys)} group_ids for {rewards.shape[0]} rewards")
-    index: dict = {}
-    group = torch.tensor([index.setdefault(k, len(index)) for k in keys], dtype=torch.long)  # (N,) 0..G-1
-    return [group == g for g in range(len(index))]
 
 
 def optimality(
@@ -125,7 +106,12 @@ def optimality(
         raise ValueError(f"optimality: std_mode must be 'group' or 'global', got {std_mode!r}")
     if clip <= 0:
         raise ValueError(f"optimality: clip must be > 0, got {clip}")
-    groups = group_masks(rewards, group_ids, "optimality")
+    if rewards.ndim != 1:
+        raise ValueError(f"optimality: rewards must have shape (N,), got {tuple(rewards.shape)}")
+    keys = group_ids.tolist() if isinstance(group_ids, Tensor) else list(group_ids)
+    if len(keys) != rewards.shape[0]:
+        raise ValueError(f"optimality: {len(keys)} group_ids for {rewards.shape[0]} rewards")
+    groups = [torch.tensor([k == key for k in keys]) for key in dict.fromkeys(keys)]  # (N,) mask per group
     s = rewards.detach().double().cpu()  # statistics in float64
     valid = ~torch.isnan(s)  # (N,)
     r = torch.full_like(s, float("nan"))
@@ -188,7 +174,12 @@ def keep_groups(
     """
     if reward_scale <= 0:
         raise ValueError(f"keep_groups: reward_scale must be > 0, got {reward_scale}")
-    groups = group_masks(rewards, group_ids, "keep_groups")
+    if rewards.ndim != 1:
+        raise ValueError(f"keep_groups: rewards must have shape (N,), got {tuple(rewards.shape)}")
+    keys = group_ids.tolist() if isinstance(group_ids, Tensor) else list(group_ids)
+    if len(keys) != rewards.shape[0]:
+        raise ValueError(f"keep_groups: {len(keys)} group_ids for {rewards.shape[0]} rewards")
+    groups = [torch.tensor([k == key for k in keys]) for key in dict.fromkeys(keys)]  # (N,) mask per group
     s = rewards.detach().double().cpu() / reward_scale  # (N,) scaled rewards
     valid = ~torch.isnan(s)
     keep = torch.zeros(s.shape[0], dtype=torch.bool)
@@ -267,8 +258,10 @@ def nft_loss(
         v_theta: (B, ...) trainable velocity v_theta(x_t, t | c, x_LR).
         v_old: (B, ...) frozen old-policy velocity at the same inputs (no gradient).
         v_target: (B, ...) target velocity v = eps - x0 of the rollout sample x0.
-        r: (B,) optimality probabilities in [0, 1] (from `optimality`); NaN is refused. Rewards are scored on
-            the host, so r usually is a CPU tensor: it is checked there and moved to v_theta's device.
+        r: (B,) optimality probabilities in [0, 1] (from `optimality`), moved to v_theta's device (rewards are
+            scored on the host, so r usually is a CPU tensor). A NaN in r (a sample without a reward) gives a
+            NaN loss for that sample: drop such samples with the `keep_groups` mask first (the training loop
+            checks this on the host; no device sync here).
         lam: lambda of Eq.6-7 (paper: 1.0).
         normalize: "none" or "x0_adaptive" (see above).
         x_t: (B, ...) noisy input, needed for "x0_adaptive".
@@ -285,10 +278,10 @@ def nft_loss(
     B = v_theta.shape[0]
     if r.shape != (B,):
         raise ValueError(f"nft_loss: r must have shape ({B},), got {tuple(r.shape)}")
-    if torch.isnan(r).any():
-        raise ValueError("nft_loss: r contains NaN (samples without a reward); drop them with keep_groups first")
     dims = tuple(range(1, v_theta.ndim))  # all non-batch dims
-    v_pos, v_neg = implicit_policies(v_theta, v_old, lam)  # Eq.6, Eq.7
+    v_old = v_old.detach()  # the old policy is frozen (as in `implicit_policies`, inlined: copyable alone)
+    v_pos = (1.0 - lam) * v_old + lam * v_theta  # Eq.6
+    v_neg = (1.0 + lam) * v_old - lam * v_theta  # Eq.7
     v_target = v_target.detach()
     r = r.to(v_theta.device, v_theta.dtype)
 

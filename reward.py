@@ -77,8 +77,6 @@ was started with and wants that exact string as the model name).
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import math
 import os
@@ -94,7 +92,21 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from training import RunError
+from common.compass_text import (
+    FIELD_RANGES,
+    REASON_PATTERN,
+    build_messages,
+    clamp_score,
+    fields_for,
+    find_fields,
+    format_answer,
+    parse_answer,
+    strip_special_tokens,
+    to_openai_messages,
+)
+from common.training import RunError
+from common.vl_model import load_compass
+from evaluation.evaluate import create_metric, texture_fidelity
 
 # bitsandbytes (pulled in by diffusers, transformers and pyiqa) logs a warning about an optional 4-bit CPU
 # kernel when it is imported; nothing here uses 4-bit weights.
@@ -151,315 +163,15 @@ def combine_reward(F, q_lr, q_sr, form: str = "compass", gamma: float = GAMMA):
     return REWARD_FORMS[form](F, q_lr, q_sr, gamma)
 
 
-# =====================================================================================================
-# 2. Model door: tiny preset (tests, demo) or a real checkpoint (from_pretrained), one code path
-# =====================================================================================================
-
-# The tiny image processor's pixel budget: a 64x64 image is 2x2 merged vision tokens, at most 4x4.
-TINY_MIN_PIXELS = 32 * 32
-TINY_MAX_PIXELS = 128 * 128
-
-TINY_COMPASS = dict(
-    text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, mrope_section=[2, 3, 3]),
-    vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, deepstack_visual_indexes=[1]),
-    patch_size=16, min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS,
-)
-"""The tiny preset (~0.23M params): text hidden 64 x 2 layers, vision depth 2 x 32, patch 16 like the real 8B."""
-
-
-def build_compass(seed: int = 0, text: dict = TINY_COMPASS["text"], vision: dict = TINY_COMPASS["vision"],
-                  patch_size: int = 16, min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS,
-                  words_from: Sequence[str] = ()):
-    """A Qwen3-VL COMPASS with random weights and its processor, from configs of the real classes.
-
-    Same classes as Qwen3-VL-8B (`Qwen3VLForConditionalGeneration`, `Qwen3VLProcessor`), merge size 2;
-    `text` and `vision` set the sizes (mrope_section must sum to head_dim / 2; deepstack indexes lie within
-    the vision depth), `patch_size` and the processor's pixel budget set how many vision tokens an image
-    costs: (side / patch / 2)^2 for a square image inside [min_pixels, max_pixels]. Tokenizer: the
-    byte-level Qwen2Tokenizer of byte_tokenizer.py (digits are single tokens as in the real vocabulary),
-    with one token per word of `words_from`. Weights are drawn under `torch.manual_seed(seed)` inside a
-    forked RNG scope: every build with the same arguments is identical and the caller's RNG is untouched.
-
-    Returns (model in eval mode, processor).
-    """
-    from transformers import (
-        Qwen2VLImageProcessor,
-        Qwen3VLConfig,
-        Qwen3VLForConditionalGeneration,
-        Qwen3VLProcessor,
-        Qwen3VLVideoProcessor,
-    )
-
-    from byte_tokenizer import QWEN_VL_CHAT_TEMPLATE, build_byte_tokenizer
-
-    tokenizer = build_byte_tokenizer(words_from=words_from)
-    tid = tokenizer.convert_tokens_to_ids
-    text = dict(text)
-    mrope = text.pop("mrope_section")
-    rope_theta = text.pop("rope_theta", 5e6)  # the 8B's value; a small head_dim may want a smaller one
-    config = Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),  # must cover every token id, specials included
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope,
-                             "mrope_interleaved": True},
-            pad_token_id=tid("<|endoftext|>"),
-            **text,
-        ),
-        vision_config=dict(
-            patch_size=patch_size,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            out_hidden_size=text["hidden_size"],  # the merger projects into the text width
-            num_position_embeddings=64,  # 8x8 learned grid, interpolated to the image grid
-            **vision,
-        ),
-        image_token_id=tid("<|image_pad|>"),
-        video_token_id=tid("<|video_pad|>"),
-        vision_start_token_id=tid("<|vision_start|>"),
-        vision_end_token_id=tid("<|vision_end|>"),
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(config)
-    model.eval()
-    model.generation_config.eos_token_id = tid("<|im_end|>")
-    model.generation_config.pad_token_id = tid("<|endoftext|>")
-    model.generation_config.do_sample = False
-
-    image_processor = Qwen2VLImageProcessor(
-        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-        patch_size=patch_size,
-        temporal_patch_size=2,
-        merge_size=2,
-        image_mean=[0.5, 0.5, 0.5],  # Qwen3-VL's normalisation
-        image_std=[0.5, 0.5, 0.5],
-    )
-    video_processor = Qwen3VLVideoProcessor(  # unused, but Qwen3VLProcessor requires one
-        size={"shortest_edge": min_pixels, "longest_edge": 4 * max_pixels}, patch_size=patch_size,
-        temporal_patch_size=2, merge_size=2
-    )
-    processor = Qwen3VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=QWEN_VL_CHAT_TEMPLATE,  # saved as chat_template.jinja: `transformers serve` needs it
-    )
-    return model, processor
-
-
-def build_tiny_compass(seed: int = 0):
-    """The tiny COMPASS preset (`TINY_COMPASS`, random weights): (model in eval mode, processor)."""
-    return build_compass(seed)
-
-
-def load_compass(model: str = "tiny", dtype: torch.dtype = torch.float32, device: str = "cpu", on_meta: bool = False):
-    """COMPASS model and processor: "tiny" (seed 0 preset), "mini" (the trained mini preset shipped in
-    mini/compass, built by build_mini_compass.py) or a hub name / local folder (from_pretrained).
-
-    A checkpoint folder written by train_compass.py (`save_pretrained` of model and processor) loads
-    back to identical outputs. `on_meta`: the model from its config with parameters on the meta device
-    (weights not read), for FSDP2 ranks that receive their shards from rank 0. Returns (model in eval
-    mode on `device`, processor).
-    """
-    from training import parameters_on_meta
-
-    if model == "tiny":
-        with parameters_on_meta(on_meta):
-            m, processor = build_tiny_compass()
-        return (m if on_meta else m.to(device=device, dtype=dtype)), processor
-    from transformers import AutoConfig, AutoProcessor, Qwen3VLForConditionalGeneration
-
-    import presets
-
-    model = str(presets.mini_compass()) if model == "mini" else model  # files checked, named if damaged
-    try:
-        if on_meta:
-            with parameters_on_meta():
-                m = Qwen3VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(model), dtype=dtype)
-        else:
-            m = Qwen3VLForConditionalGeneration.from_pretrained(model, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(model)
-    except OSError as err:  # not on disk, not downloadable: one line that says what to pass
-        raise RunError(
-            f"COMPASS checkpoint {model!r}: no such folder, and not downloadable here ({type(err).__name__}). Pass "
-            f"the folder train_compass.py wrote (model + processor), serve it and pass --reward-url, or use 'mini' "
-            f"(the trained laptop preset) or 'tiny' (random weights, for tests)."
-        ) from None
-    return (m if on_meta else m.to(device)).eval(), processor
+def label_reward(F: float | None, q_lr: float, q_sr: float, gamma: float = GAMMA) -> float:
+    """Eq.4 of one labelled (or predicted) triple, F = 1 where there is none (a real LQ input without GT:
+    then R = Q_SR)."""
+    return float(compass_reward(torch.tensor([1.0 if F is None else F]), torch.tensor([q_lr]), torch.tensor([q_sr]),
+                                gamma)[0])
 
 
 # =====================================================================================================
-# 3. Prompt and THE answer format (train_compass.py teaches it, every scorer reads it)
-# =====================================================================================================
-
-F_RANGE = (0.0, 1.0)  # Eq.1
-Q_RANGE = (1.0, 5.0)  # §3.2, Q-Insight scale
-FIELD_LABELS = {"F": "Fidelity", "q_lr": "Input quality", "q_sr": "Output quality"}
-FIELD_RANGES = {"F": F_RANGE, "q_lr": Q_RANGE, "q_sr": Q_RANGE}
-REASON_LABEL = "Reason"
-
-_TASK_FULL = (
-    "Task setting: fidelity and quality. Rate the enhancement from the input image to the enhanced image: "
-    "the fidelity of the enhanced image to the input's content and structure (0 to 1), the perceptual "
-    "quality of the input image (1 to 5) and of the enhanced image (1 to 5). Answer in exactly this format:\n"
-    "Fidelity: d.dd\nInput quality: d.dd\nOutput quality: d.dd\nReason: <one or two sentences>"
-)
-_TASK_QUALITY = (
-    "Task setting: quality only. Rate the perceptual quality of the input image (1 to 5) and of the "
-    "enhanced image (1 to 5). Answer in exactly this format:\n"
-    "Input quality: d.dd\nOutput quality: d.dd\nReason: <one or two sentences>"
-)
-
-
-def fields_for(synthetic: bool) -> tuple[str, ...]:
-    """The answer's number fields in answer order: ("F", "q_lr", "q_sr") or ("q_lr", "q_sr")."""
-    return ("F", "q_lr", "q_sr") if synthetic else ("q_lr", "q_sr")
-
-
-def build_messages(lr_image: Image.Image, sr_image: Image.Image, synthetic: bool) -> list[dict]:
-    """Chat messages for one (LR, SR) pair: a single user turn, LR first, then SR, then the task text.
-
-    The LR is resized to the SR's size (bicubic) here, so training, local and remote scoring all show
-    the model the same pixels (see module docstring). Images are PIL RGB in `{"type": "image", "image":
-    PIL}` parts (the processor's format); `to_openai_messages` turns them into base64 PNG `image_url`
-    parts for a server. `synthetic` selects the task setting: True asks for F, Q_LR, Q_SR; False for
-    Q_LR, Q_SR only.
-    """
-    sr = sr_image.convert("RGB")
-    lr = lr_at_sr_size(lr_image, sr)
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": "Input image:"},
-                {"type": "image", "image": lr},
-                {"type": "text", "text": "\nEnhanced image:"},
-                {"type": "image", "image": sr},
-                {"type": "text", "text": "\n" + (_TASK_FULL if synthetic else _TASK_QUALITY)},
-            ],
-        }
-    ]
-
-
-def lr_at_sr_size(lr_image: Image.Image, sr_image: Image.Image) -> Image.Image:
-    """The LR as the reward model sees it: RGB, resized to the SR's size with PIL bicubic (see above)."""
-    lr = lr_image.convert("RGB")
-    return lr if lr.size == sr_image.size else lr.resize(sr_image.size, Image.BICUBIC)
-
-
-def _png_data_url(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")  # lossless
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def to_openai_messages(messages: list[dict]) -> list[dict]:
-    """Processor-format messages -> OpenAI chat format (images as base64 PNG data URLs in image_url parts)."""
-    out = []
-    for message in messages:
-        parts = []
-        for part in message["content"]:
-            if part["type"] == "image":
-                parts.append({"type": "image_url", "image_url": {"url": _png_data_url(part["image"])}})
-            else:
-                parts.append({"type": "text", "text": part["text"]})
-        out.append({"role": message["role"], "content": parts})
-    return out
-
-
-def format_answer(F: float | None, q_lr: float, q_sr: float, rationale: str = "") -> str:
-    """THE answer text: numbers first, two decimals each, then the rationale (see module docstring).
-
-    F=None gives the quality-only answer (no Fidelity line); rationale="" omits the Reason line.
-    Values must already lie in their ranges (F in [0,1], Q in [1,5]): a label outside them is an error
-    here (clamp it where the label is made and count it), not silently rewritten.
-    """
-    values = {"F": F, "q_lr": q_lr, "q_sr": q_sr}
-    lines = []
-    for name in fields_for(F is not None):
-        value, (lo, hi) = float(values[name]), FIELD_RANGES[name]
-        if not lo <= value <= hi:  # also rejects NaN
-            raise ValueError(f"format_answer: {name}={value} is outside [{lo}, {hi}]; clamp labels before formatting")
-        lines.append(f"{FIELD_LABELS[name]}: {value:.2f}")
-    rationale = " ".join(rationale.split())  # one line
-    if rationale:
-        lines.append(f"{REASON_LABEL}: {rationale}")
-    return "\n".join(lines)
-
-
-@dataclass
-class Parsed:
-    """Scores read from one answer. F is None for the quality-only task; clamped counts clamped fields."""
-
-    F: float | None
-    q_lr: float
-    q_sr: float
-    rationale: str
-    clamped: int
-
-
-_SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
-_NUMBER = r"([-+]?(?:\d+(?:\.\d*)?|\.\d+))"
-_FIELD_PATTERNS = {
-    name: re.compile(r"(?<![A-Za-z])" + r"\s+".join(label.split()) + r"\s*:\s*" + _NUMBER, re.IGNORECASE)
-    for name, label in FIELD_LABELS.items()
-}
-_REASON_PATTERN = re.compile(r"(?<![A-Za-z])" + REASON_LABEL + r"\s*:", re.IGNORECASE)
-
-
-def strip_special_tokens(text: str) -> str:
-    """Remove Qwen special tokens such as <|im_end|> or <|endoftext|> from generated text."""
-    return _SPECIAL_TOKEN.sub("", text)
-
-
-def clamp_score(value: float, lo: float, hi: float) -> tuple[float, bool]:
-    """(value clamped to [lo, hi], whether it was clamped)."""
-    clamped = min(max(value, lo), hi)
-    return clamped, clamped != value
-
-
-def _find_fields(text: str, synthetic: bool) -> dict[str, re.Match] | None:
-    """Regex match of each required number field, or None if one is missing or given twice differently.
-
-    Numbers are looked up before the first "Reason:" (the format puts them first, and a rationale may
-    itself say "input quality: ..."); a field missing there is looked up in the whole text, so a reply
-    that writes the rationale first still parses.
-    """
-    reason = _REASON_PATTERN.search(text)
-    head = text[: reason.start()] if reason else text
-    found = {}
-    for name in fields_for(synthetic):
-        matches = list(_FIELD_PATTERNS[name].finditer(head)) or list(_FIELD_PATTERNS[name].finditer(text))
-        if not matches or len({float(m.group(1)) for m in matches}) > 1:
-            return None
-        found[name] = matches[0]
-    return found
-
-
-def parse_answer(text: str, synthetic: bool) -> Parsed | None:
-    """Read F (if synthetic), Q_LR, Q_SR and the rationale from an answer; None if malformed.
-
-    Tolerates special tokens, extra whitespace, any field order, missing decimals ("3" for 3.00) and a
-    missing rationale. Malformed = a required field missing, not a number, or given twice with different
-    values. Out-of-range numbers are clamped to [0,1] / [1,5] and counted in `Parsed.clamped`.
-    """
-    text = strip_special_tokens(text)
-    found = _find_fields(text, synthetic)
-    if found is None:
-        return None
-    values, clamped = {"F": None}, 0
-    for name, match in found.items():
-        values[name], was_clamped = clamp_score(float(match.group(1)), *FIELD_RANGES[name])
-        clamped += was_clamped
-    reason = _REASON_PATTERN.search(text)
-    rationale = " ".join(text[reason.end() :].split()) if reason else ""
-    return Parsed(F=values["F"], q_lr=values["q_lr"], q_sr=values["q_sr"], rationale=rationale, clamped=clamped)
-
-
-# =====================================================================================================
-# 4. Scores, the scorer interface, Q_LR once per group
+# 2. Scores, the scorer interface, Q_LR once per group
 # =====================================================================================================
 
 
@@ -471,7 +183,6 @@ class Scores:
     bool, rationale: N strings ("" if none). text: the N raw replies; q_lr_pair: the per-pair Q_LR
     readings when `q_lr` holds a group-shared value (score_group), else None.
     """
-
     F: torch.Tensor
     q_lr: torch.Tensor
     q_sr: torch.Tensor
@@ -529,7 +240,7 @@ def _check_pairs(lr_images: Sequence, sr_images: Sequence) -> None:
 
 
 # =====================================================================================================
-# 5. Digit-probability read-out (Q-Align style expected value; see module docstring)
+# 3. Digit-probability read-out (Q-Align style expected value; see module docstring)
 # =====================================================================================================
 
 
@@ -554,7 +265,7 @@ def expected_number(digit_probs: Sequence[torch.Tensor], digit_values: Sequence[
 
 
 # =====================================================================================================
-# 6. LocalScorer: in-process transformers
+# 4. LocalScorer: in-process transformers
 # =====================================================================================================
 
 
@@ -754,14 +465,14 @@ class LocalScorer:
                 row[name], was_clamped = clamp_score(float(value[i]), *FIELD_RANGES[name])
                 self.stats["clamped"] += was_clamped
             clean = strip_special_tokens(text)
-            reason = _REASON_PATTERN.search(clean)
+            reason = REASON_PATTERN.search(clean)
             row["rationale"] = " ".join(clean[reason.end() :].split()) if reason else ""
             rows.append(row)
         return rows
 
 
 # =====================================================================================================
-# 7. RemoteScorer: OpenAI-compatible server (vLLM at full scale, `transformers serve` on CPU)
+# 5. RemoteScorer: OpenAI-compatible server (vLLM at full scale, `transformers serve` on CPU)
 # =====================================================================================================
 
 
@@ -781,7 +492,7 @@ def expected_from_logprobs(content: list[dict], synthetic: bool) -> dict[str, fl
     """
     tokens = [c["token"] for c in content]
     text = "".join(tokens)
-    found = _find_fields(text, synthetic)
+    found = find_fields(text, synthetic)
     if found is None:
         return None
     token_at = []  # char offset -> token index
@@ -985,30 +696,8 @@ def make_scorer(model: str = "tiny", url: str | None = None, model_name: str = "
     return LocalScorer(compass, processor, synthetic=synthetic, views=views)
 
 
-def time_remote_scoring(
-    base_url: str,
-    model_name: str,
-    lr_image: Image.Image,
-    sr_images: list[Image.Image],
-    concurrency: Sequence[int] = (1, 8),
-    synthetic: bool = True,
-    **scorer_kwargs,
-) -> dict[int, float]:
-    """Wall-clock seconds to score one group (e.g. K=24 outputs of one LR) at each concurrency level.
-
-    For bench.py: `time_remote_scoring(url, name, lr, srs, concurrency=(1, 8))` -> {1: s, 8: s}.
-    """
-    seconds = {}
-    for c in concurrency:
-        scorer = RemoteScorer(base_url, model_name, concurrency=c, synthetic=synthetic, **scorer_kwargs)
-        start = time.perf_counter()
-        scorer.score_group(lr_image, sr_images)
-        seconds[c] = time.perf_counter() - start
-    return seconds
-
-
 # =====================================================================================================
-# 8. FidelityScorer: F against the HR for the full-reference RL stage (§4, Eq.1)
+# 6. FidelityScorer: F against the HR for the full-reference RL stage (§4, Eq.1)
 # =====================================================================================================
 
 
@@ -1032,8 +721,6 @@ class FidelityScorer:
     """
 
     def __init__(self, metric: str = "dists", device: str = "cpu"):
-        from evaluate import create_metric, texture_fidelity  # the evaluation table's settings (SSIM on Y)
-
         options = ("dists", "lpips", *WEIGHTS_FREE_FIDELITY)
         if metric not in options:
             raise ValueError(f"FidelityScorer: metric must be one of {list(options)}, got {metric!r}")

@@ -1,4 +1,5 @@
-"""Full-reference online RL stage of OARS (paper §4 "Full-Reference RL Stage", §5.1).
+"""Full-reference online RL stage of OARS (paper §4 "Full-Reference RL Stage", §5.1), and the RL loop both
+RL stages run (rl_nr.py calls `run` with its own data and reward).
 
 LoRA (rank 32, alpha 64) on the BASE Qwen-Image-Edit-2509 weights, trained with the negative-aware
 forward-process objective (DiffusionNFT, Eq.6-8, nft.py). Per step and per LR image:
@@ -12,19 +13,19 @@ forward-process objective (DiffusionNFT, Eq.6-8, nft.py). Per step and per LR im
 One copy of the backbone in memory: the trainable policy is peft adapter "default", the old policy a
 second adapter "old" on the same modules, the reference (for the optional KL) the adapters disabled.
 
-`--objective flow_grpo` swaps the NFT rollout and update for Flow-GRPO's (flow_grpo.py, the paper's
-Table 7 comparison): rollouts from the current policy with the ODE turned into an SDE, per-step Gaussian
-log-probabilities recorded, group-normalised advantages, the PPO-clipped likelihood ratio on the first
-`--timestep-fraction` of the steps, and the optional KL to the reference. Data, rewards, group filter,
-LoRA on the base, checkpoints and logs are shared.
+Two seams, each chosen once: `--objective flow_grpo` swaps the NFT rollout and update for Flow-GRPO's (the
+paper's Table 7 baseline, baselines/flow_grpo.py: SDE rollouts of the current policy, the PPO-clipped ratio
+on the recorded steps); `--reward refreward` swaps COMPASS for RefReward-SR's pairwise win rates
+(refreward_sr/refreward.py). Data, group filter, LoRA on the base, checkpoints and logs are shared.
 
 Tiny or mini preset on a CPU (SSIM fidelity needs no weights; COMPASS tiny/mini in-process):
-    python rl_fr.py --model tiny --hr-dir data/hr --crop-size 64 --group-size 8 --steps 20 --fidelity ssim
+    python rl_fr.py --model tiny --reward-model tiny --hr-dir data/hr --crop-size 64 --group-size 8 --steps 20 \
+        --fidelity ssim
     python rl_fr.py --model mini --reward-model mini --hr-dir data/hr --crop-size 64 --group-size 8 \
-        --rollout-batch 8 --train-batch 8 --lr 1e-3 --steps 48 --fidelity ssim
-Full scale, 8 GPUs (paper: LSDIR, K=24, reward model served by vLLM on another machine):
-    torchrun --nproc_per_node 8 rl_fr.py --model Qwen/Qwen-Image-Edit-2509 --hr-dir LSDIR/HR \
-        --reward-url http://reward-host:8000 --reward-model-name compass --bf16 --gradient-checkpointing
+        --rollout-batch 8 --train-batch 8 --steps 48 --fidelity ssim
+Full scale, 8 GPUs (paper: LSDIR, K=24, COMPASS served by vLLM on another machine; --model defaults to
+Qwen/Qwen-Image-Edit-2509, and on GPUs bf16 and gradient checkpointing are on by default):
+    torchrun --nproc_per_node 8 rl_fr.py --hr-dir LSDIR/HR --reward-url http://reward-host:8000
 Resume:  ... --resume latest
 Writes out/fr.safetensors (the LoRA in the stock pipeline's format, loadable by
 `QwenImageEditPlusPipeline.load_lora_weights`, `infer.py --lora` and `rl_nr.py --lora`), and under
@@ -40,19 +41,21 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-import backbone as B
-import flow_grpo
 import nft
-import training as T
-from data import HRFolderDataset, PairedFolderDataset, save_image
+import reward
+from baselines import flow_grpo
+from common import backbone as B
+from common import training as T
+from common.data import HRFolderDataset, PairedFolderDataset, save_image
+from refreward_sr import refreward
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Args:
     crop_size: int = 512
     """HR crop (paper: 512 px); LR = crop/4"""
     scale: int = 4
+    """upscaling factor (the paper's 4x)"""
     lrs_per_step: int = 1
     """LR images (groups) per process per step (paper: per-GPU batch size 1)"""
     group_size: int = 24
@@ -87,13 +91,19 @@ class Args:
     """samples per forward/backward in the NFT update (gradients are accumulated over all kept samples;
     Flow-GRPO trains on the rollout chunks of --rollout-batch, so its ratios are exactly 1 before the update)"""
     objective: str = "nft"
-    """'nft' (paper: the negative-aware forward-process objective, Eq.6-8) or 'flow_grpo' (Table 7)"""
+    """'nft' (paper: the negative-aware forward-process objective, Eq.6-8) or 'flow_grpo' (Table 7 baseline)"""
     steps: int = 1000
+    """optimizer steps (one group per LR image per process each)"""
     lr: float = 3e-4
+    """Adam learning rate of the LoRA (paper §5.1: 3e-4)"""
     weight_decay: float = 1e-4
+    """AdamW weight decay (paper §5.1: 1e-4)"""
     max_grad_norm: float = 1.0
+    """gradient clipping norm (paper silent)"""
     lora_rank: int = 32
+    """LoRA rank (paper §5.1: 32)"""
     lora_alpha: int = 64
+    """LoRA alpha (paper §5.1: 64)"""
     lam: float | None = None
     """NFT only: lambda of Eq.6-7 (default 1)"""
     clip: float | None = None
@@ -102,7 +112,9 @@ class Args:
     """group normalisation: 'group' (std of the group; default for nft, paper) or 'global' (std of the batch;
     default for flow_grpo as its public code, DiffusionNFT's global_std)"""
     filter_mean: float = 0.9
+    """drop groups whose mean of R / --reward-scale is above this AND variance below --filter-var (§5.1: 0.9)"""
     filter_var: float = 0.05
+    """the variance threshold of the group filter (§5.1: 0.05)"""
     reward_scale: float = 5.0
     """the filter compares mean/var of R / reward_scale (Eq.4 spans ~[0,5]; the paper does not say)"""
     loss_normalize: str | None = None
@@ -114,24 +126,21 @@ class Args:
     """NFT only: 'uniform' t~U(0,1) (default) or 'rollout_grid' (DiffusionNFT: the rollout's sigmas)"""
     old_decay: str | None = None
     """NFT only: old-policy EMA 'nft' decay=min(0.001*step, 0.5) (default, DiffusionNFT) or 'copy' (old = theta)"""
-    noise_level: float | None = None
-    """Flow-GRPO only: SDE noise level a (public default 0.7; its Qwen-Image-Edit-2509 config: 0.9)"""
-    clip_range: float | None = None
-    """Flow-GRPO only: PPO clip of the likelihood ratio (public default 1e-4)"""
-    adv_clip: float | None = None
-    """Flow-GRPO only: advantage clip (public default 5)"""
-    timestep_fraction: float | None = None
-    """Flow-GRPO only: train the first int(rollout steps x fraction) steps (public default 0.99: all but the last)"""
     fidelity: str = "dists"
     """F against the HR: 'dists' (paper, Eq.1), 'lpips', 'ssim', 'texture' or 'blend' (no downloaded weights;
     texture = evaluate.texture_fidelity, a DISTS analogue that does not pay for blur; blend = their mean)"""
+    reward: str = "compass"
+    """'compass' (the paper: Eq.4 from COMPASS's F, Q_LR, Q_SR) or 'refreward' (RefReward-SR: each sample's win rate
+    over the group's other samples by pairwise LR-conditioned verdicts; in the FR stage the HR is then unused)"""
     reward_model: str = "out/compass"
     """COMPASS for Q_LR/Q_SR, in-process: the folder train_compass.py wrote (default: its default output), a hub
     name, or 'mini' / 'tiny'. The paper serves it instead: --reward-url"""
     reward_url: str | None = None
     """OpenAI-compatible server (vLLM) instead of in-process scoring, e.g. http://host:8000"""
     reward_model_name: str = "compass"
+    """the model name the server serves (vLLM --served-model-name)"""
     reward_concurrency: int = 8
+    """requests in flight to the reward server"""
     reward_timeout: float = 600.0
     """seconds to keep retrying a reward server that does not answer (backoff up to 30 s between tries); then
     every rank stops with one line naming the URL, the last checkpoint kept"""
@@ -140,51 +149,60 @@ class Args:
     (reward.LocalScorer / RemoteScorer views; 1 = the paper's single reading, 8 = all, at 8x the scoring cost)"""
     reward_form: str = "compass"
     """'compass' (Eq.4), 'gain' or 'gated' (Table 8 ablations)"""
-    reward: str = "compass"
-    """'compass' (the paper: Eq.4 from COMPASS's F, Q_LR, Q_SR) or 'refreward' (RefReward-SR: each sample's win rate
-    over the group's other samples by pairwise LR-conditioned verdicts; in the FR stage the HR is then unused)"""
-    refreward_model: str = "out/refreward"
-    """RefReward-SR model for --reward refreward (in-process; --reward-url serves it instead): the folder
-    train_refreward.py wrote (default: its default output), 'mini' or 'tiny'"""
-    refreward_mode: str = "winrate"
-    """'winrate' (all pairs of the group) or 'anchor' (each sample against the bicubic upscale)"""
     gamma: float = 7.0
+    """gamma of Eq.4 (paper: 7)"""
     prompt: str = B.DEFAULT_PROMPT
+    """the "enhance" instruction c"""
     bf16: bool | None = None
     """bfloat16 base weights and autocast (LoRA and optimizer in float32); default: on when training on a GPU"""
     gradient_checkpointing: bool | None = None
     """recompute each block's activations in the backward pass (the NFT update at train batch 4 peaks at ~111 GB
-    per GPU without it, ~47 GB with it: estimate_scale.py); default: on for the real model, off for mini/tiny"""
+    per GPU without it, ~47 GB with it: scale/estimate.py); default: on for the real model, off for mini/tiny"""
     seed: int = 0
+    """seed of the data order, the noise and the LoRA's initialisation (every rank adds its rank to it)"""
     log_every: int = 1
+    """TensorBoard scalars every N steps"""
     sample_every: int = 50
+    """write an LR | samples | HR picture every N steps (0: never)"""
     save_every: int = 50
+    """checkpoint every N steps (and at the last)"""
     keep_last: int = 3
+    """checkpoints kept"""
     resume: str | None = None
+    """'latest' or a checkpoint folder"""
+    flow_grpo: flow_grpo.Options = field(default_factory=flow_grpo.Options)
+    """Flow-GRPO's own options (--objective flow_grpo)"""
+    refreward: refreward.Options = field(default_factory=refreward.Options)
+    """RefReward-SR's own options (--reward refreward)"""
 
 
-# Options of one objective only, with their defaults (None in Args = "the objective's default").
-OBJECTIVE_OPTIONS = {
-    "nft": dict(lam=1.0, clip=1.0, loss_normalize="none", train_timesteps="uniform", old_decay="nft"),
-    "flow_grpo": dict(noise_level=0.7, clip_range=1e-4, adv_clip=5.0, timestep_fraction=0.99),
-}
+# NFT's options with their defaults (None in Args = "the objective's default"); Flow-GRPO's: flow_grpo.DEFAULTS.
+NFT_DEFAULTS = dict(lam=1.0, clip=1.0, loss_normalize="none", train_timesteps="uniform", old_decay="nft")
 STD_MODE = {"nft": "group", "flow_grpo": "global"}
 
 
-def parse_args(argv: list[str] | None = None, defaults: dict | None = None, doc: str = __doc__) -> Args:
-    """CLI from the Args dataclass (one flag per field, its docstring as help); rl_nr.py changes `defaults`.
+def parse_args(argv: list[str] | None = None, defaults: dict | None = None, doc: str = __doc__,
+               exclude: tuple[str, ...] = ()) -> Args:
+    """CLI from the Args dataclass (one flag per field, its docstring as help); rl_nr.py changes `defaults` and
+    leaves out the options it has no use for (`exclude`).
 
     Options of the other objective are refused by name; unset ones get the chosen objective's defaults."""
-    args, parser = T.parse_dataclass_args(Args, argv, doc.split("\n")[0], defaults)
-    if args.objective not in OBJECTIVE_OPTIONS:
-        parser.error(f"--objective {args.objective}: choose one of {', '.join(OBJECTIVE_OPTIONS)}")
-    for objective, options in OBJECTIVE_OPTIONS.items():
-        for name, default in options.items():
-            if objective != args.objective and getattr(args, name) is not None:
-                parser.error(f"--{name.replace('_', '-')} is an option of --objective {objective}; it does nothing "
-                             f"with --objective {args.objective}")
-            if objective == args.objective and getattr(args, name) is None:
-                setattr(args, name, default)
+    args, parser = T.parse_dataclass_args(Args, argv, doc.split("\n")[0], defaults, exclude)
+    if args.objective not in STD_MODE:
+        parser.error(f"--objective {args.objective}: choose one of {', '.join(STD_MODE)}")
+    grpo_set = {k: v for k, v in asdict(args.flow_grpo).items() if v is not None}
+    nft_set = [k for k in NFT_DEFAULTS if getattr(args, k) is not None]
+    if args.objective == "nft":
+        if grpo_set:
+            parser.error(f"--{next(iter(grpo_set)).replace('_', '-')} is an option of --objective flow_grpo; it does "
+                         f"nothing with --objective nft")
+        for name, default in NFT_DEFAULTS.items():
+            setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+    else:
+        if nft_set:
+            parser.error(f"--{nft_set[0].replace('_', '-')} is an option of --objective nft; it does nothing with "
+                         f"--objective {args.objective}")
+        args.flow_grpo = flow_grpo.Options(**{**asdict(flow_grpo.DEFAULTS), **grpo_set})
     args.std_mode = args.std_mode or STD_MODE[args.objective]
     if args.init == "sft" and not args.sft:
         parser.error("--init sft needs --sft (the folder train_sft.py wrote)")
@@ -204,35 +222,9 @@ def resolve_defaults(args: Args, device: torch.device) -> None:
         args.gradient_checkpointing = args.model not in ("tiny", "mini")
 
 
-def policy_autocast(args: Args, device: torch.device):
-    """The one autocast of every policy forward pass, rollouts and updates alike: a rollout computed without
-    it and an update with it differ by ~3e-5 in the likelihood ratio before any step (Flow-GRPO's clip range
-    is 1e-4), because peft computes the LoRA in float32 outside autocast and in bfloat16 inside."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16))
-
-
 # ====================================================================================================
 # The policy: base (or SFT) weights + trainable adapter "default" + old-policy adapter "old"
 # ====================================================================================================
-
-
-@contextmanager
-def active_adapter(transformer, name: str | None):
-    """Run with adapter `name` active (None = adapters disabled: the reference model); back to "default".
-
-    peft's set_adapter moves requires_grad to the active adapter, so the trainable one is always
-    re-activated before the caller's backward.
-    """
-    if name is None:
-        transformer.disable_adapters()
-    else:
-        transformer.set_adapter(name)
-    try:
-        yield
-    finally:
-        if name is None:
-            transformer.enable_adapters()
-        transformer.set_adapter("default")
 
 
 def setup_policy(args: Args, device: torch.device) -> tuple[B.Backbone, list[torch.Tensor], list[torch.Tensor]]:
@@ -241,7 +233,7 @@ def setup_policy(args: Args, device: torch.device) -> tuple[B.Backbone, list[tor
     if args.init == "sft":
         B.load_transformer_weights(bb.transformer, args.sft, args.model)
     tr = bb.transformer
-    with torch.random.fork_rng():  # peft draws A from the global RNG, seeded per rank: every rank must
+    with torch.random.fork_rng(devices=[]):  # peft draws A from the global RNG, seeded per rank: every rank must
         torch.manual_seed(args.seed)  # start from the SAME adapter, so its draw uses the run's seed alone
         for name in ("default", "old"):
             if args.lora:
@@ -268,7 +260,121 @@ def setup_policy(args: Args, device: torch.device) -> tuple[B.Backbone, list[tor
 
 
 # ====================================================================================================
-# Rollouts and the NFT update
+# The OARS objective: rollouts of the OLD policy, the optimality r, Eq.8 on fresh noise, old <- EMA(theta)
+# (Flow-GRPO's objective, with the same methods, is baselines/flow_grpo.FlowGRPO)
+# ====================================================================================================
+
+
+class NFT:
+    """The negative-aware forward-process objective (§4, Eq.6-8, nft.py) on the backbone's two adapters."""
+
+    name = "nft"
+    terms = 1  # loss terms per kept sample (the normaliser counts kept samples)
+
+    def __init__(self, args: Args, params: list[torch.Tensor], old_params: list[torch.Tensor]):
+        self.args, self.params, self.old_params = args, params, old_params
+
+    @torch.no_grad()
+    def rollout(self, bb: B.Backbone, cond: B.Condition, k: int, sigmas: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, None]:
+        """K samples x0 (K,N,4C) for ONE condition from the OLD policy's ODE on `sigmas`, --rollout-batch per
+        forward pass, under the update's autocast."""
+        noise, chunk = B.initial_noise(cond, k, generator), self.args.rollout_batch
+        with B.active_adapter(bb.transformer, "old"), B.autocast(bb.device, self.args.bf16):
+            x0 = torch.cat([B.sample(bb.transformer, cond, noise[i:i + chunk], sigmas) for i in range(0, k, chunk)])
+        return x0, None
+
+    def weights(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        """The optimality r of every sample (§4): 0.5 + 0.5 clip((R - mean_g) / std_g, -1, 1)."""
+        return nft.optimality(rewards, group_ids, self.args.clip, self.args.std_mode)
+
+    def micro_loss(self, bb: B.Backbone, cond: B.Condition, x0: torch.Tensor, r: torch.Tensor,
+                   generator: torch.Generator, rollout_sigmas: torch.Tensor) -> torch.Tensor:
+        """Eq.8 for one micro-batch: kept samples x0 (m,N,4C) with their r (m,) -> per-sample loss (m,), carrying
+        the gradient of the trainable adapter."""
+        args, tr, m = self.args, bb.transformer, x0.shape[0]
+        x0, cond_m = x0.float(), B.repeat_condition(cond, m)
+        # 1. fresh noise on the kept samples: x_t = (1-t) x0 + t eps, target v = eps - x0 (Eq.5 form)
+        t = nft.sample_train_timesteps(m, generator, args.train_timesteps, rollout_sigmas).to(x0.device)
+        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+        v_target = eps - x0
+        # 2. the frozen old policy v_old (Eq.6-7 mix it with v_theta)
+        with torch.no_grad(), B.active_adapter(tr, "old"), B.autocast(x0.device, args.bf16):
+            v_old = B.velocity(tr, x_t, t, cond_m).float()
+        # 3. the current policy v_theta, with gradients (adapter "default")
+        with B.autocast(x0.device, args.bf16):
+            v_theta = B.velocity(tr, x_t, t, cond_m).float()
+        loss = nft.nft_loss(v_theta, v_old, v_target, r, args.lam, args.loss_normalize, x_t, t)  # Eq.8, (m,)
+        if args.kl_weight > 0:  # optional: stay near the reference (adapters off), DiffusionNFT-style
+            with torch.no_grad(), B.active_adapter(tr, None), B.autocast(x0.device, args.bf16):
+                v_ref = B.velocity(tr, x_t, t, cond_m).float()
+            loss = loss + args.kl_weight * nft.kl_to_reference(v_theta, v_ref)
+        return loss
+
+    def backward(self, bb: B.Backbone, cond: B.Condition, sigmas: torch.Tensor, x0: torch.Tensor, extra: None,
+                 kept: torch.Tensor, r: torch.Tensor, generator: torch.Generator, normaliser: float) -> float:
+        """Accumulate d/dtheta of Eq.8 over one group's kept samples, --train-batch at a time; each sample's loss
+        divided by `normaliser` (kept samples over all ranks: the gradient is the global mean). r stays on the
+        host; nft_loss moves it to the velocities' device. Returns the summed loss."""
+        x0, r, total, batch = x0[kept.to(x0.device)], r[kept], 0.0, self.args.train_batch
+        if bool(torch.isnan(r).any()):  # on the host: keep_groups drops samples without a reward
+            raise ValueError("NFT.backward: r is NaN for a kept sample (keep_groups keeps only rewarded samples)")
+        for i in range(0, x0.shape[0], batch):
+            loss = self.micro_loss(bb, cond, x0[i:i + batch], r[i:i + batch], generator, sigmas)
+            (loss.sum() / normaliser).backward()
+            total += float(loss.detach().sum())
+        return total
+
+    def after_step(self, step: int) -> None:
+        """old <- decay old + (1 - decay) theta (DiffusionNFT's decay min(0.001 step, 0.5) by default)."""
+        nft.update_old_policy(self.old_params, self.params, nft.old_policy_decay(step, self.args.old_decay))
+
+    def stats(self) -> dict[str, float]:
+        return dict(old_deviation=nft.old_policy_deviation(self.old_params, self.params))
+
+
+def make_objective(args: Args, params: list[torch.Tensor], old_params: list[torch.Tensor]):
+    """The objective of the run, chosen once: NFT (the paper) or Flow-GRPO (its Table 7 baseline)."""
+    if args.objective == "nft":
+        return NFT(args, params, old_params)
+    return flow_grpo.FlowGRPO(args.flow_grpo, args.rollout_steps, args.rollout_batch, args.std_mode, args.kl_weight,
+                              bool(args.bf16))
+
+
+# ====================================================================================================
+# Rewards: the seam of both RL stages. FR: F against the HR, Q_LR and Q_SR from COMPASS; NR: all three
+# from COMPASS; or RefReward-SR's pairwise win rates for either
+# ====================================================================================================
+
+# A reward function maps one dataset item and its K decoded samples (K,3,H,W) to reward.Scores.
+RewardFn = Callable[[dict, torch.Tensor], reward.Scores]
+
+
+def make_reward(args: Args, device: torch.device, full_reference: bool) -> RewardFn:
+    """The reward of an RL stage, chosen once. COMPASS (the paper): in the full-reference stage F = fidelity(SR,
+    HR) (Eq.1, DISTS by default) on the policy's device and Q_LR, Q_SR from COMPASS; in the non-reference stage
+    F, Q_LR, Q_SR all from COMPASS (its fidelity prompt). Served (--reward-url) or in-process on the policy's
+    device; Q_LR shared by the group. --reward refreward: RefReward-SR's win rates instead."""
+    if args.reward == "refreward":
+        return refreward.group_reward(args.refreward, args.reward_url, args.reward_model_name,
+                                      args.reward_concurrency, device)
+    compass = reward.make_scorer(args.reward_model, args.reward_url, args.reward_model_name,
+                                 synthetic=not full_reference, concurrency=args.reward_concurrency, device=device,
+                                 views=args.reward_views, retry_for=args.reward_timeout)
+    fidelity = reward.FidelityScorer(args.fidelity, device=device) if full_reference else None
+
+    def score(item: dict, srs: torch.Tensor) -> reward.Scores:
+        scores = compass.score_group(B.to_pil(item["lr"]), [B.to_pil(s) for s in srs])
+        if fidelity is not None:  # Eq.1 against the HR replaces COMPASS's F
+            scores.F = fidelity.fidelity(srs, item["hr"][None].expand_as(srs).to(srs.device)).float().cpu()
+        return scores
+
+    return score
+
+
+# ====================================================================================================
+# The online RL loop (both stages)
 # ====================================================================================================
 
 
@@ -280,203 +386,16 @@ class Group:
     cond: B.Condition      # encoded once, shared by the rollouts and the update
     sigmas: torch.Tensor   # the rollout's sigma grid (N+1,), also the 'rollout_grid' training timesteps
     x0: torch.Tensor       # (K,N,4C) rollout results in latent tokens
+    extra: object          # what the objective keeps of the rollout (Flow-GRPO: its trajectory; NFT: None)
     srs: torch.Tensor      # (K,3,H,W) decoded SR images
-    scores: "object"       # reward.Scores (F, q_lr, q_sr, valid)
+    scores: reward.Scores  # F, q_lr, q_sr, valid
     R: torch.Tensor        # (K,) Eq.4 reward, NaN where the score is invalid
-    trajectory: "Trajectory | None" = None  # Flow-GRPO only: the stochastic path and its log-probabilities
-
-
-@dataclass
-class Trajectory:
-    """What Flow-GRPO keeps of one group's SDE rollouts for its update (the memory NFT does not need)."""
-
-    latents: torch.Tensor    # (K,T+1,N,4C) x_0 .. x_T: the inputs and outputs of the T trained steps
-    log_probs: torch.Tensor  # (K,T) log p(x_{j+1} | x_j) under the rollout policy (flow_grpo.sde_step)
-
-
-@torch.no_grad()
-def rollout(bb: B.Backbone, cond: B.Condition, k: int, sigmas: torch.Tensor, chunk: int,
-            generator: torch.Generator, autocast=None) -> torch.Tensor:
-    """K samples x0 (K,N,4C) for ONE condition from the OLD policy on `sigmas`, `chunk` per forward pass,
-    under `autocast` (the update's, `policy_autocast`)."""
-    noise = B.initial_noise(cond, k, generator)
-    with active_adapter(bb.transformer, "old"), autocast or nullcontext():
-        return torch.cat([B.sample(bb.transformer, cond, noise[i:i + chunk], sigmas) for i in range(0, k, chunk)])
-
-
-@torch.no_grad()
-def rollout_sde(bb: B.Backbone, cond: B.Condition, k: int, sigmas: torch.Tensor, chunk: int,
-                generator: torch.Generator, args: Args) -> tuple[torch.Tensor, Trajectory]:
-    """Flow-GRPO rollouts: K samples of the CURRENT policy (adapter "default") with every Euler step made
-    stochastic (flow_grpo.sde_step); the first T = len(train steps) transitions and their log-probabilities
-    are kept. Returns (x0 (K,N,4C), Trajectory)."""
-    trained = flow_grpo.train_step_indices(len(sigmas) - 1, args.timestep_fraction)
-    noise = B.initial_noise(cond, k, generator)
-    tr, dt = bb.transformer, cond.image_latents.dtype
-    x0s, paths, log_probs = [], [], []
-    autocast = policy_autocast(args, cond.image_latents.device)  # the update's: ratios are exactly 1 at first
-    with active_adapter(tr, "default"):
-        for i in range(0, k, chunk):
-            x = noise[i:i + chunk].to(cond.image_latents.device, torch.float32)
-            m = x.shape[0]
-            cond_m = B.repeat_condition(cond, m)
-            path, lps = [x], []
-            for j in range(len(sigmas) - 1):
-                s, s_next = sigmas[j].expand(m).to(x.device), sigmas[j + 1].expand(m).to(x.device)
-                with autocast:
-                    v = B.velocity(tr, x.to(dt), s, cond_m)
-                x, lp, _, _ = flow_grpo.sde_step(x, v, s, s_next, float(sigmas[1]), args.noise_level, generator)
-                if j in trained:
-                    path.append(x)
-                    lps.append(lp)
-            x0s.append(x)
-            paths.append(torch.stack(path, dim=1))
-            log_probs.append(torch.stack(lps, dim=1))
-    return torch.cat(x0s), Trajectory(torch.cat(paths), torch.cat(log_probs))
-
-
-def grpo_backward(bb: B.Backbone, group: "Group", keep: torch.Tensor, advantages: torch.Tensor, args: Args,
-                  normaliser: float) -> tuple[float, list[torch.Tensor]]:
-    """Accumulate d/dtheta of Flow-GRPO's loss over one group's kept samples and trained steps.
-
-    The micro-batches are the rollout's chunks (same samples, same batch size), so before the optimizer
-    step every recomputed log-probability equals the recorded one and the ratio is exactly 1. Each
-    (sample, step) loss is divided by `normaliser` (kept samples x trained steps over all ranks). Returns
-    (summed loss, the ratios of the kept samples (T per chunk)).
-    """
-    tr, traj, sigmas = bb.transformer, group.trajectory, group.sigmas
-    dt = group.cond.image_latents.dtype
-    autocast = policy_autocast(args, group.x0.device)
-    total, ratios = 0.0, []
-    for i in range(0, traj.latents.shape[0], args.rollout_batch):
-        kept = keep[i:i + args.rollout_batch]
-        if not kept.any():
-            continue
-        lat, old_lp, adv = traj.latents[i:i + args.rollout_batch], traj.log_probs[i:i + args.rollout_batch], \
-            advantages[i:i + args.rollout_batch].nan_to_num(0.0)
-        m = lat.shape[0]
-        cond_m = B.repeat_condition(group.cond, m)
-        for j in range(traj.log_probs.shape[1]):
-            s, s_next = sigmas[j].expand(m).to(lat.device), sigmas[j + 1].expand(m).to(lat.device)
-            # 1. the current policy's transition x_j -> x_{j+1} (recorded at rollout), with gradients
-            with autocast:
-                v = B.velocity(tr, lat[:, j].to(dt), s, cond_m)
-            _, lp, mean, std_t = flow_grpo.sde_step(lat[:, j], v, s, s_next, float(sigmas[1]), args.noise_level,
-                                                    x_next=lat[:, j + 1])
-            # 2. PPO-clipped likelihood ratio against the rollout's log-probability
-            loss = flow_grpo.clipped_surrogate(lp, old_lp[:, j], adv, args.clip_range)  # (m,)
-            if args.kl_weight > 0:  # 3. optional KL to the reference transition (adapters disabled)
-                with torch.no_grad(), active_adapter(tr, None), autocast:
-                    v_ref = B.velocity(tr, lat[:, j].to(dt), s, cond_m)
-                mean_ref = flow_grpo.sde_step_mean(lat[:, j].float(), v_ref.float(), s.float(), s_next.float(), std_t)
-                loss = loss + args.kl_weight * flow_grpo.sde_kl(mean, mean_ref, std_t)
-            loss = loss * kept
-            (loss.sum() / normaliser).backward()
-            total += float(loss.detach().sum())
-            ratios.append(torch.exp(lp - old_lp[:, j]).detach()[kept])
-    return total, ratios
-
-
-def nft_micro_loss(bb: B.Backbone, cond: B.Condition, x0: torch.Tensor, r: torch.Tensor, args: Args,
-                   generator: torch.Generator, rollout_sigmas: torch.Tensor) -> torch.Tensor:
-    """Eq.8 for one micro-batch: kept samples x0 (m,N,4C) of one condition with their optimality r (m,) ->
-    per-sample loss (m,) carrying the gradient of the trainable adapter."""
-    tr, autocast, m = bb.transformer, policy_autocast(args, x0.device), x0.shape[0]
-    x0 = x0.float()
-    cond_m = B.repeat_condition(cond, m)
-    # 1. fresh noise on the kept samples: x_t = (1-t) x0 + t eps, target v = eps - x0 (Eq.5 form)
-    t = nft.sample_train_timesteps(m, generator, args.train_timesteps, rollout_sigmas).to(x0.device)
-    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
-    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-    v_target = eps - x0
-    # 2. the frozen old policy v_old (Eq.6-7 mix it with v_theta)
-    with torch.no_grad(), active_adapter(tr, "old"), autocast:
-        v_old = B.velocity(tr, x_t, t, cond_m).float()
-    # 3. the current policy v_theta, with gradients (adapter "default")
-    with autocast:
-        v_theta = B.velocity(tr, x_t, t, cond_m).float()
-    loss = nft.nft_loss(v_theta, v_old, v_target, r, args.lam, args.loss_normalize, x_t, t)  # Eq.8, (m,)
-    if args.kl_weight > 0:  # optional: stay near the reference (adapters off), DiffusionNFT-style
-        with torch.no_grad(), active_adapter(tr, None), autocast:
-            v_ref = B.velocity(tr, x_t, t, cond_m).float()
-        loss = loss + args.kl_weight * nft.kl_to_reference(v_theta, v_ref)
-    return loss
-
-
-def nft_backward(bb: B.Backbone, cond: B.Condition, x0: torch.Tensor, r: torch.Tensor, args: Args,
-                 generator: torch.Generator, rollout_sigmas: torch.Tensor, normaliser: float) -> float:
-    """Accumulate d/dtheta of Eq.8 over the kept samples x0 (M,N,4C) of one condition, with r (M,), in
-    micro-batches of --train-batch.
-
-    The loss of each sample is divided by `normaliser` (the number of kept samples over all ranks), so
-    the accumulated gradient is the mean over the global batch. Returns the summed (unnormalised) loss.
-    """
-    total = 0.0
-    for i in range(0, x0.shape[0], args.train_batch):
-        loss = nft_micro_loss(bb, cond, x0[i:i + args.train_batch], r[i:i + args.train_batch], args, generator,
-                              rollout_sigmas)
-        (loss.sum() / normaliser).backward()
-        total += float(loss.detach().sum())
-    return total
-
-
-# ====================================================================================================
-# Rewards: full-reference (this stage) — F against the HR, Q_LR and Q_SR from COMPASS
-# ====================================================================================================
-
-# A reward function maps one dataset item and its K decoded samples (K,3,H,W) to reward.Scores.
-RewardFn = Callable[[dict, torch.Tensor], "object"]
-
-
-def make_compass_scorer(args: Args, synthetic: bool, device: torch.device):
-    """The COMPASS scorer: a remote OpenAI-compatible server (--reward-url) or in-process (--reward-model) on the
-    policy's device."""
-    import reward
-
-    return reward.make_scorer(args.reward_model, args.reward_url, args.reward_model_name, synthetic,
-                              args.reward_concurrency, device=device, views=args.reward_views,
-                              retry_for=args.reward_timeout)
-
-
-def make_refreward(args: Args, device: torch.device) -> RewardFn:
-    """RefReward-SR as the reward: per-sample win rates of LR-conditioned pairwise verdicts (refreward.py)."""
-    import refreward
-
-    model, processor = (None, None) if args.reward_url else refreward.load_refreward(args.refreward_model,
-                                                                                     device=str(device))
-    scorer = refreward.RefRewardScorer(model, processor, url=args.reward_url, model_name=args.reward_model_name,
-                                       mode=args.refreward_mode, concurrency=args.reward_concurrency)
-    return lambda item, srs: scorer.score_group(B.to_pil(item["lr"]), [B.to_pil(s) for s in srs])
-
-
-def make_fr_reward(args: Args, device: torch.device) -> RewardFn:
-    """F = fidelity(SR, HR) (Eq.1 with DISTS by default) on the policy's device; Q_LR, Q_SR from COMPASS (one
-    Q_LR per group)."""
-    import reward
-
-    if args.reward == "refreward":
-        return make_refreward(args, device)
-    fidelity = reward.FidelityScorer(args.fidelity, device=device)
-    compass = make_compass_scorer(args, synthetic=False, device=device)
-
-    def score(item: dict, srs: torch.Tensor) -> reward.Scores:
-        quality = compass.score_group(B.to_pil(item["lr"]), [B.to_pil(s) for s in srs])
-        hr = item["hr"][None].expand_as(srs).to(srs.device)
-        quality.F = fidelity.fidelity(srs, hr).float().cpu()
-        return quality
-
-    return score
-
-
-# ====================================================================================================
-# The online RL loop (shared with rl_nr.py)
-# ====================================================================================================
 
 
 def run(args: Args, dataset: torch.utils.data.Dataset,
-        reward_fn_factory: Callable[[Args, torch.device], RewardFn]) -> Path:
-    import reward
-
+        make_reward_fn: Callable[[Args, torch.device], RewardFn] = partial(make_reward, full_reference=True)) -> Path:
+    """Train the LoRA of `args` on `dataset` with the reward of `make_reward_fn(args, device)`; returns the final
+    LoRA file. rl_fr.py runs it with the full-reference reward, rl_nr.py with the non-reference one."""
     # ------------------------------------------------------------------ setup (plumbing)
     dist_info = T.setup_distributed()
     generator = T.seed_everything(args.seed, dist_info.rank)       # per-rank noise: different rollouts per GPU
@@ -488,7 +407,8 @@ def run(args: Args, dataset: torch.utils.data.Dataset,
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
     bb, params, old_params = setup_policy(args, dist_info.device)
-    reward_fn = reward_fn_factory(args, dist_info.device)
+    reward_fn = make_reward_fn(args, dist_info.device)
+    objective = make_objective(args, params, old_params)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
     start_step, invalid_total = 0, 0
@@ -517,22 +437,15 @@ def run(args: Args, dataset: torch.utils.data.Dataset,
         model_time = reward_time = 0.0  # policy forward/backward, reward scoring; the rest is RL bookkeeping
         _, items = next(batches)
         groups: list[Group] = []
-        failure = None  # the first error of this rank's generation and scoring, agreed on by all ranks below
+        failure = None  # the first error of this rank's scoring, agreed on by all ranks below
         for item in items:
-            if failure is not None:
-                break
             t0 = time.perf_counter()
             # 1. condition once per LR
             cond = B.encode_condition(bb, item["lr"].to(bb.device), args.prompt, args.scale)
-            # 2. K rollouts (6 Euler steps), batched: NFT samples the old policy's ODE; Flow-GRPO the
-            #    current policy's SDE, keeping the path and its log-probabilities
+            # 2. K rollouts (6 Euler steps), batched: NFT samples the old policy's ODE; Flow-GRPO the current
+            #    policy's SDE, keeping the path and its log-probabilities
             sigmas = B.sigma_schedule(bb.scheduler, args.rollout_steps, cond.num_tokens)
-            trajectory = None
-            if args.objective == "nft":
-                x0 = rollout(bb, cond, args.group_size, sigmas, args.rollout_batch, generator,
-                             policy_autocast(args, bb.device))
-            else:
-                x0, trajectory = rollout_sde(bb, cond, args.group_size, sigmas, args.rollout_batch, generator, args)
+            x0, extra = objective.rollout(bb, cond, args.group_size, sigmas, generator)
             srs = B.decode(bb, x0, cond)
             model_time += time.perf_counter() - t0
             # 3. reward: Eq.4 from (F, Q_LR, Q_SR); invalid scores drop out of their group
@@ -541,12 +454,11 @@ def run(args: Args, dataset: torch.utils.data.Dataset,
                 scores = reward_fn(item, srs)
             except T.RunError as err:  # e.g. the reward server stayed down for --reward-timeout seconds
                 failure = err
-                continue
+                break
             reward_time += time.perf_counter() - t0
             R = reward.combine_reward(scores.F, scores.q_lr, scores.q_sr, args.reward_form, args.gamma).float()
             R = torch.where(scores.valid, R, torch.full_like(R, float("nan")))
-            groups.append(Group(item, cond, sigmas, x0, srs, scores, R, trajectory))
-
+            groups.append(Group(item, cond, sigmas, x0, extra, srs, scores, R))
         T.raise_if_any_rank_failed(failure)  # every rank stops with the failed rank's message, not a NCCL timeout
 
         # 4. group filter, then per group (the K samples of one LR, on this rank) the optimality r (NFT)
@@ -554,12 +466,7 @@ def run(args: Args, dataset: torch.utils.data.Dataset,
         all_R = torch.cat([g.R for g in groups])
         group_ids = torch.cat([torch.full((args.group_size,), i) for i in range(len(groups))])
         keep = nft.keep_groups(all_R, group_ids, args.filter_mean, args.filter_var, args.reward_scale)
-        if args.objective == "nft":
-            r = nft.optimality(all_R, group_ids, args.clip, args.std_mode)
-        else:
-            r = flow_grpo.group_advantages(all_R, group_ids, args.std_mode, clip=args.adv_clip)
-        weight = 1 if args.objective == "nft" else len(flow_grpo.train_step_indices(args.rollout_steps,
-                                                                                     args.timestep_fraction))
+        w = objective.weights(all_R, group_ids)
         n_keep_global = float(T.all_reduce_sum(torch.tensor([float(keep.sum())])))  # kept samples, all ranks
         invalid = int(sum((~g.scores.valid).sum() for g in groups))
         invalid_total += invalid
@@ -567,19 +474,11 @@ def run(args: Args, dataset: torch.utils.data.Dataset,
         # 5. update of the LoRA, gradients summed over ranks: NFT on fresh noise of the kept samples
         #    (Eq.6-8), Flow-GRPO on their recorded transitions
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, ratios = 0.0, []
-        normaliser = max(n_keep_global, 1.0) * weight
+        loss_sum, normaliser = 0.0, max(n_keep_global, 1.0) * objective.terms
         t0 = time.perf_counter()
-        for g, kept, r_g in zip(groups, keep.split(args.group_size), r.split(args.group_size)):
-            if not kept.any():
-                continue
-            if args.objective == "nft":  # r stays on the host here; nft_loss moves it to the velocities' device
-                loss_sum += nft_backward(bb, g.cond, g.x0[kept.to(g.x0.device)], r_g[kept], args, generator, g.sigmas,
-                                         normaliser)
-            else:
-                group_loss, group_ratios = grpo_backward(bb, g, kept, r_g, args, normaliser)
-                loss_sum += group_loss
-                ratios += group_ratios
+        for g, kept, w_g in zip(groups, keep.split(args.group_size), w.split(args.group_size)):
+            if bool(kept.any()):
+                loss_sum += objective.backward(bb, g.cond, g.sigmas, g.x0, g.extra, kept, w_g, generator, normaliser)
         model_time += time.perf_counter() - t0
         T.all_reduce_grads(params)
         loss = torch.tensor(loss_sum / normaliser)
@@ -587,19 +486,14 @@ def run(args: Args, dataset: torch.utils.data.Dataset,
         if n_keep_global > 0 and guard.ok(loss):
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
-            if args.objective == "nft":  # 6. old policy <- EMA of theta (DiffusionNFT's min(0.001 step, 0.5))
-                nft.update_old_policy(old_params, params, nft.old_policy_decay(step, args.old_decay))
+            objective.after_step(step)  # 6. NFT: old policy <- EMA of theta
         step_time = time.perf_counter() - t_start
 
         # ------------------------------------------------------------------ logging, samples, checkpoints
         done = step + 1
-        stats = reward_stats(groups, keep, r, invalid)
-        if ratios:  # Flow-GRPO: how far the update's likelihood ratios were from 1 (exactly 0 before a step)
-            ratio = torch.cat(ratios)
-            stats.update(ratio_max_deviation=float((ratio - 1).abs().max()),
-                         clipped_fraction=float(((ratio - 1).abs() > args.clip_range).float().mean()))
+        stats = reward_stats(groups, keep, w, invalid)
+        stats.update(objective.stats())
         stats.update(loss=float(loss), grad_norm=float(grad_norm), step=done,
-                     old_deviation=nft.old_policy_deviation(old_params, params) if args.objective == "nft" else 0.0,
                      policy_time_share=model_time / step_time, reward_time_share=reward_time / step_time,
                      other_time_share=1 - (model_time + reward_time) / step_time, step_time=step_time)
         group_rewards = {g.item["name"]: float(g.R[~torch.isnan(g.R)].mean()) for g in groups}  # per LR image
@@ -612,9 +506,9 @@ def run(args: Args, dataset: torch.utils.data.Dataset,
                     if key != "step" and value == value:  # skip NaN (stats holds floats only)
                         writer.add_scalar(f"rl/{key}", value, done)
                 writer.add_scalar("rl/invalid_total", invalid_total, done)
-                finite_r = r[~torch.isnan(r)]
-                if finite_r.numel():
-                    writer.add_histogram("rl/r", finite_r, done)
+                finite_w = w[~torch.isnan(w)]
+                if finite_w.numel():
+                    writer.add_histogram("rl/r", finite_w, done)
                 writer.flush()  # on disk with the step: a kill loses nothing logged
             if args.sample_every and done % args.sample_every == 0:
                 write_group_grid(groups[0].item, groups[0].srs, args.scale, run_dir / "samples" / f"step_{done:06d}.png")
@@ -638,7 +532,7 @@ def is_lora(name: str) -> bool:
     return ".default." in name or ".old." in name
 
 
-def reward_stats(groups: list[Group], keep: torch.Tensor, r: torch.Tensor, invalid: int) -> dict[str, float]:
+def reward_stats(groups: list[Group], keep: torch.Tensor, w: torch.Tensor, invalid: int) -> dict[str, float]:
     """Means over this step's samples (NaN-safe) for logging and the demo report."""
     def nanmean(x: torch.Tensor) -> float:
         x = x.float()
@@ -650,7 +544,7 @@ def reward_stats(groups: list[Group], keep: torch.Tensor, r: torch.Tensor, inval
     return dict(reward_mean=nanmean(R), reward_std=float(R[valid].std()) if valid.sum() > 1 else 0.0,
                 F=nanmean(cat("F")), q_lr=nanmean(cat("q_lr")), q_sr=nanmean(cat("q_sr")),
                 kept_fraction=float(keep.float().mean()), invalid=float(invalid),
-                r_mean=nanmean(r))  # NFT: the optimality r; Flow-GRPO: the advantage
+                r_mean=nanmean(w))  # NFT: the optimality r; Flow-GRPO: the advantage
 
 
 def write_group_grid(item: dict, srs: torch.Tensor, scale: int, path: Path, max_samples: int = 8) -> None:
@@ -664,14 +558,14 @@ def write_group_grid(item: dict, srs: torch.Tensor, scale: int, path: Path, max_
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     if not args.hr_dir:
-        raise SystemExit("--hr-dir is required: the full-reference stage needs HR images (see rl_nr.py for LR only)")
+        raise T.RunError("--hr-dir is required: the full-reference stage needs HR images (see rl_nr.py for LR only)")
     if args.lr_dir:
         dataset = PairedFolderDataset(args.lr_dir, args.hr_dir, crop_size=args.crop_size, scale=args.scale,
                                       flip=True, seed=args.seed)
     else:
         dataset = HRFolderDataset(args.hr_dir, crop_size=args.crop_size, scale=args.scale, seed=args.seed)
     dataset.check()
-    return run(args, dataset, make_fr_reward)
+    return run(args, dataset)
 
 
 if __name__ == "__main__":

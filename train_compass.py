@@ -1,5 +1,5 @@
-"""COMPASS reward model: annotation pipeline (§3.2), SFT of Qwen3-VL (§3.3, §5.1), SRIQA-Bench accuracy
-(§5.1-5.2, Table 1). One file, three subcommands, readable top to bottom.
+"""COMPASS reward model: annotation pipeline (§3.2, Eq.1-3) and SFT of Qwen3-VL (§3.3, §5.1). One file, two
+subcommands, readable top to bottom. Its accuracy on SRIQA-Bench (§5.2, Table 1) is evaluation/sriqa.py.
 
     annotate  folders of LR inputs, SR outputs (one sub-folder per method) and optional GT  ->  a JSONL
               of labels {F, Q_LR, Q_SR} made by the three-stage pipeline of §3.2:
@@ -12,9 +12,6 @@
               F, Q_LR, Q_SR (and a rationale) in the fixed format of reward.py; samples without F use
               the no-F prompt and supervise only the quality numbers. Loss on the answer tokens only.
               One process = plain training; torchrun = the model SHARDED with torch FSDP2.
-    eval      pairwise preference accuracy on the SRIQA-Bench layout (Reg / Gen / All, Table 1) of the
-              COMPASS reward (Eq.4) and of pyiqa baselines (PSNR, SSIM, LPIPS, DISTS); --extra-gammas
-              adds Eq.4 rows at other gammas from the same answers (Table 3).
 
 Commands (tiny preset: a Qwen3-VL of the real classes with random weights, trains on a CPU in seconds):
 
@@ -22,7 +19,7 @@ Commands (tiny preset: a Qwen3-VL of the real classes with random weights, train
         --out data/compass.jsonl --fidelity-metric ssim --anchor piqe          # weights-free demo
     python train_compass.py train --model tiny --data data/compass.jsonl --root data \\
         --out out/compass_tiny --epochs 100 --global-batch 4 --per-device-batch 4 --lr 5e-3 --device cpu
-    python train_compass.py eval --model out/compass_tiny --sriqa-root SRIQA-Bench --out out/sriqa
+    python -m evaluation.sriqa --model out/compass_tiny --sriqa-root SRIQA-Bench --out out/sriqa   # Table 1
 
 Full scale (paper §5.1: Qwen3-VL-8B-Instruct, AdamW lr 1e-5, cosine decay, global batch 64, 8 epochs;
 per-device batch x grad accumulation x GPUs = global batch):
@@ -34,7 +31,7 @@ per-device batch x grad accumulation x GPUs = global batch):
         --data COMPASS/compass.jsonl --root COMPASS --out out/compass --per-device-batch 1 \\
         --gradient-checkpointing
     torchrun --nproc_per_node 8 train_compass.py train ... --resume latest      # after an interruption
-    python train_compass.py eval --model out/compass --sriqa-root SRIQA-Bench --out out/sriqa
+    python -m evaluation.sriqa --model out/compass --sriqa-root SRIQA-Bench --out out/sriqa
     vllm serve out/compass --served-model-name compass --max-logprobs 20 \\
         --limit-mm-per-prompt '{"image": 2}'                                    # the RL reward server
 
@@ -48,10 +45,9 @@ per-device batch x grad accumulation x GPUs = global batch):
 What it writes:
     annotate  OUT.jsonl (one record per (LR, SR) pair, format below) and OUT.qc.md (QC report).
     train     OUT/ = save_pretrained of model + processor (config, safetensors, tokenizer, chat
-              template): loads with from_pretrained, reward.load_compass(OUT), reward.LocalScorer and
+              template): loads with from_pretrained, VL.load_compass(OUT), reward.LocalScorer and
               `vllm serve OUT`.  OUT/checkpoints/step_XXXXXX/ (full training state, for --resume),
               OUT/tb/ (TensorBoard: loss, lr, grad_norm).
-    eval      OUT/sriqa_accuracy.csv and OUT/sriqa_accuracy.md (the Table 1 layout).
 
 Dataset format (JSONL, one record per (LR, SR) pair, paths relative to --root):
 
@@ -68,25 +64,24 @@ Dataset format (JSONL, one record per (LR, SR) pair, paths relative to --root):
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import reward
-from data import jsonl_objects, list_images, load_image, to_pil, to_tensor
-from evaluate import METRIC_SPECS, create_metric, short_reason, snb_quality
-from training import (
+from common import compass_text as CT
+from common import vl_model as VL
+from common.data import jsonl_objects, list_images, load_image, to_pil, to_tensor
+from common.training import (
     NonFiniteGuard,
     add_dataclass_args,
     all_reduce_mean,
@@ -101,12 +96,11 @@ from training import (
     save_training_checkpoint,
     seed_everything,
     setup_distributed,
-    shard_from_rank0,
     summary_writer,
 )
+from evaluation.evaluate import create_metric, snb_quality
 
-F_RANGE = (0.0, 1.0)  # Eq.1: F = 1 - DISTS, 1 = best fidelity
-Q_RANGE = (1.0, 5.0)  # §3.2: Q_LR, Q_SR in [1, 5]
+F_RANGE, Q_RANGE = CT.F_RANGE, CT.Q_RANGE  # Eq.1: F = 1 - DISTS in [0, 1]; §3.2: Q_LR, Q_SR in [1, 5]
 
 
 # ====================================================================================================
@@ -381,9 +375,7 @@ def calibrated_scores(r: np.ndarray, alpha: float, beta: float) -> tuple[np.ndar
 
 def record_score(rec: Record, gamma: float = 7.0) -> float:
     """The reward the labels imply (Eq.4), with F = 1 where there is no GT (then R = Q_SR)."""
-    F = 1.0 if rec.F is None else rec.F
-    return float(reward.compass_reward(torch.tensor([F]), torch.tensor([rec.q_lr]), torch.tensor([rec.q_sr]),
-                                       gamma)[0])
+    return reward.label_reward(rec.F, rec.q_lr, rec.q_sr, gamma)
 
 
 def qc_report(records: Sequence[Record], fraction: float = 0.05, path: str | Path | None = None,
@@ -474,7 +466,7 @@ def annotate(groups: Sequence[Group], root: Path, *,
     falls back to "nr" (counted) where it does not; any other pairwise model plugs into `group_rank`.
     calibration "rank" (paper): Q_SR from stages 2-3; "none": Q_SR = the stage-1 anchor (absolute scores,
     Table 3 case 1). lr_view "native" (paper): `nr_raw` scores the LR file as it is; "sr": the LR resized to
-    its group's SR size first (reward.lr_at_sr_size, what the reward model sees), for NR metrics that mean
+    its group's SR size first (CT.lr_at_sr_size, what the reward model sees), for NR metrics that mean
     little on a 16x16 image.
     """
     if calibration not in ("rank", "none") or lr_view not in ("native", "sr"):
@@ -509,7 +501,7 @@ def annotate(groups: Sequence[Group], root: Path, *,
             if lr_view == "native":
                 return load_image(g.lr)
             sr = to_pil(load_image(next(iter(g.srs.values()))))
-            return to_tensor(reward.lr_at_sr_size(to_pil(load_image(g.lr)), sr))
+            return to_tensor(CT.lr_at_sr_size(to_pil(load_image(g.lr)), sr))
 
         lr_raw = {g.name: float(nr_raw(lr_image(g))) for g in groups}
         sr_raw = {(g.name, m): float(nr_raw(load_image(p))) for g, m, p in pairs}
@@ -566,15 +558,15 @@ IGNORE_INDEX = -100  # label value the loss skips
 
 
 def sft_conversation(rec: Record, lr, sr) -> list[dict]:
-    """Chat messages of one training sample: reward.build_messages (the scorer's own prompt, so training
-    and scoring see the same text and images) + the assistant answer in reward.format_answer's format.
+    """Chat messages of one training sample: CT.build_messages (the scorer's own prompt, so training
+    and scoring see the same text and images) + the assistant answer in CT.format_answer's format.
 
     §3.3: a record with F uses the synthetic prompt and supervises F, Q_LR, Q_SR; a record without F
     (real-world LR, no GT) uses the no-F prompt and supervises only Q_LR, Q_SR.
     """
     synthetic = rec.F is not None
-    messages = reward.build_messages(lr, sr, synthetic=synthetic)
-    answer = reward.format_answer(rec.F if synthetic else None, rec.q_lr, rec.q_sr, rec.rationale)
+    messages = CT.build_messages(lr, sr, synthetic=synthetic)
+    answer = CT.format_answer(rec.F if synthetic else None, rec.q_lr, rec.q_sr, rec.rationale)
     return messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
 
 
@@ -619,7 +611,7 @@ def fidelity_line_weights(labels: torch.Tensor, tokenizer, weight: float) -> tor
     for b in range(labels.shape[0]):
         positions = weights[b].nonzero().flatten().tolist()
         texts = [tokenizer.decode([int(labels[b, t])]) for t in positions]
-        if not "".join(texts).lstrip().startswith(reward.FIELD_LABELS["F"]):
+        if not "".join(texts).lstrip().startswith(CT.FIELD_LABELS["F"]):
             continue
         for t, text in zip(positions, texts):
             weights[b, t] = weight
@@ -697,12 +689,6 @@ def step_indices(n: int, step: int, steps_per_epoch: int, global_batch: int, see
 # The optimizer state is keyed by parameter NAME, flattened as "optim.<name>.<key>". The final export
 # gathers the full weights once to rank 0 (torch.distributed.checkpoint.state_dict, cpu_offload).
 
-
-def shard_model(model, dist_info, bf16: bool) -> None:
-    """FSDP2 for Qwen3-VL: every vision block and every decoder layer, then the root (embeddings, merger,
-    lm_head), the weights broadcast from rank 0; see `training.shard_from_rank0`."""
-    inner = model.model  # Qwen3VLModel: .visual.blocks, .language_model.layers
-    shard_from_rank0(model, [*inner.visual.blocks, *inner.language_model.layers], dist_info, bf16)
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     """LR multiplier at `step`: linear warm-up 0 -> 1 over `warmup` steps, then cosine decay 1 -> 0 at
@@ -812,14 +798,14 @@ def train(args: TrainArgs) -> Path:
     # ---- model: the same loader as the scorer; FSDP2 when launched by torchrun -------------------------
     # FSDP2 keeps ONE full copy per node: rank 0 loads the weights, the others build the model on the meta
     # device and receive their shards from rank 0 (training.shard_from_rank0)
-    model, processor = reward.load_compass(args.model, dtype=torch.float32, device="cpu",
+    model, processor = VL.load_compass(args.model, dtype=torch.float32, device="cpu",
                                            on_meta=sharded and not dist_info.is_main)
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     if sharded:
-        shard_model(model, dist_info, bf16)  # each rank's shards on `device`
+        VL.shard_vl_model(model, dist_info, bf16)  # each rank's shards on `device`
     else:
         model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -896,7 +882,7 @@ def train(args: TrainArgs) -> Path:
         if (step + 1) % save_every == 0 or step + 1 == end:
             save(step + 1)
 
-    # ---- export: a plain Hugging Face folder (from_pretrained, reward.load_compass, vllm serve) --------
+    # ---- export: a plain Hugging Face folder (from_pretrained, VL.load_compass, vllm serve) --------
     if end == args.total_steps:
         model_sd, _ = gather_full_state(model, None)
         if dist_info.is_main:
@@ -917,349 +903,7 @@ def train(args: TrainArgs) -> Path:
 
 
 # ====================================================================================================
-# 4. Evaluation: pairwise preference accuracy on SRIQA-Bench (§5.1, Table 1)
-# ====================================================================================================
-# Layout (A-FINE's SRIQA-Bench):  LRImages/x{i}_Original.png   images/{Method}/x{i}_{Method}x4.png
-#   images/Original/ (the HR)   MOS/x{i}.txt  MOS_Reg/x{i}.txt  MOS_Gen/x{i}.txt,  lines "name.png,score"
-#   (0-100, higher = better). Pairs: all C(n, 2) of a MOS file. All-Acc from MOS/, Reg-Acc from MOS_Reg/
-#   (regression SR methods), Gen-Acc from MOS_Gen/ (generative ones).
-# Protocol. For a pair (a, b) the ground-truth label is 1 if MOS_a > MOS_b, 0 if <, 0.5 if equal; the
-# predicted label is the same function of the two predicted scores. A pair AGREES when the labels are
-# equal; accuracy = agreeing pairs / pairs. Hence:
-#   - a ground-truth tie counts, and is right only if the prediction also ties ("--gt-ties skip" leaves
-#     such pairs out instead);
-#   - a predicted tie on a non-tie pair is wrong (not half right): a constant scorer then scores exactly
-#     the fraction of ground-truth ties instead of ~50%;
-#   - a missing prediction (an answer that did not parse, a metric without HR) is wrong and counted.
-# COMPASS is scored with the SYNTHETIC prompt (it predicts F, Q_LR, Q_SR) and ranked by Eq.4: SRIQA-Bench
-# LR images are downsampled from the HR, i.e. the synthetic case; the model never sees the HR (GT-free).
-# `--real-prompt` uses the no-F prompt instead, where Eq.4 with F = 1 reduces to R = Q_SR. Q_LR is read once
-# per group (reward.py `score_group`), so the order inside a group comes from F and Q_SR only.
-# Baselines: pyiqa FR metrics against the HR of images/Original/ (PSNR/SSIM on Y of YCbCr as in
-# evaluate.py), NR metrics on the SR alone; lower-is-better metrics are negated.
-
-SRIQA_SUBSETS = {"Reg": "MOS_Reg", "Gen": "MOS_Gen", "All": "MOS"}  # column -> MOS folder
-
-
-@dataclass
-class SriqaGroup:
-    """One MOS file: an LR, its HR (if found) and the rated SR outputs."""
-
-    name: str  # "x12"
-    mos_file: Path
-    lr: Path
-    hr: Path | None
-    srs: list[Path]
-    mos: np.ndarray  # (n,) higher = better
-
-
-def _one_match(folder: Path, name: str) -> Path | None:
-    """The file in `folder` whose stem is `name` or starts with `name` + "_" (x1 -> x1_Original.png)."""
-    if not folder.is_dir():
-        return None
-    hits = sorted(p for p in folder.iterdir() if p.is_file() and (p.stem == name or p.stem.startswith(name + "_")))
-    if len(hits) > 1:
-        raise ValueError(f"{folder}: several files match {name!r}: {[h.name for h in hits]}")
-    return hits[0] if hits else None
-
-
-def read_mos(path: Path) -> list[tuple[str, float]]:
-    """Lines "name.png,score" -> [(name, score)]; blank lines skipped; a bad line raises naming FILE:LINE."""
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        name, _, score = line.strip().rpartition(",")
-        try:
-            rows.append((name.strip(), float(score)))
-        except ValueError:
-            raise ValueError(f"{path}:{lineno}: expected 'name.png,score', got {line!r}") from None
-    return rows
-
-
-def load_sriqa(root: str | Path) -> dict[str, list[SriqaGroup]]:
-    """SRIQA-Bench folder -> {"Reg" | "Gen" | "All": groups}; a missing MOS folder gives an empty list.
-
-    SR files named in a MOS file are looked up by file name among images/*/; a name that is missing or
-    present in two method folders raises naming the MOS FILE:LINE.
-    """
-    root = Path(root)
-    if not (root / "images").is_dir():
-        raise FileNotFoundError(f"--sriqa-root {root}: no images/ folder (expected the SRIQA-Bench layout "
-                                "LRImages/, images/{Method}/, MOS/, MOS_Reg/, MOS_Gen/)")
-    where: dict[str, Path] = {}
-    for method in sorted(p for p in (root / "images").iterdir() if p.is_dir()):
-        for p in method.iterdir():
-            if p.is_file():
-                if p.name in where:
-                    raise ValueError(f"{root}: {p.name} is in two method folders: {where[p.name]} and {p}")
-                where[p.name] = p
-    out: dict[str, list[SriqaGroup]] = {}
-    for subset, folder in SRIQA_SUBSETS.items():
-        out[subset] = []
-        mos_dir = root / folder
-        for mos_file in sorted(mos_dir.glob("*.txt")) if mos_dir.is_dir() else []:
-            rows = read_mos(mos_file)
-            missing = [f"{mos_file}:{k + 1}: {name}" for k, (name, _) in enumerate(rows) if name not in where]
-            if missing:
-                raise FileNotFoundError(f"SR image(s) named in MOS files not found under {root / 'images'}: "
-                                        + "; ".join(missing[:5]))
-            name = mos_file.stem
-            lr = _one_match(root / "LRImages", name)
-            if lr is None:
-                raise FileNotFoundError(f"{mos_file}: no LR image {name}_*.png in {root / 'LRImages'}")
-            out[subset].append(SriqaGroup(name, mos_file, lr, _one_match(root / "images" / "Original", name),
-                                          [where[n] for n, _ in rows], np.array([s for _, s in rows])))
-    return out
-
-
-def write_sriqa_layout(records: Sequence[Record], root: Path, dst: Path, generative: Callable[[str], bool],
-                       gamma: float = 7.0) -> Path:
-    """Labelled pairs (e.g. held-out groups of `annotate`) -> the SRIQA-Bench layout, for `eval`.
-
-    MOS = 20 x Eq.4 of the labels (0-100, F = 1 where there is no GT); Gen = the methods `generative`
-    accepts, Reg = the others, All = both. Files are copied under their SRIQA names (x{i}_{Method}x4.png).
-    """
-    groups: dict[str, list[Record]] = {}
-    for r in records:
-        groups.setdefault(r.group, []).append(r)
-    for sub in ("LRImages", "images/Original", "MOS", "MOS_Reg", "MOS_Gen"):
-        (dst / sub).mkdir(parents=True, exist_ok=True)
-    for i, (_, recs) in enumerate(sorted(groups.items())):
-        key = f"x{i}"
-        shutil.copy(root / recs[0].lr, dst / "LRImages" / f"{key}_Original.png")
-        if recs[0].gt:
-            shutil.copy(root / recs[0].gt, dst / "images" / "Original" / f"{key}_Original.png")
-        lines: dict[str, list[str]] = {"MOS": [], "MOS_Reg": [], "MOS_Gen": []}
-        for r in recs:
-            name = f"{key}_{r.method}x4.png"
-            (dst / "images" / r.method).mkdir(parents=True, exist_ok=True)
-            shutil.copy(root / r.sr, dst / "images" / r.method / name)
-            mos = f"{name},{20 * record_score(r, gamma):.4f}"
-            lines["MOS"].append(mos)
-            lines["MOS_Gen" if generative(r.method) else "MOS_Reg"].append(mos)
-        for sub, rows in lines.items():
-            (dst / sub / f"{key}.txt").write_text("\n".join(rows) + "\n")
-    return dst
-
-
-def pair_labels(values: np.ndarray, tol: float = 0.0) -> np.ndarray:
-    """(n,) scores -> (n(n-1)/2,) labels of the pairs i < j: 1 if v_i > v_j, 0 if v_i < v_j, 0.5 if
-    |v_i - v_j| <= tol; NaN if either score is NaN."""
-    v = np.asarray(values, dtype=np.float64)
-    i, j = np.triu_indices(len(v), k=1)
-    d = v[i] - v[j]
-    lab = np.where(d > tol, 1.0, np.where(d < -tol, 0.0, 0.5))
-    return np.where(np.isnan(d), np.nan, lab)
-
-
-def pairwise_accuracy(gt: np.ndarray, pred: np.ndarray, gt_ties: str = "count") -> dict[str, int]:
-    """Counts of one group: {"agree", "pairs", "gt_ties", "pred_ties", "missing"} (rules above).
-
-    gt, pred: (n,) scores, higher = better; NaN in pred = missing prediction (counted as wrong).
-    gt_ties: "count" (a tie is a class; right only if the prediction ties too) or "skip".
-    """
-    g, p = pair_labels(gt), pair_labels(pred)
-    keep = np.ones_like(g, dtype=bool) if gt_ties == "count" else g != 0.5
-    if gt_ties not in ("count", "skip"):
-        raise ValueError(f"gt_ties={gt_ties!r}: use 'count' or 'skip'")
-    agree = (g == p) & keep  # NaN == x is False: a missing prediction never agrees
-    return {"agree": int(agree.sum()), "pairs": int(keep.sum()), "gt_ties": int((g == 0.5).sum()),
-            "pred_ties": int(((p == 0.5) & keep).sum()), "missing": int((np.isnan(p) & keep).sum())}
-
-
-# A scoring function: (lr, hr or None, [sr files]) -> (n,) scores, higher = better, NaN = no score.
-ScoreFn = Callable[[Path, "Path | None", list[Path]], np.ndarray]
-
-
-def evaluate_sriqa(groups: dict[str, list[SriqaGroup]], score_fn: ScoreFn, gt_ties: str = "count"
-                   ) -> dict[str, dict[str, float]]:
-    """Accuracy (%) of one scoring function per subset: {subset: {"acc", "agree", "pairs", ...}}.
-
-    Each (LR, SR) is scored once and reused across MOS/, MOS_Reg/, MOS_Gen/ (their images overlap).
-    """
-    cache: dict[tuple[Path, Path], float] = {}
-    result = {}
-    for subset, gs in groups.items():
-        total = {"agree": 0, "pairs": 0, "gt_ties": 0, "pred_ties": 0, "missing": 0}
-        for g in gs:
-            todo = [s for s in g.srs if (g.lr, s) not in cache]
-            if todo:
-                for s, v in zip(todo, np.asarray(score_fn(g.lr, g.hr, todo), dtype=np.float64)):
-                    cache[(g.lr, s)] = float(v)
-            counts = pairwise_accuracy(g.mos, np.array([cache[(g.lr, s)] for s in g.srs]), gt_ties)
-            total = {k: total[k] + counts[k] for k in total}
-        total["acc"] = 100.0 * total["agree"] / total["pairs"] if total["pairs"] else math.nan
-        result[subset] = total
-    return result
-
-
-def compass_score_fn(scorer, synthetic: bool = True, gamma: float = 7.0, answers: dict | None = None) -> ScoreFn:
-    """COMPASS reward (Eq.4) of each SR given its LR, from a reward.LocalScorer / RemoteScorer. Functions
-    that share an `answers` dict ask the model once per group (e.g. one per gamma)."""
-    def score(lr: Path, hr: Path | None, srs: list[Path]) -> np.ndarray:
-        key = (str(lr), tuple(map(str, srs)))
-        s = answers.get(key) if answers is not None else None
-        if s is None:
-            # score_group: Q_LR is read once per LR (mean of the per-pair readings), as in RL (reward.py)
-            s = scorer.score_group(to_pil(load_image(lr)), [to_pil(load_image(p)) for p in srs])
-            if answers is not None:
-                answers[key] = s
-        F = s.F if synthetic else torch.ones_like(s.q_sr)  # no-F prompt: F = 1, so R = Q_SR
-        R = reward.compass_reward(F.float(), s.q_lr.float(), s.q_sr.float(), gamma)  # Eq.4
-        return np.where(s.valid.cpu().numpy(), R.cpu().numpy(), np.nan)
-    return score
-
-
-def _gamma_value(text: str) -> float:
-    """'5' -> 5.0, 'inf' -> inf (the fixed combination R = F Q_LR + dQ); anything else names the flag."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise SystemExit(f"--extra-gammas {text!r}: give numbers > 0 or 'inf'") from None
-    if not value > 0:
-        raise SystemExit(f"--extra-gammas {text!r}: gamma must be > 0")
-    return value
-
-
-def pyiqa_score_fn(metric) -> ScoreFn:
-    """A pyiqa metric as a scoring function: FR metrics against the HR (NaN when there is none), NR
-    metrics on the SR alone; the sign is flipped for lower-is-better metrics (LPIPS, DISTS, PIQE)."""
-    sign = -1.0 if metric.lower_better else 1.0
-    def score(lr: Path, hr: Path | None, srs: list[Path]) -> np.ndarray:
-        if metric.metric_mode == "FR" and hr is None:
-            return np.full(len(srs), np.nan)
-        ref = load_image(hr)[None] if hr is not None else None
-        vals = []
-        with torch.no_grad():
-            for p in srs:
-                x = load_image(p)[None]
-                v = metric(x, ref) if metric.metric_mode == "FR" else metric(x)
-                vals.append(sign * float(torch.as_tensor(v).flatten()[0]))
-        return np.array(vals)
-    return score
-
-
-def accuracy_table(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write the Table 1 layout as CSV and markdown. rows: {"type", "method", "Reg", "Gen", "All",
-    "pairs", "note"} with accuracies in % (NaN = unavailable)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cols = ["type", "method", "Reg-Acc", "Gen-Acc", "All-Acc", "pairs_all", "note"]
-    fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
-    csv_path, md_path = out_dir / "sriqa_accuracy.csv", out_dir / "sriqa_accuracy.md"
-    with open(csv_path.with_suffix(".csv.tmp"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for r in rows:
-            w.writerow([r["type"], r["method"], fmt(r.get("Reg")), fmt(r.get("Gen")), fmt(r.get("All")),
-                        r.get("pairs", 0), r.get("note", "")])
-    os.replace(csv_path.with_suffix(".csv.tmp"), csv_path)
-    lines = ["| Type | Method | Reg-Acc | Gen-Acc | All-Acc | pairs (All) | note |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['type']} | {r['method']} | {fmt(r.get('Reg'))} | {fmt(r.get('Gen'))} | {fmt(r.get('All'))} "
-              f"| {r.get('pairs', 0)} | {r.get('note', '')} |" for r in rows]
-    atomic_write_text("\n".join(lines) + "\n", md_path)
-    return csv_path, md_path
-
-
-@dataclass
-class EvalArgs:
-    """Arguments of `eval`."""
-
-    sriqa_root: str = ""
-    """SRIQA-Bench folder (LRImages/, images/, MOS*/)"""
-    out: str = "out/sriqa"
-    """folder for sriqa_accuracy.csv / .md"""
-    model: str = ""
-    """COMPASS folder / hub name / 'tiny' / 'mini' (in-process)"""
-    server: str = ""
-    """OpenAI-compatible URL of a served COMPASS (instead of --model), e.g. http://127.0.0.1:8000 (vllm serve OUT)"""
-    server_model: str = "compass"
-    """model name on --server"""
-    views: int = 1
-    """average COMPASS's readings over this many flips/rotations of each pair (reward.LocalScorer /
-    RemoteScorer views: 1 = the paper's single reading, 8 = all; --model or --server)"""
-    real_prompt: bool = False
-    """score with the no-F prompt (R = Q_SR)"""
-    gamma: float = 7.0
-    """gamma of Eq.4 (§3.3: 7)"""
-    extra_gammas: list[str] = field(default_factory=list)
-    """also rank by Eq.4 at these gammas ('inf' = the fixed combination; Table 3), one row each: the model
-    answers once, only the combination changes"""
-    refreward: str = ""
-    """also rank with a RefReward-SR model ('tiny', 'mini', folder): each SR scored by its win rate over the
-    group's other SRs (refreward.py; every pair asked in both orders)"""
-    baselines: list[str] = field(default_factory=lambda: ["PSNR", "SSIM", "LPIPS", "DISTS"])
-    """pyiqa metrics (Table 1's GT-Ref rows; NR names such as piqe or musiq give GT-Free rows)"""
-    gt_ties: str = "count"
-    """ground-truth ties: count | skip"""
-    device: str = "auto"
-    """cuda | cpu | auto"""
-
-
-def run_eval(args: EvalArgs, extra: dict[str, tuple[str, ScoreFn]] | None = None) -> list[dict]:
-    """Score COMPASS and the baselines on SRIQA-Bench and write the table. `extra` adds scoring
-    functions {name: (type, fn)} (tests use an oracle). Returns the table rows."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    groups = load_sriqa(args.sriqa_root)
-    n_pairs = sum(len(g.srs) * (len(g.srs) - 1) // 2 for g in groups["All"])
-    print(f"[eval] {args.sriqa_root}: " + ", ".join(f"{k} {len(v)} groups" for k, v in groups.items())
-          + f", {n_pairs} pairs in All")
-    scorers: list[tuple[str, str, ScoreFn | None, str]] = []  # (type, name, fn, note)
-    extra_gammas = {text: _gamma_value(text) for text in args.extra_gammas}  # checked before loading the model
-    if args.model or args.server:
-        scorer = reward.make_scorer(args.model, args.server or None, args.server_model, not args.real_prompt,
-                                    device=device, views=args.views)
-        answers: dict = {}  # every gamma's row reads the same answers
-        note = "Eq.4, " + ("no-F prompt" if args.real_prompt else "synthetic prompt")
-        scorers.append(("GT-Free", "COMPASS", compass_score_fn(scorer, not args.real_prompt, args.gamma, answers),
-                        note))
-        for text, gamma in extra_gammas.items():
-            scorers.append(("GT-Free", f"COMPASS gamma {text}", compass_score_fn(
-                scorer, not args.real_prompt, gamma, answers), note))
-    if args.refreward:
-        import refreward
-
-        judge = refreward.RefRewardScorer(*refreward.load_refreward(args.refreward, device))
-        scorers.append(("GT-Free", "RefReward-SR", lambda lr, hr, srs: judge.group_rewards(
-            to_pil(load_image(lr)), [to_pil(load_image(p)) for p in srs]).numpy(), "pairwise win rate, both orders"))
-    for name in args.baselines:
-        try:
-            metric = create_metric(name, device)
-            kind = "GT-Ref" if metric.metric_mode == "FR" else "GT-Free"
-            scorers.append((kind, name, pyiqa_score_fn(metric), ""))
-        except Exception as err:  # noqa: BLE001 - reported in the table, the evaluation goes on
-            kind = ("GT-Ref" if METRIC_SPECS[name][2] else "GT-Free") if name in METRIC_SPECS else "-"
-            scorers.append((kind, name, None, "unavailable: " + short_reason(err)))
-    for name, (kind, fn) in (extra or {}).items():
-        scorers.append((kind, name, fn, ""))
-
-    rows = []
-    for kind, name, fn, note in scorers:
-        row = {"type": kind, "method": name, "note": note}
-        try:
-            res = evaluate_sriqa(groups, fn, args.gt_ties) if fn is not None else None
-        except Exception as err:
-            if name == "COMPASS":
-                raise
-            res, note = None, "failed: " + short_reason(err)
-            row["note"] = note
-        if res is not None:
-            row.update({s: res[s]["acc"] for s in res}, pairs=res["All"]["pairs"])
-            missing = res["All"]["missing"]
-            row["note"] = "; ".join(x for x in (note, f"{missing} pairs without a score" if missing else "",
-                                                f"{res['All']['pred_ties']} predicted ties"
-                                                if res["All"]["pred_ties"] else "") if x)
-        rows.append(row)
-        print(f"[eval] {name}: " + ", ".join(f"{s} {row.get(s, math.nan):.1f}" for s in SRIQA_SUBSETS)
-              + (f"  ({row['note']})" if row["note"] else ""))
-    csv_path, md_path = accuracy_table(rows, args.out)
-    print(f"[eval] wrote {csv_path} and {md_path}")
-    return rows
-
-
-# ====================================================================================================
-# 5. Command line
+# 4. Command line
 # ====================================================================================================
 
 
@@ -1353,21 +997,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, cls in (("annotate", AnnotateArgs), ("train", TrainArgs), ("eval", EvalArgs)):
-        add_dataclass_args(sub.add_parser(name, help=cls.__doc__.split("\n")[0]), cls)
+    for name, cls in (("annotate", AnnotateArgs), ("train", TrainArgs)):
+        add_dataclass_args(sub.add_parser(name, help=cls.__doc__.split("\n")[0],
+                                          formatter_class=argparse.ArgumentDefaultsHelpFormatter), cls)
     ns = vars(parser.parse_args(argv))
     command = ns.pop("command")
     t0 = time.time()
     if command == "annotate":
         run_annotate(AnnotateArgs(**ns))
-    elif command == "train":
+    else:
         if not ns["data"]:
             parser.error("train: --data JSONL is required")
         train(TrainArgs(**ns))
-    else:
-        if not ns["sriqa_root"]:
-            parser.error("eval: --sriqa-root is required")
-        run_eval(EvalArgs(**ns))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[{command}] done in {time.time() - t0:.1f} s")
     return 0

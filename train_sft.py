@@ -35,9 +35,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import backbone as B
-import training as T
-from data import HRFolderDataset, PairedFolderDataset, collate, save_image
+from common import backbone as B
+from common import training as T
+from common.data import HRFolderDataset, PairedFolderDataset, collate, save_image
 
 
 @dataclass

@@ -15,11 +15,12 @@ top of it:
     FakeProcessGroup: collectives return at once), registered for ONE device type, as NCCL's is for
     "cuda": a collective on a CPU tensor then fails with NCCL's own error.
 
-Two limits, both of the fake machinery rather than of the code under test: a backward pass on fake
-**cuda** tensors needs a real CUDA device (the autograd engine asks the driver for the device's
-context), so device checks go through the forward pass and the loss, and memory is measured on fake
-**cpu** tensors (bytes do not depend on the device type); and data-dependent Python branches
-(`if tensor.any():`) cannot be evaluated, so code under test must branch on host values.
+Host work stays real: an op that reads only real CPU tensors (group statistics of the rewards, the sigma
+grid) runs for real, as it does next to a GPU, so Python branches on host values work. Two limits, both of
+the fake machinery rather than of the code under test: a backward pass on fake **cuda** tensors needs a real
+CUDA device (the autograd engine asks the driver for the device's context), so device checks go through
+the forward pass and the loss, and memory is measured on fake **cpu** tensors (bytes do not depend on the
+device type); and a branch on a value computed on the GPU (`if loss.isnan():`) cannot be evaluated.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import weakref
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -80,11 +81,24 @@ class MeasuredFakeMode(FakeTensorMode):
         self.live -= size[0]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if host_only(args, kwargs):  # host work on real host tensors (rewards, sigmas) runs for real, as on a GPU box
+            with unset_fake_temporarily():
+                return func(*args, **(kwargs or {}))
         out = super().__torch_dispatch__(func, types, args, kwargs)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and not hasattr(t, "to_local"):  # DTensors wrap a counted local tensor
                 self.track(t)
         return out
+
+
+def host_only(args, kwargs) -> bool:
+    """True when an op reads only real CPU tensors and makes none elsewhere: the host side of a GPU program (group
+    statistics of the rewards, the sigma grid), which must run for real (its values decide Python branches)."""
+    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if not tensors or any(isinstance(t, FakeTensor) or t.device.type != "cpu" for t in tensors):
+        return False
+    device = (kwargs or {}).get("device")
+    return device is None or torch.device(device).type == "cpu"
 
 
 @contextlib.contextmanager
@@ -126,12 +140,36 @@ def cuda_autocast():
         amp_common.amp_definitely_not_available, torch.cuda.is_bf16_supported = saved
 
 
+@contextlib.contextmanager
+def module_moves():
+    """Let `module.to(...)` move fake parameters (peft moves each new adapter to its layer's device and dtype).
+
+    nn.Module.to swaps parameter objects with `torch.utils.swap_tensors`, which refuses fake Parameters
+    (they carry weak references); there, the new value is set through `.data` instead."""
+    saved = torch.utils.swap_tensors
+
+    def swap_or_set(t1: torch.Tensor, t2: torch.Tensor) -> None:
+        try:
+            saved(t1, t2)
+        except RuntimeError:
+            with torch.no_grad():
+                t1.data = t2.data
+            if hasattr(t2, "fake_device"):
+                t1.fake_device = t2.fake_device  # .data= leaves a FakeTensor's device attribute behind
+
+    torch.utils.swap_tensors = swap_or_set
+    try:
+        yield
+    finally:
+        torch.utils.swap_tensors = saved
+
+
 def fake_copy(module: torch.nn.Module, mode: FakeTensorMode, device: str | torch.device = "cuda",
               dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Replace `module`'s parameters and buffers, in place, by fake tensors on `device` (and `dtype` for the
     floating ones) with the same shapes and requires_grad. Returns `module`."""
     device = torch.device(device)
-    with torch.no_grad():
+    with torch.no_grad(), mode:
         for sub in module.modules():
             for name, p in list(sub._parameters.items()):
                 if p is not None:

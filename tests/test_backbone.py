@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as stock
 
-import backbone as B
-import training as T
+from common import backbone as B
+from common import training as T
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_missing_model_folder_error(tmp_path):
     with pytest.raises(T.RunError, match="model_index.json"):
         B.load_backbone(str(tmp_path / "empty"))
     # a checkpoint that is neither on disk nor downloadable (offline): one line naming the flag and the way out
-    with pytest.raises(T.RunError, match=r"--model Qwen/No-Such-Model: not in the local Hugging Face cache .*--model mini"):
+    with pytest.raises(T.RunError, match=r"--model Qwen/No-Such-Model: no such folder, and not in the local.*--model mini"):
         B.load_backbone("Qwen/No-Such-Model")
     with pytest.raises(T.RunError, match=r"--model \./nowhere: no such folder"):
         B.load_backbone("./nowhere")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from common import data
 
 # ------------------------------------------------------------------------------------
 # helpers

@@ -24,11 +24,11 @@ def _run_script(*args: str) -> str:
 @pytest.mark.slow
 def test_demo_quick_writes_a_complete_report(tmp_path):
     out = tmp_path / "demo"
-    stdout = _run_script("demo.py", "--quick", "--out", str(out), "--reward-views", "2", "--eval-views", "3")
+    stdout = _run_script("-m", "mini.demo", "--quick", "--out", str(out), "--reward-views", "2", "--eval-views", "3")
     report = (out / "report.md").read_text()
     # the RL stages (FR in-process, NR served) read 2 views, the evaluations 3
     assert "2 in the RL stages (--reward-views), 3 in the evaluations" in report
-    assert re.search(r"train_compass\.py eval .*--views 3", stdout)
+    assert re.search(r"evaluation\.sriqa .*--views 3", stdout)
     for stage in ("fr", "nr"):
         assert json.loads((out / stage / "args.json").read_text())["reward_views"] == 2, stage
     for section in ("## 1. Cold start", "## 2. COMPASS reward model", "## 3-4. Online RL",
@@ -40,8 +40,9 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
     # is tested over 40 steps in test_train_sft.py; 6 quick steps at random t are too few to compare)
     losses = json.loads((out / "sft" / "train_log.json").read_text())["losses"]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
-    import backbone as B
     from safetensors.torch import load_file
+
+    from common import backbone as B
 
     base = B.load_backbone("mini").transformer.state_dict()
     tuned = load_file(str(out / "sft" / "transformer.safetensors"))
@@ -64,7 +65,7 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
 @pytest.mark.slow
 def test_miniature_quick_runs_every_table(tmp_path):
     out = tmp_path / "mini"
-    _run_script("miniature.py", "--quick", "--out", str(out))
+    _run_script("-m", "mini.miniature", "--quick", "--out", str(out))
     report = (out / "report.md").read_text()
     for title in ("Table 5", "Table 8", "Table 7", "Does the paper's sign reproduce?"):
         assert title in report, title
@@ -78,7 +79,7 @@ def test_miniature_quick_runs_every_table(tmp_path):
 
 
 def test_miniature_reuses_runs_only_when_settings_and_weights_match(tmp_path):
-    import miniature
+    from mini import miniature
 
     runs = tmp_path / "runs"
     miniature.claim_runs_dir(runs, miniature.Settings())  # a new folder: stamped
@@ -94,7 +95,7 @@ def test_miniature_reuses_runs_only_when_settings_and_weights_match(tmp_path):
 
 @pytest.mark.slow
 def test_bench_quick_prints_every_ratio(tmp_path):
-    stdout = _run_script("bench.py", "--quick", "--json", str(tmp_path / "bench.json"))
+    stdout = _run_script("-m", "scale.bench", "--quick", "--json", str(tmp_path / "bench.json"))
     for line in ("1. infer / stock pipeline time ratio", "2. batched vs one-by-one rollouts",
                  "3. RL step / SFT step peak RSS", "4. RL step share outside model compute",
                  "5. remote scoring", "6. Flow-GRPO / NFT", "7. FSDP2 loading"):
@@ -113,7 +114,7 @@ def test_bench_quick_prints_every_ratio(tmp_path):
 def test_bench_fsdp_item_names_a_failed_worker_by_the_ranks_own_message(tmp_path, monkeypatch):
     """Item 7: the ratio is rank 1's meta / full RSS; a failed torchrun raises with the ranks' own message
     (the head of stderr), not only torchrun's summary (its tail)."""
-    import bench
+    from scale import bench
 
     calls = []
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-import estimate_scale as E
+from scale import estimate as E
 
 
 @pytest.fixture(scope="module")

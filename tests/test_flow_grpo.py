@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-import flow_grpo as G
 import rl_fr
-import serving
-import training as T
+from baselines import flow_grpo as G
+from common import training as T
+from mini import serving
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,8 +112,8 @@ def test_train_steps_drop_the_last_one():
 # in the RL loop
 # ---------------------------------------------------------------------------------------------------
 
-FAST = ["--model", "tiny", "--reward-model", "tiny", "--crop-size", "64", "--group-size", "4", "--rollout-batch", "4", "--rollout-steps", "3",
-        "--sample-every", "0", "--lr", "1e-2", "--fidelity", "ssim", "--objective", "flow_grpo"]
+FAST = ["--model", "tiny", "--reward-model", "tiny", "--crop-size", "64", "--group-size", "4", "--rollout-batch", "4",
+        "--rollout-steps", "3", "--sample-every", "0", "--lr", "1e-2", "--fidelity", "ssim", "--objective", "flow_grpo"]
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +146,9 @@ def test_objective_options_are_checked():
     with pytest.raises(SystemExit):
         rl_fr.parse_args(["--clip-range", "0.2"])  # a Flow-GRPO option with the default objective (nft)
     nft_args, grpo_args = rl_fr.parse_args([]), rl_fr.parse_args(["--objective", "flow_grpo"])
-    assert (nft_args.lam, nft_args.std_mode, nft_args.noise_level) == (1.0, "group", None)
-    assert (grpo_args.noise_level, grpo_args.clip_range, grpo_args.std_mode, grpo_args.lam) == (0.7, 1e-4, "global", None)
+    assert (nft_args.lam, nft_args.std_mode, nft_args.flow_grpo.noise_level) == (1.0, "group", None)
+    assert (grpo_args.flow_grpo.noise_level, grpo_args.flow_grpo.clip_range, grpo_args.std_mode, grpo_args.lam) == \
+        (0.7, 1e-4, "global", None)
 
 
 def test_objective_errors_name_the_option(hr_dir, capsys):

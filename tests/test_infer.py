@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-import backbone as B
 import infer
-from data import load_image
+from common import backbone as B
+from common.data import load_image
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def test_hr_folder_is_evaluated_with_the_chosen_metrics(tmp_path):
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].split(",") == ["name", "PSNR", "piqe"] and [r.split(",")[0] for r in rows[1:]] == ["a", "b", "MEAN"]
     sr, hr = load_image(out / "a.png"), load_image(hr_dir / "a.png")
-    import evaluate
+    from evaluation import evaluate
 
     psnr = float(evaluate.create_metric("PSNR")(sr[None], hr[None]))
     assert float(rows[1].split(",")[1]) == pytest.approx(psnr, abs=1e-3)  # the PSNR of THIS pair

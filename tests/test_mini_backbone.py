@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import backbone as B
-import build_mini_backbone as build
-import photos
-import presets
-from byte_tokenizer import build_byte_tokenizer, word_merges
+from common import backbone as B
+from common import presets
+from common.byte_tokenizer import build_byte_tokenizer, word_merges
+from mini import build_backbone as build
+from mini import photos
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_held_out_photos_are_never_training_photos():
 
 
 def test_sharpness_hand_worked():
-    import evaluate
+    from evaluation import evaluate
 
     flat = torch.full((1, 3, 8, 8), 0.5)
     step = torch.zeros(1, 3, 8, 8)
@@ -214,7 +214,7 @@ def test_shipped_mini_sft_beats_bicubic_in_ssim():
 @pytest.mark.slow
 def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.run([sys.executable, "build_mini_backbone.py", "--quick", "--out", str(out), "--work", str(work),
+    proc = subprocess.run([sys.executable, "-m", "mini.build_backbone", "--quick", "--out", str(out), "--work", str(work),
                            "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     bb = B.load_backbone(str(out / "backbone"))
@@ -225,6 +225,6 @@ def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
     table = json.loads((out / "backbone_eval.json").read_text())["table"]
     assert set(table) == {"realesrgan", "plain"} and set(table["plain"]) == {"bicubic", "base", "SFT", "VAE", "HR"}
     # a second run resumes: nothing is trained again, the VAE is reused
-    again = subprocess.run([sys.executable, "build_mini_backbone.py", "--quick", "--out", str(out), "--work", str(work),
+    again = subprocess.run([sys.executable, "-m", "mini.build_backbone", "--quick", "--out", str(out), "--work", str(work),
                             "--threads", "1", "--stage", "vae"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and json.loads((work / "times.json").read_text())["vae"] < times["vae"] + 5

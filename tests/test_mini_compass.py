@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import build_mini_compass as build
-import photos
-import presets
 import reward
+from common import compass_text as CT
+from common import presets
+from common import vl_model as VL
+from mini import build_compass as build
+from mini import photos
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +35,7 @@ def test_numpy_arrays_work_in_every_reward_form():
 def test_foreign_detail_keeps_the_coarse_image_and_adds_only_the_other_crops_detail():
     """A flat `other` has no detail: the candidate is the blurred HR (8-bit). A textured `other` moves the
     candidate away from that blur by its detail (zero mean: the coarse colours stay) and lowers SSIM."""
-    import evaluate
+    from evaluation import evaluate
 
     hr = photos.random_crops(photos.TRAIN, 2, 64, torch.Generator().manual_seed(3))
     flat = torch.full_like(hr[:1], 0.5)
@@ -49,14 +51,14 @@ def test_foreign_detail_keeps_the_coarse_image_and_adds_only_the_other_crops_det
 
 
 def test_mini_architecture_sees_64_vision_tokens_per_64px_image():
-    model, processor = reward.build_compass(0, words_from=build.TEXTS, **build.MINI_COMPASS)
+    model, processor = VL.build_compass(0, words_from=build.TEXTS, **build.MINI_COMPASS)
     from PIL import Image
 
     from train_compass import images_in
 
     out = processor.image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
     assert out["image_grid_thw"].tolist() == [[1, 16, 16]]  # 16x16 patches of 4 px, merged 2x2 -> 64 tokens
-    messages = reward.build_messages(Image.new("RGB", (16, 16)), Image.new("RGB", (64, 64)), True)
+    messages = CT.build_messages(Image.new("RGB", (16, 16)), Image.new("RGB", (64, 64)), True)
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     ids = processor(text=[text], images=images_in(messages), return_tensors="pt")["input_ids"][0].tolist()
     image_tokens = ids.count(model.config.image_token_id)
@@ -81,9 +83,9 @@ def test_shipped_rope_gives_the_small_head_the_8b_highest_frequencies():
 
 
 def test_shipped_mini_compass_loads_and_scores_deterministically():
-    from data import to_pil
+    from common.data import to_pil
 
-    model, processor = reward.load_compass("mini")
+    model, processor = VL.load_compass("mini")
     lr = photos.random_crops(photos.HELDOUT, 1, 16, torch.Generator().manual_seed(1))[0]
     sr = photos.random_crops(photos.HELDOUT, 2, 64, torch.Generator().manual_seed(2))
     scorer = reward.make_scorer("mini")
@@ -101,8 +103,8 @@ def test_shipped_mini_refreward_answers_in_format_and_its_table_is_recorded():
     """The shipped mini RefReward-SR loads, answers every prompt in the verdict format (greedy, both
     orders), and its recorded evaluation accounts for every held-out pair (scored, or counted as
     position-inconsistent / invalid: never a silent tie)."""
-    import refreward as RR
-    from data import to_pil
+    from common.data import to_pil
+    from refreward_sr import refreward as RR
 
     scorer = RR.RefRewardScorer(*RR.load_refreward("mini"))
     lr = to_pil(photos.random_crops(photos.HELDOUT, 1, 16, torch.Generator().manual_seed(1))[0])
@@ -148,7 +150,7 @@ def test_build_starts_from_the_given_pretrained_model_and_names_a_broken_one(tmp
     with pytest.raises(SystemExit):
         build.main(["--stage", "pretrain", "--pretrained", "mini", "--work", str(work), "--out", str(out)])
     assert "--stage pretrain with --pretrained" in capsys.readouterr().err
-    model, _ = reward.load_compass(str(presets.mini_compass_base()))  # the shipped base: the build's architecture
+    model, _ = VL.load_compass(str(presets.mini_compass_base()))  # the shipped base: the build's architecture
     assert model.config.text_config.num_hidden_layers == build.MINI_COMPASS["text"]["num_hidden_layers"]
 
 
@@ -158,7 +160,7 @@ def test_missing_mini_compass_file_is_named_with_the_rebuild_command(tmp_path, m
     (copy / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")  # damaged
     monkeypatch.setattr(presets, "MINI_COMPASS", copy)
     with pytest.raises(ValueError, match=r"compass/model\.safetensors is damaged.*python build_mini_compass\.py"):
-        reward.load_compass("mini")
+        VL.load_compass("mini")
 
 
 def _shipped_eval() -> dict:
@@ -206,17 +208,17 @@ def test_shipped_mini_compass_reproduces_its_held_out_agreement(tmp_path):
 @pytest.mark.slow
 def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.run([sys.executable, "build_mini_compass.py", "--quick", "--out", str(out), "--work", str(work),
+    proc = subprocess.run([sys.executable, "-m", "mini.build_compass", "--quick", "--out", str(out), "--work", str(work),
                            "--threads", "1", "--pretrain-foreign", "1", "--text-layers", "2", "--views", "2"], cwd=ROOT,
                           capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     first = sorted(p.name for p in (work / "pretrain" / "sr").iterdir() if (p / "p00000.png").exists())
     assert "foreign_0" in first and len(first) == 8, first  # hr, bicubic, 5 operators, 1 foreign detail
-    model, _ = reward.load_compass(str(out / "compass"))
+    model, _ = VL.load_compass(str(out / "compass"))
     assert model.config.vision_config.patch_size == 4  # the shipped architecture (MINI_COMPASS)
     assert model.config.text_config.num_hidden_layers == 2  # --text-layers reaches the model
-    base, _ = reward.load_compass(str(out / "compass_base"))  # the pretrain stage's model is published too
+    base, _ = VL.load_compass(str(out / "compass_base"))  # the pretrain stage's model is published too
     assert base.config.text_config.num_hidden_layers == 2
     result = json.loads((out / "compass_eval.json").read_text())
     assert {"main", "gamma_5", "gamma_9", "gamma_inf", "calibrated_noF", "absolute_noF"} <= set(result["tables"])

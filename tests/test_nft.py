@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from nft import (
-    group_masks,
     implicit_policies,
     keep_groups,
     kl_to_reference,
@@ -101,18 +100,17 @@ def test_optimality_rejects_bad_arguments():
         optimality(torch.ones(3), [0, 0])
 
 
-def test_group_masks_in_first_seen_order():
-    masks = group_masks(torch.zeros(5), ["b", "a", "b", "c", "a"], "test")
-    assert [m.tolist() for m in masks] == [[True, False, True, False, False], [False, True, False, False, True],
-                                           [False, False, False, True, False]]
-    assert [m.tolist() for m in group_masks(torch.zeros(3), torch.tensor([7, 7, 7]), "test")] == [[True] * 3]
-    with pytest.raises(ValueError, match="test: 2 group_ids for 3 rewards"):
-        group_masks(torch.zeros(3), [0, 1], "test")
-    # the callers' shape errors name them
-    with pytest.raises(ValueError, match=r"keep_groups: rewards must have shape \(N,\), got \(2, 2\)"):
-        keep_groups(torch.ones(2, 2), [0, 1])
-    with pytest.raises(ValueError, match=r"optimality: 2 group_ids for 3 rewards"):
-        optimality(torch.ones(3), [0, 0])
+def test_groups_by_key_in_first_seen_order_and_shape_errors():
+    r = torch.tensor([1.0, 5.0, 3.0, 7.0, 9.0])
+    # keys "b", "a", "b", "c", "a": group b = {1, 3}, a = {5, 9}, c = {7} (alone: r = 0.5, dropped by the filter)
+    assert optimality(r, ["b", "a", "b", "c", "a"]).tolist() == [0.0, 0.0, 1.0, 0.5, 1.0]
+    assert keep_groups(r, ["b", "a", "b", "c", "a"], mean_threshold=99).tolist() == [True, True, True, False, True]
+    assert optimality(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([7, 7, 7])).tolist() == [0.0, 0.5, 1.0]
+    for fn in (optimality, keep_groups):
+        with pytest.raises(ValueError, match=f"{fn.__name__}: 2 group_ids for 3 rewards"):
+            fn(torch.zeros(3), [0, 1])
+        with pytest.raises(ValueError, match=f"{fn.__name__}: rewards must have shape"):
+            fn(torch.zeros(3, 1), [0, 1, 2])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,9 +236,12 @@ def test_nft_loss_x0_adaptive_by_hand():
         nft_loss(v_theta, r=torch.tensor([1.0]), normalize="x0_adaptive", **kwargs)
 
 
-def test_nft_loss_refuses_nan_r():
-    with pytest.raises(ValueError, match="NaN"):
-        nft_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0.5, float("nan")]))
+def test_nft_loss_nan_r_marks_only_its_sample():
+    """No host sync in the loss: a NaN r (a sample without a reward) makes exactly that sample's loss NaN (the RL
+    loop drops such samples with keep_groups and checks r on the host before the update)."""
+    v = torch.ones(2, 3)
+    loss = nft_loss(v, torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0.5, float("nan")]))
+    assert loss[0] == 1.0 and math.isnan(loss[1])  # r = 0.5: 0.5 * 1 + 0.5 * 1 with v+ = v, v- = -v
 
 
 def test_kl_to_reference_by_hand():
@@ -381,3 +382,19 @@ def test_toy_nft_raises_reward(normalize):
     right_start = (euler_sample(old_start, eval_eps)[:, 0] > 0).float().mean()
     right_end = (euler_sample(model, eval_eps)[:, 0] > 0).float().mean()
     assert 0.35 < right_start < 0.65 and right_end > 0.9, (right_start.item(), right_end.item())
+
+
+def test_every_function_is_copyable_alone():
+    """nft.py's claim: no function calls another of the module, so each one can be copied into a project alone."""
+    import ast
+    import inspect
+
+    import nft
+
+    tree = ast.parse(inspect.getsource(nft))
+    own = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert set(nft.__all__) <= own
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            called = {c.func.id for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
+            assert not called & (own - {node.name}), f"{node.name} calls {called & own}"

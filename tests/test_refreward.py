@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import flow_grpo
-import refreward as RR
-import train_refreward
-import training as T
-from data import save_image
+from baselines import flow_grpo
+from common import training as T
+from common.data import save_image
+from refreward_sr import refreward as RR
+from refreward_sr import train_refreward
 
 # one pytest-xdist worker runs this file: its module fixtures (the GRPO-trained model) are built once
 pytestmark = pytest.mark.xdist_group("test_refreward")
@@ -190,7 +190,7 @@ def test_grpo_learns_the_planted_rule_and_the_scorer_ranks_with_it(planted, trai
     result = train_refreward.evaluate_pairs(scorer, RR.load_pairs(heldout, root), root)
     assert result["accuracy_all"] >= 5 / 6, result  # 6 held-out pairs, greedy, both orders
     # in the RL reward interface: the brighter of two samples gets the higher reward
-    from data import load_image, to_pil
+    from common.data import load_image, to_pil
 
     lr = to_pil(load_image(root / "lr" / "12.png"))
     srs = [to_pil(load_image(root / "sr" / m / "12.png")) for m in ("dark", "bright")]

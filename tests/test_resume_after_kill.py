@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import training as T
+from common import training as T
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,10 @@ import torch
 from PIL import Image
 
 import reward as R
-import serving
+from common import compass_text as CT
+from common import vl_model as VL
+from mini import serving
+from scale import bench
 
 # ----------------------------------------------------------------------------------------------------
 # Eq.4 and Table 8, hand-worked
@@ -85,28 +88,28 @@ def test_combine_reward_by_name_and_errors():
 
 
 def test_format_answer_exact_text():
-    assert R.format_answer(0.834, 2.41, 3.949, "Sharper  edges,\n no halos.") == (
+    assert CT.format_answer(0.834, 2.41, 3.949, "Sharper  edges,\n no halos.") == (
         "Fidelity: 0.83\nInput quality: 2.41\nOutput quality: 3.95\nReason: Sharper edges, no halos."
     )
-    assert R.format_answer(None, 1.0, 5.0) == "Input quality: 1.00\nOutput quality: 5.00"
+    assert CT.format_answer(None, 1.0, 5.0) == "Input quality: 1.00\nOutput quality: 5.00"
     with pytest.raises(ValueError, match="q_sr=5.2"):
-        R.format_answer(0.5, 2.0, 5.2)
+        CT.format_answer(0.5, 2.0, 5.2)
     with pytest.raises(ValueError, match="F=nan"):
-        R.format_answer(float("nan"), 2.0, 3.0)
+        CT.format_answer(float("nan"), 2.0, 3.0)
 
 
 def test_parse_well_formed_special_tokens_whitespace_order():
-    text = R.format_answer(0.83, 2.41, 3.95, "sharper edges")
-    assert R.parse_answer(text, synthetic=True) == R.Parsed(0.83, 2.41, 3.95, "sharper edges", 0)
+    text = CT.format_answer(0.83, 2.41, 3.95, "sharper edges")
+    assert CT.parse_answer(text, synthetic=True) == CT.Parsed(0.83, 2.41, 3.95, "sharper edges", 0)
     noisy = "<|im_start|>assistant\n  output QUALITY :3.95 \r\n<|endoftext|>Fidelity:0.83\n\n input quality:  2.41\nReason:  ok <|im_end|>"
-    assert R.parse_answer(noisy, synthetic=True) == R.Parsed(0.83, 2.41, 3.95, "ok", 0)
+    assert CT.parse_answer(noisy, synthetic=True) == CT.Parsed(0.83, 2.41, 3.95, "ok", 0)
     # quality-only task: F not asked, ignored even if present; no Reason line -> empty rationale
-    assert R.parse_answer("Input quality: 3\nOutput quality: 4.5<|im_end|>", synthetic=False) == R.Parsed(None, 3.0, 4.5, "", 0)
+    assert CT.parse_answer("Input quality: 3\nOutput quality: 4.5<|im_end|>", synthetic=False) == CT.Parsed(None, 3.0, 4.5, "", 0)
     # a rationale quoting a field does not override the numbers written before "Reason:"
     text = "Input quality: 2.00\nOutput quality: 3.00\nReason: the input quality: 4 looked better"
-    assert R.parse_answer(text, synthetic=False).q_lr == 2.0
+    assert CT.parse_answer(text, synthetic=False).q_lr == 2.0
     # rationale first still parses (numbers searched in the whole text)
-    assert R.parse_answer("Reason: fine.\nInput quality: 2.5 Output quality: 3.5", synthetic=False).q_sr == 3.5
+    assert CT.parse_answer("Reason: fine.\nInput quality: 2.5 Output quality: 3.5", synthetic=False).q_sr == 3.5
 
 
 @pytest.mark.parametrize(
@@ -123,26 +126,26 @@ def test_parse_well_formed_special_tokens_whitespace_order():
     ],
 )
 def test_parse_malformed_returns_none(text):
-    assert R.parse_answer(text, synthetic=True) is None
+    assert CT.parse_answer(text, synthetic=True) is None
 
 
 def test_parse_out_of_range_clamped_and_counted():
-    p = R.parse_answer("Fidelity: 1.30\nInput quality: 0.5\nOutput quality: 7\nReason: x", synthetic=True)
+    p = CT.parse_answer("Fidelity: 1.30\nInput quality: 0.5\nOutput quality: 7\nReason: x", synthetic=True)
     assert (p.F, p.q_lr, p.q_sr, p.clamped) == (1.0, 1.0, 5.0, 3)
-    p = R.parse_answer("Fidelity: -0.2\nInput quality: 2\nOutput quality: 3", synthetic=True)
+    p = CT.parse_answer("Fidelity: -0.2\nInput quality: 2\nOutput quality: 3", synthetic=True)
     assert (p.F, p.clamped) == (0.0, 1)
 
 
 def test_build_messages_resizes_lr_and_round_trips_png():
     lr = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 20, 3), dtype=np.uint8))
     sr = Image.new("RGB", (80, 64), (10, 20, 30))
-    msgs = R.build_messages(lr, sr, synthetic=True)
+    msgs = CT.build_messages(lr, sr, synthetic=True)
     images = [part["image"] for part in msgs[0]["content"] if part["type"] == "image"]
     assert [im.size for im in images] == [(80, 64), (80, 64)]  # LR first, at the SR's size
     assert np.array_equal(np.asarray(images[0]), np.asarray(lr.resize((80, 64), Image.BICUBIC)))
     assert "Fidelity" in msgs[0]["content"][-1]["text"]
-    assert "Fidelity" not in R.build_messages(lr, sr, synthetic=False)[0]["content"][-1]["text"]
-    oai = R.to_openai_messages(msgs)
+    assert "Fidelity" not in CT.build_messages(lr, sr, synthetic=False)[0]["content"][-1]["text"]
+    oai = CT.to_openai_messages(msgs)
     url = oai[0]["content"][1]["image_url"]["url"]
     assert url.startswith("data:image/png;base64,")
     decoded = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
@@ -228,7 +231,7 @@ def _pairs(n, seed=0, lr_size=16, sr_size=64):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return R.load_compass("tiny")
+    return VL.load_compass("tiny")
 
 
 def test_tiny_build_deterministic_and_rng_untouched(tiny):
@@ -236,11 +239,11 @@ def test_tiny_build_deterministic_and_rng_untouched(tiny):
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    again, _ = R.build_tiny_compass()
+    again, _ = VL.build_tiny_compass()
     assert torch.rand(1) == before  # the build did not consume the global RNG
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
-    other, _ = R.build_tiny_compass(seed=1)
+    other, _ = VL.build_tiny_compass(seed=1)
     assert not torch.equal(other.lm_head.weight, model.lm_head.weight)
     tok = processor.tokenizer
     assert model.config.text_config.vocab_size >= len(tok) == 270
@@ -253,15 +256,15 @@ def test_tiny_save_load_round_trip(tiny, tmp_path):
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "chat_template.jinja").exists()
-    model2, processor2 = R.load_compass(str(tmp_path))
+    model2, processor2 = VL.load_compass(str(tmp_path))
     lrs, srs = _pairs(2)
     a = R.LocalScorer(model, processor, synthetic=True).score(lrs, srs)
     b = R.LocalScorer(model2, processor2, synthetic=True).score(lrs, srs)
     for name in ("F", "q_lr", "q_sr"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert a.text == b.text
-    with pytest.raises(R.RunError, match="COMPASS checkpoint 'no/such/ckpt': no such folder"):
-        R.load_compass("no/such/ckpt")
+    with pytest.raises(R.RunError, match="COMPASS checkpoint no/such/ckpt: no such folder"):
+        VL.load_compass("no/such/ckpt")
 
 
 def test_local_expected_readout_in_range_and_deterministic(tiny):
@@ -273,7 +276,7 @@ def test_local_expected_readout_in_range_and_deterministic(tiny):
     assert ((a.F >= 0) & (a.F <= 1)).all() and ((a.q_lr >= 1) & (a.q_lr <= 5)).all() and ((a.q_sr >= 1) & (a.q_sr <= 5)).all()
     assert torch.equal(a.F, b.F) and torch.equal(a.q_lr, b.q_lr) and torch.equal(a.q_sr, b.q_sr)
     for text in a.text:  # the constrained decode writes the answer format
-        parsed = R.parse_answer(text, synthetic=True)
+        parsed = CT.parse_answer(text, synthetic=True)
         assert parsed is not None and parsed.clamped == 0
     # an untrained model is near uniform over the digits: E[lead] over {1..5} near 3, not the greedy digit
     assert (a.q_lr - 3.0).abs().max() < 0.6
@@ -393,7 +396,7 @@ def test_fidelity_ssim_and_transform(monkeypatch):
 
 
 def test_texture_fidelity_by_hand_and_it_does_not_pay_for_blur():
-    import evaluate
+    from evaluation import evaluate
 
     scorer = R.FidelityScorer("texture")
     # flat grey images: the band-pass maps are zero (their terms are c/c = 1), structure on Y is c2/c2 = 1,
@@ -452,11 +455,11 @@ TAUGHT = (0.83, 2.41, 3.95)
 @pytest.fixture(scope="module")
 def taught(tmp_path_factory):
     """Tiny COMPASS overfit to answer TAUGHT for one pair (answer-only loss), saved to a folder."""
-    model, processor = R.build_tiny_compass()
+    model, processor = VL.build_tiny_compass()
     lrs, srs = _pairs(1)
-    conv = R.build_messages(lrs[0], srs[0], synthetic=True)
+    conv = CT.build_messages(lrs[0], srs[0], synthetic=True)
     prompt = processor.apply_chat_template([conv], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
-    answer = R.format_answer(*TAUGHT, "sharper edges")
+    answer = CT.format_answer(*TAUGHT, "sharper edges")
     full = processor.apply_chat_template(
         [conv + [{"role": "assistant", "content": answer}]], tokenize=True, return_dict=True, return_tensors="pt"
     )
@@ -495,7 +498,7 @@ def test_taught_model_readout_matches_labels(taught):
 @pytest.mark.slow
 @pytest.mark.xdist_group("taught")
 def test_transformers_serve_remote_scorer(taught, tmp_path):
-    import serving
+    from mini import serving
 
     _, _, path, (lrs, srs), _ = taught
     # a real `transformers serve` on 127.0.0.1, stopped by PID when the block ends
@@ -517,7 +520,7 @@ def test_transformers_serve_remote_scorer(taught, tmp_path):
         assert short.stats["replies"] == 4 and short.stats["retried"] == 2 and short.stats["invalid"] == 2
         assert all(t.startswith("Fidelity: 0.83") for t in s.text)
 
-        timings = R.time_remote_scoring(url, str(path), lrs[0], srs * 2, concurrency=(1, 2), max_new_tokens=90)
+        timings = bench.time_remote_scoring(url, str(path), lrs[0], srs * 2, concurrency=(1, 2), max_new_tokens=90)
         assert set(timings) == {1, 2} and all(t > 0 for t in timings.values())
 
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-import backbone as B
 import rl_fr
 import rl_nr
-import serving
-import training as T
+from common import backbone as B
+from common import training as T
+from common import vl_model as VL
+from mini import serving
 
 # one pytest-xdist worker runs this file: its module fixtures (the FR LoRA) are built once
 pytestmark = pytest.mark.xdist_group("test_rl")
@@ -147,7 +148,7 @@ def test_rl_loop_raises_a_planted_reward(tmp_path, objective):
     Flow-GRPO 0.046 / 0.046: the float summation order of the machine moves them, the climb stays."""
     steps, lr = {"nft": (40, "3e-2"), "flow_grpo": (72, "1e-2")}[objective]
     import reward
-    from data import save_image
+    from common.data import save_image
 
     (tmp_path / "lr").mkdir()
     (tmp_path / "hr").mkdir()
@@ -166,7 +167,7 @@ def test_rl_loop_raises_a_planted_reward(tmp_path, objective):
                                  valid=torch.ones(k, dtype=torch.bool), rationale=[""] * k)
         return score
 
-    from data import PairedFolderDataset
+    from common.data import PairedFolderDataset
 
     rl_fr.run(args, PairedFolderDataset(tmp_path / "lr", tmp_path / "hr"), brightness_reward)
     log = [json.loads(x) for x in (tmp_path / "planted" / "rewards.jsonl").read_text().splitlines()]
@@ -179,7 +180,7 @@ def test_rl_loop_raises_a_planted_reward(tmp_path, objective):
 
 def test_nr_reward_url_that_does_not_answer_names_it_and_keeps_checkpoint(fr_lora, tmp_path):
     import reward
-    import serving
+    from mini import serving
 
     lq = tmp_path / "lq"
     lq.mkdir()
@@ -201,10 +202,9 @@ def test_nr_with_remote_scorer_against_transformers_serve(fr_lora, tmp_path):
     """rl_nr.py --reward-url: the paper's deployment, here a `transformers serve` of a tiny COMPASS started
     and stopped (by PID) around the run. The untrained model's replies do not parse: every reward is
     counted invalid (never a silent 0), groups with < 2 valid rewards are skipped, the run completes."""
-    import reward
-    import serving
+    from mini import serving
 
-    model, processor = reward.build_tiny_compass()
+    model, processor = VL.build_tiny_compass()
     model.save_pretrained(tmp_path / "compass")
     processor.save_pretrained(tmp_path / "compass")
     lq = tmp_path / "lq"

@@ -15,7 +15,10 @@ import torch
 
 import reward
 import train_compass as tc
-from data import save_image
+from common import compass_text as CT
+from common import vl_model as VL
+from common.data import save_image
+from evaluation import sriqa
 
 # one pytest-xdist worker runs this file: its module fixtures (the tiny COMPASS runs) are built once
 pytestmark = pytest.mark.xdist_group("test_train_compass")
@@ -281,51 +284,51 @@ def make_sriqa(base: Path, n_groups: int = 3, tie_group: bool = False) -> dict:
 
 def test_pair_labels_and_tie_rules():
     gt = np.array([80.0, 60.0, 60.0])  # pairs (0,1)=1, (0,2)=1, (1,2)=0.5
-    np.testing.assert_array_equal(tc.pair_labels(gt), [1.0, 1.0, 0.5])
-    full = tc.pairwise_accuracy(gt, np.array([3.0, 2.0, 2.0]))
+    np.testing.assert_array_equal(sriqa.pair_labels(gt), [1.0, 1.0, 0.5])
+    full = sriqa.pairwise_accuracy(gt, np.array([3.0, 2.0, 2.0]))
     assert full == {"agree": 3, "pairs": 3, "gt_ties": 1, "pred_ties": 1, "missing": 0}
     # a non-tie prediction on a ground-truth tie is wrong; with gt_ties="skip" the pair leaves the count
-    assert tc.pairwise_accuracy(gt, np.array([3.0, 2.0, 1.0]))["agree"] == 2
-    assert tc.pairwise_accuracy(gt, np.array([3.0, 2.0, 1.0]), "skip") == {
+    assert sriqa.pairwise_accuracy(gt, np.array([3.0, 2.0, 1.0]))["agree"] == 2
+    assert sriqa.pairwise_accuracy(gt, np.array([3.0, 2.0, 1.0]), "skip") == {
         "agree": 2, "pairs": 2, "gt_ties": 1, "pred_ties": 0, "missing": 0}
     # a predicted tie on a non-tie pair is wrong: a constant scorer gets exactly the ground-truth ties
-    assert tc.pairwise_accuracy(gt, np.full(3, 1.0))["agree"] == 1
+    assert sriqa.pairwise_accuracy(gt, np.full(3, 1.0))["agree"] == 1
     # a missing score (NaN) makes its pairs wrong and is counted
-    assert tc.pairwise_accuracy(gt, np.array([3.0, np.nan, 1.0])) == {
+    assert sriqa.pairwise_accuracy(gt, np.array([3.0, np.nan, 1.0])) == {
         "agree": 1, "pairs": 3, "gt_ties": 1, "pred_ties": 0, "missing": 2}
 
 
 def test_sriqa_accuracy_oracle_reverse_and_ties(tmp_path):
     mos = make_sriqa(tmp_path, n_groups=3)
-    groups = tc.load_sriqa(tmp_path)
+    groups = sriqa.load_sriqa(tmp_path)
     assert [len(groups[s]) for s in ("Reg", "Gen", "All")] == [3, 3, 3]
     assert groups["All"][0].hr.name == "x1_Original.png" and groups["All"][0].lr.parent.name == "LRImages"
     oracle = lambda lr, hr, srs: np.array([mos[p.name] for p in srs])
     reverse = lambda lr, hr, srs: -oracle(lr, hr, srs)
-    res = tc.evaluate_sriqa(groups, oracle)
+    res = sriqa.evaluate_sriqa(groups, oracle)
     assert {s: res[s]["acc"] for s in res} == {"Reg": 100.0, "Gen": 100.0, "All": 100.0}
     assert res["All"]["pairs"] == 3 * 6 and res["Reg"]["pairs"] == 3
-    assert {s: v["acc"] for s, v in tc.evaluate_sriqa(groups, reverse).items()} == {"Reg": 0.0, "Gen": 0.0, "All": 0.0}
+    assert {s: v["acc"] for s, v in sriqa.evaluate_sriqa(groups, reverse).items()} == {"Reg": 0.0, "Gen": 0.0, "All": 0.0}
     # one ground-truth tie (group 4: Bicubic = SwinIR): the oracle still agrees on every pair, the reverse
     # agrees only on that tie; with --gt-ties skip the tie leaves the count
     mos = make_sriqa(tmp_path / "ties", n_groups=3, tie_group=True)
-    groups = tc.load_sriqa(tmp_path / "ties")
-    assert tc.evaluate_sriqa(groups, oracle)["All"]["acc"] == 100.0
-    rev = tc.evaluate_sriqa(groups, reverse)["All"]
+    groups = sriqa.load_sriqa(tmp_path / "ties")
+    assert sriqa.evaluate_sriqa(groups, oracle)["All"]["acc"] == 100.0
+    rev = sriqa.evaluate_sriqa(groups, reverse)["All"]
     assert (rev["agree"], rev["pairs"], rev["gt_ties"]) == (1, 24, 1)
-    skip = tc.evaluate_sriqa(groups, reverse, gt_ties="skip")["All"]
+    skip = sriqa.evaluate_sriqa(groups, reverse, gt_ties="skip")["All"]
     assert (skip["agree"], skip["pairs"]) == (0, 23)
-    constant = tc.evaluate_sriqa(groups, lambda lr, hr, srs: np.zeros(len(srs)))["All"]
+    constant = sriqa.evaluate_sriqa(groups, lambda lr, hr, srs: np.zeros(len(srs)))["All"]
     assert constant["acc"] == pytest.approx(100 / 24)
 
 
 def test_eval_command_table_with_baselines(tmp_path, monkeypatch):
     mos = make_sriqa(tmp_path / "bench", n_groups=2)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # empty cache: DISTS has no weights
-    args = tc.EvalArgs(sriqa_root=str(tmp_path / "bench"), out=str(tmp_path / "out"),
+    args = sriqa.EvalArgs(sriqa_root=str(tmp_path / "bench"), out=str(tmp_path / "out"),
                        baselines=["PSNR", "SSIM", "DISTS"], device="cpu")
     oracle = lambda lr, hr, srs: np.array([mos[p.name] for p in srs])
-    rows = tc.run_eval(args, extra={"oracle": ("GT-Free", oracle)})
+    rows = sriqa.run_eval(args, extra={"oracle": ("GT-Free", oracle)})
     by = {r["method"]: r for r in rows}
     assert by["PSNR"]["All"] == 100.0 and by["oracle"]["All"] == 100.0  # MOS follows the noise level
     assert by["PSNR"]["type"] == "GT-Ref"
@@ -341,21 +344,21 @@ def test_extra_gammas_share_one_answer_per_group(tmp_path, monkeypatch):
     """Rows at several gammas ask the model once per group; each row is Eq.4 of those answers at its gamma
     (inf: the fixed combination F Q_LR + Q_SR - Q_LR). A bad gamma names the flag before any model loads."""
     make_sriqa(tmp_path / "bench", n_groups=2)
-    group = tc.load_sriqa(tmp_path / "bench")["All"][0]
+    group = sriqa.load_sriqa(tmp_path / "bench")["All"][0]
     scorer = reward.make_scorer("tiny")
     calls = []
     real = scorer.score_group
     monkeypatch.setattr(scorer, "score_group", lambda lr, srs: calls.append(1) or real(lr, srs))
     answers: dict = {}
-    r5 = tc.compass_score_fn(scorer, True, 5.0, answers)(group.lr, group.hr, group.srs)
-    rinf = tc.compass_score_fn(scorer, True, math.inf, answers)(group.lr, group.hr, group.srs)
+    r5 = sriqa.compass_score_fn(scorer, True, 5.0, answers)(group.lr, group.hr, group.srs)
+    rinf = sriqa.compass_score_fn(scorer, True, math.inf, answers)(group.lr, group.hr, group.srs)
     assert len(calls) == 1
     s = next(iter(answers.values()))
     F, q_lr, q_sr = (np.asarray(x, dtype=np.float64) for x in (s.F, s.q_lr, s.q_sr))
     assert np.allclose(r5, F * q_lr + F ** (q_lr / 5) * (q_sr - q_lr), atol=1e-5)
     assert np.allclose(rinf, F * q_lr + q_sr - q_lr, atol=1e-5)
     with pytest.raises(SystemExit, match="--extra-gammas 'x'"):
-        tc.run_eval(tc.EvalArgs(sriqa_root=str(tmp_path / "bench"), model="no/such/model", extra_gammas=["x"]))
+        sriqa.run_eval(sriqa.EvalArgs(sriqa_root=str(tmp_path / "bench"), model="no/such/model", extra_gammas=["x"]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -423,10 +426,9 @@ def test_unknown_augmentation_or_bad_fidelity_weight_names_the_flag(sft_data, tm
 
 
 def test_sft_collate_keeps_mm_token_type_ids_and_masks_the_prompt(sft_data):
-    import reward
     path, root = sft_data
     recs = tc.load_records(path)
-    _, processor = reward.load_compass("tiny")
+    _, processor = VL.load_compass("tiny")
     batch = tc.sft_collate(processor, [tc.sft_conversation(r, *tc.load_pil_pair(r, root)) for r in recs])
     assert {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw", "labels"} <= set(batch)
     assert int((batch["mm_token_type_ids"] == 1).sum()) > 0  # image tokens are marked for M-RoPE
@@ -434,7 +436,7 @@ def test_sft_collate_keeps_mm_token_type_ids_and_masks_the_prompt(sft_data):
         supervised = batch["labels"][row][batch["labels"][row] != tc.IGNORE_INDEX]
         text = processor.tokenizer.decode(supervised)
         # exactly the answer (no-F answer for the real-world records) + the end-of-turn token
-        assert text == reward.format_answer(rec.F, rec.q_lr, rec.q_sr) + "<|im_end|>"
+        assert text == CT.format_answer(rec.F, rec.q_lr, rec.q_sr) + "<|im_end|>"
 
 
 def test_weighted_answer_loss_hand_worked():
@@ -459,7 +461,7 @@ def test_fidelity_weight_weighs_the_fidelity_line_in_the_training_loss(sft_data,
     """--fidelity-weight W: the tokens of "Fidelity: 0.80\n" count W times in the loss, the rest of the answer
     once (a no-F answer has no such line); the loss the run logs for its first step is exactly that."""
     path, root = sft_data
-    model, processor = reward.load_compass("tiny")
+    model, processor = VL.load_compass("tiny")
     batch = _first_batch(processor, path, root)
     weights = tc.fidelity_line_weights(batch["labels"], processor.tokenizer, 3.0)
     heavy = [processor.tokenizer.decode(labels[w == 3.0]) for labels, w in zip(batch["labels"], weights)]
@@ -482,7 +484,7 @@ def test_fidelity_weight_weighs_the_fidelity_line_in_the_training_loss(sft_data,
 
 def _run(args, tmp_path, torchrun=False, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    import serving  # a free rendezvous port: a fixed one may still be held by an earlier run
+    from mini import serving  # a free rendezvous port: a fixed one may still be held by an earlier run
 
     launcher = [str(Path(PY).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
                 str(serving.free_port())] if torchrun else [PY]
@@ -517,7 +519,7 @@ def test_sft_tiny_learns_the_answer_format_and_exports(sft_data, tmp_path):
     assert all(torch.equal(state[k], last[k]) for k in last)
     # the in-process scorer on the reloaded model: free generation follows THE format and parses back
     # to the labels, with the prompt of each record's type (synthetic -> with F, real-world -> without)
-    model, processor = reward.load_compass(str(out))
+    model, processor = VL.load_compass(str(out))
     path, root = sft_data
     for rec in tc.load_records(path):
         lr, sr = tc.load_pil_pair(rec, root)
@@ -525,7 +527,7 @@ def test_sft_tiny_learns_the_answer_format_and_exports(sft_data, tmp_path):
         scores = reward.LocalScorer(model, processor, synthetic=synthetic, mode="text",
                                     max_new_tokens=64).score([lr], [sr])
         assert bool(scores.valid[0]), scores.text
-        assert scores.text[0].startswith(reward.format_answer(rec.F, rec.q_lr, rec.q_sr)), scores.text
+        assert scores.text[0].startswith(CT.format_answer(rec.F, rec.q_lr, rec.q_sr)), scores.text
         assert (float(scores.q_lr[0]), float(scores.q_sr[0])) == pytest.approx((2.0, 3.5))
         if synthetic:
             assert float(scores.F[0]) == pytest.approx(0.8)
@@ -533,7 +535,7 @@ def test_sft_tiny_learns_the_answer_format_and_exports(sft_data, tmp_path):
         assert float(expected.q_sr[0]) == pytest.approx(3.5, abs=0.1)
     # eval with the trained model in-process: a COMPASS row (Eq.4 from the digit read-out) beside PSNR
     make_sriqa(tmp_path / "bench", n_groups=2)
-    rows = tc.run_eval(tc.EvalArgs(sriqa_root=str(tmp_path / "bench"), out=str(tmp_path / "eval"),
+    rows = sriqa.run_eval(sriqa.EvalArgs(sriqa_root=str(tmp_path / "bench"), out=str(tmp_path / "eval"),
                                    model=str(out), baselines=["PSNR"], device="cpu"))
     compass = next(r for r in rows if r["method"] == "COMPASS")
     assert compass["pairs"] == 12 and 0.0 <= compass["All"] <= 100.0 and "without a score" not in compass["note"]
@@ -599,12 +601,11 @@ def test_fsdp2_rank0_loading_equals_the_full_model_bit_for_bit(sft_data, tmp_pat
     lr 0 (AdamW, no weight decay) the gathered export must equal the preset's weights exactly."""
     from safetensors.torch import load_file
 
-    import reward
 
     out = tmp_path / "lr0"
     _run(_train_args(sft_data, out, "--epochs", 1, "--per-device-batch", 1, "--lr", 0, "--export-dtype", "float32"),
          tmp_path, torchrun=True)
     exported = load_file(str(out / "model.safetensors"))
-    preset = reward.build_tiny_compass()[0].state_dict()
+    preset = VL.build_tiny_compass()[0].state_dict()
     assert set(exported) == set(preset)
     assert all(torch.equal(exported[k], preset[k]) for k in preset)

@@ -13,8 +13,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_sft
-import serving
-import training as T
+from common import training as T
+from mini import serving
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def test_loss_falls_and_outputs_are_written(hr_dir, tmp_path):
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < 0.8 * first, (first, last)
     weights = load_file(str(tmp_path / "sft" / "transformer.safetensors"))
-    import backbone as B
+    from common import backbone as B
 
     base = B.load_backbone("tiny").transformer.state_dict()
     assert weights.keys() == base.keys()
@@ -186,7 +186,7 @@ def test_torchrun_fsdp_matches_single_process(hr_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = load_file(str(tmp_path / "a" / "transformer.safetensors"))
     b = load_file(str(tmp_path / "b" / "transformer.safetensors"))
-    import backbone as B
+    from common import backbone as B
 
     base = B.load_backbone("tiny").transformer.state_dict()
     assert a.keys() == base.keys()  # full, unsharded weights that infer.py --sft loads
@@ -198,7 +198,7 @@ def test_torchrun_fsdp_matches_single_process(hr_dir, tmp_path):
 def test_fsdp_rank0_loading_equals_the_full_model_bit_for_bit(hr_dir, tmp_path):
     """--fsdp: rank 1 builds the transformer on the meta device and receives its shards from rank 0; with no
     training step the gathered transformer equals the preset's weights exactly."""
-    import backbone as B
+    from common import backbone as B
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(serving.free_port()), "train_sft.py", "--model", "tiny", "--hr-dir", str(hr_dir), "--crop-size", "64",

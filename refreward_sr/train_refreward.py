@@ -42,11 +42,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-import flow_grpo
-import refreward as RR
-import training as T
-from data import load_image, to_pil
-from train_compass import shard_model
+from baselines import flow_grpo
+from common import training as T
+from common.data import load_image, to_pil
+from common.vl_model import shard_vl_model
+from refreward_sr import refreward as RR
+from train_compass import load_records
 
 
 @dataclass
@@ -87,6 +88,12 @@ class TrainArgs:
     device: str = "auto"
     bf16: str = "auto"
     """bfloat16 compute: on | off | auto (on with CUDA); under FSDP2 float32 master weights and AdamW state"""
+    micro_batch: int = 8
+    """answers per forward/backward of the GRPO update (gradients accumulate over the step's --prompts x --group
+    answers; 32 answers of ~900 tokens at once would need ~90 GB per GPU for the 8B: scale/estimate.py)"""
+    gradient_checkpointing: str = "auto"
+    """recompute each layer's activations in the backward pass: on | off | auto (on for a model that is not
+    'tiny' or 'mini')"""
 
 
 def load_images(pair: RR.Pair, root: Path):
@@ -133,16 +140,18 @@ def train(args: TrainArgs) -> Path:
     ckpt_root = out / "checkpoints"
     # Under torchrun the policy (float32 master weights + AdamW, ~16 bytes/parameter: 140 GB for the 8B) and the
     # frozen reference are sharded by FSDP2 over the ranks, loaded once per node (rank 0 on the host, the
-    # others on the meta device, train_compass.shard_model); on one process they are plain modules
+    # others on the meta device, common.vl_model.shard_vl_model); on one process they are plain modules
     model, processor = RR.load_refreward(args.model, device="cpu", on_meta=sharded and not dist_info.is_main)
     reference = None
     if args.beta > 0:  # the policy before GRPO, frozen: the warmed-up model, saved once (below)
         reference, _ = RR.load_refreward(args.model, device="cpu", on_meta=sharded and not dist_info.is_main)
         reference.eval().requires_grad_(False)
     model.config.use_cache = False
+    if args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and args.model not in ("tiny", "mini")):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for module in (model, reference):
         if module is not None and sharded:
-            shard_model(module, dist_info, bf16)
+            shard_vl_model(module, dist_info, bf16)
         elif module is not None:
             module.to(device)
     reference_file = out / "reference.safetensors"
@@ -221,26 +230,40 @@ def train(args: TrainArgs) -> Path:
             rewards = torch.tensor([RR.rule_reward(t, truth, args.format_weight) for t, truth in zip(texts, truths)])
             ids = torch.arange(len(prompts)).repeat_interleave(args.group)
             advantages = flow_grpo.group_advantages(rewards, ids, std_mode="group", eps=1e-4).to(device)
-            # 5. clipped surrogate per token. The old policy is the sampling policy, i.e. exactly this model
+            # 5. clipped surrogate per token, --micro-batch answers at a time (each micro-batch's prompts encoded
+            #    on their own; gradients accumulate). The old policy is the sampling policy, i.e. exactly this model
             #    before its one update of the step, so its log-probabilities are the current ones, detached
             #    (no second forward pass; the ratio is 1 and only its gradient drives the step)
-            with autocast:
-                new = answer_logprobs(model, batch, prompt_len, completion)
-            old = new.detach()
-            per_token = flow_grpo.clipped_surrogate(new, old, advantages[:, None], args.clip_range)
-            ref = old  # no reference (--beta 0): the KL below reads 0
-            if reference is not None:
-                with torch.no_grad(), autocast:
-                    ref = answer_logprobs(reference, batch, prompt_len, completion)
-                per_token = per_token + args.beta * RR.kl_k3(new, ref)
-            loss = RR.masked_mean(per_token, mask).mean()
+            n, total_loss, kl, deviation = len(conversations), 0.0, 0.0, 0.0
+            for i in range(0, n, args.micro_batch):
+                part = slice(i, i + args.micro_batch)
+                sub = processor.apply_chat_template(conversations[part], add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True, return_tensors="pt", processor_kwargs={
+                                                        "padding": True, "padding_side": "left"}).to(device)
+                if sharded:  # reduce-scatter the gradients once, after the last micro-batch
+                    model.set_requires_gradient_sync(i + args.micro_batch >= n)
+                with autocast:
+                    new = answer_logprobs(model, sub, sub["input_ids"].shape[1], completion[part])
+                old = new.detach()
+                per_token = flow_grpo.clipped_surrogate(new, old, advantages[part, None], args.clip_range)
+                ref = old  # no reference (--beta 0): the KL below reads 0
+                if reference is not None:
+                    with torch.no_grad(), autocast:
+                        ref = answer_logprobs(reference, sub, sub["input_ids"].shape[1], completion[part])
+                    per_token = per_token + args.beta * RR.kl_k3(new, ref)
+                part_loss = RR.masked_mean(per_token, mask[part]).sum() / n  # the mean over all n answers
+                part_loss.backward()  # FSDP2 averages the gradients over the ranks in its reduce-scatter
+                total_loss += float(part_loss.detach())
+                kl += float(RR.masked_mean(RR.kl_k3(old, ref), mask[part]).sum()) / n
+                deviation = max(deviation, float(((new.detach() - old).exp() - 1).abs().mul(mask[part]).max()))
+            loss = torch.tensor(total_loss)
             verdicts = [RR.parse_verdict(t) for t in texts]
             stats = {"reward_mean": float(rewards.mean()), "accuracy": float(sum(v == t for v, t in zip(verdicts, truths))
                                                                                / len(texts)),
                      "format_rate": float(sum(v is not None for v in verdicts) / len(texts)),
-                     "kl": float(RR.masked_mean(RR.kl_k3(old, ref), mask).mean()),
-                     "ratio_max_deviation": float(((new.detach() - old).exp() - 1).abs().mul(mask).max())}
-        loss.backward()  # FSDP2 averages the gradients over the ranks in its reduce-scatter
+                     "kl": kl, "ratio_max_deviation": deviation}
+        if step < args.warmup_steps:
+            loss.backward()  # FSDP2 averages the gradients over the ranks in its reduce-scatter
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
@@ -305,7 +328,6 @@ def main(argv: list[str] | None = None) -> int:
     command = ns.pop("command")
     t0 = time.time()
     if command == "pairs":
-        from train_compass import load_records
 
         root = Path(ns["root"]) if ns["root"] else Path(ns["compass"]).parent
         pairs = RR.pairs_from_compass(load_records(ns["compass"], root), ns["margin"], seed=ns["seed"])

@@ -29,16 +29,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-import backbone as B
-import serving
-import training as T
+import reward
+from common import backbone as B
+from common import presets
+from common import training as T
+from common import vl_model as VL
+from common.data import save_image
+from mini import photos, serving
+from mini.miniature import HeldOut, evaluate_policy, policy
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from there
 
 
 def best_time(fn, repeats: int) -> float:
@@ -109,7 +116,6 @@ def bench_rl_vs_sft(tmp: Path, k: int, steps: int) -> dict:
     """Peak RSS of short SFT and RL runs at the same batch (K samples), and the RL step's time split."""
     from skimage import data as skdata
 
-    from data import save_image
 
     hr = tmp / "hr"
     hr.mkdir()
@@ -132,19 +138,39 @@ def bench_rl_vs_sft(tmp: Path, k: int, steps: int) -> dict:
             "rl_reward_share": 1 - other - policy}
 
 
+def time_remote_scoring(
+    base_url: str,
+    model_name: str,
+    lr_image: Image.Image,
+    sr_images: list[Image.Image],
+    concurrency: Sequence[int] = (1, 8),
+    synthetic: bool = True,
+    **scorer_kwargs,
+) -> dict[int, float]:
+    """Wall-clock seconds to score one group (e.g. K=24 outputs of one LR) at each concurrency level.
+
+    For bench.py: `time_remote_scoring(url, name, lr, srs, concurrency=(1, 8))` -> {1: s, 8: s}.
+    """
+    seconds = {}
+    for c in concurrency:
+        scorer = reward.RemoteScorer(base_url, model_name, concurrency=c, synthetic=synthetic, **scorer_kwargs)
+        start = time.perf_counter()
+        scorer.score_group(lr_image, sr_images)
+        seconds[c] = time.perf_counter() - start
+    return seconds
+
+
 def bench_remote_scoring(tmp: Path, k: int, concurrency: int) -> dict:
     """K pairs scored by a local `transformers serve` with `concurrency` requests in flight vs one."""
-    import reward
-
-    model, processor = reward.build_tiny_compass()
+    model, processor = VL.build_tiny_compass()
     folder = tmp / "compass"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     lr = B.to_pil(torch.rand(3, 16, 16))
     sr = [B.to_pil(torch.rand(3, 64, 64)) for _ in range(k)]
     with serving.serve_locally(folder) as url:
-        reward.time_remote_scoring(url, str(folder), lr, sr[:2], concurrency=(2,))  # warm-up
-        seconds = reward.time_remote_scoring(url, str(folder), lr, sr, concurrency=(1, concurrency))
+        time_remote_scoring(url, str(folder), lr, sr[:2], concurrency=(2,))  # warm-up
+        seconds = time_remote_scoring(url, str(folder), lr, sr, concurrency=(1, concurrency))
     t_one, t_many = seconds[1], seconds[concurrency]
     return {"K": k, "concurrency": concurrency, "one_at_a_time_s": t_one, "concurrent_s": t_many,
             "speedup": t_one / t_many}
@@ -164,8 +190,6 @@ def bench_objectives(tmp: Path, model: str, k: int, steps: int, equal_time_steps
     many steps, Flow-GRPO as many as fit in NFT's wall time, and both are evaluated on the held-out set."""
     hr = tmp / "hr"
     hr.mkdir(exist_ok=True)
-    import photos
-    from data import save_image
 
     for i, crop in enumerate(photos.random_crops(photos.TRAIN, 8, 64, torch.Generator().manual_seed(0))):
         save_image(crop, hr / f"{i}.png")
@@ -181,9 +205,6 @@ def bench_objectives(tmp: Path, model: str, k: int, steps: int, equal_time_steps
               "rss_ratio": runs["flow_grpo"]["peak_rss_mb"] / runs["nft"]["peak_rss_mb"],
               "trajectory_mb": k * (trained + 1) * tokens * channels * 4 / 2**20}
     if equal_time_steps:
-        import presets
-        import reward
-        from miniature import HeldOut, evaluate_policy, policy
 
         budget = equal_time_steps * runs["nft"]["step_s"]
         grpo_steps = max(1, round(budget / runs["flow_grpo"]["step_s"]))
@@ -204,7 +225,6 @@ def fsdp_load_worker(mode: str, width: int, out: str) -> None:
     each rank's peak RSS (MB) to `out` (JSON, rank 0)."""
     import resource
 
-    import torch.distributed as dist
     from diffusers import QwenImageTransformer2DModel
 
     info = T.setup_distributed("cpu")
@@ -218,8 +238,8 @@ def fsdp_load_worker(mode: str, width: int, out: str) -> None:
         T.shard_from_rank0(model, blocks, info)
     else:
         T.fully_shard_blocks(model, blocks, info.device, info.world_size)
-    rss = [None] * info.world_size
-    dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64)
+    rss = [float(r) for r in T.all_gather(mine)]
     if info.is_main:
         Path(out).write_text(json.dumps({"rss_mb": rss, "params": sum(p.numel() for p in model.parameters())}))
     T.cleanup_distributed()
@@ -231,7 +251,7 @@ def bench_fsdp_loading(tmp: Path, width: int) -> dict:
     for mode in ("full", "meta"):
         out = tmp / f"fsdp_{mode}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(serving.free_port()), "bench.py", "--fsdp-worker", mode, "--fsdp-width", str(width),
+               str(serving.free_port()), "-m", "scale.bench", "--fsdp-worker", mode, "--fsdp-width", str(width),
                "--json", str(out)]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode != 0:  # the ranks' own messages come first, torchrun's summary last: keep both ends

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from data import filter2d, gaussian_family_kernel, list_images, load_image
+from common.data import filter2d, gaussian_family_kernel, list_images, load_image
 
 # bitsandbytes (pulled in by diffusers, transformers and pyiqa) logs a warning about an optional 4-bit CPU
 # kernel when it is imported; nothing here uses 4-bit weights.

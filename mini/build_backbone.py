@@ -49,14 +49,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import backbone as B
-import data
-import photos
-import presets
-import training as T
+from common import backbone as B
+from common import data, presets
+from common import training as T
+from evaluation import evaluate
+from mini import photos
 from train_sft import flow_matching_loss
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from there
 
 
 @dataclass
@@ -394,8 +394,6 @@ def evaluate_methods(bb: B.Backbone, sft: str | Path, hr: torch.Tensor, lrs: dic
                      steps: int, seed: int = 0) -> dict:
     """{"table": {lr kind: {method: {metric: per-crop values}}}, "outputs": the images} for bicubic, base,
     SFT, HR, and "VAE" = the HR through the VAE (its reconstruction: the ceiling of any SR result)."""
-    import evaluate
-
     base_weights = {k: v.clone() for k, v in bb.transformer.state_dict().items()}
     with torch.no_grad():
         recon = B.vae_decode(bb.vae, B.vae_encode(bb.vae, hr))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent / "mini"
+ROOT = Path(__file__).resolve().parents[1] / "mini"
 MINI_BACKBONE = ROOT / "backbone"
 MINI_SFT = ROOT / "sft" / "transformer.safetensors"
 MINI_COMPASS = ROOT / "compass"

@@ -31,15 +31,18 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-import data
 import reward
+from common import compass_text as CT
+from common import data, presets
+from common import vl_model as VL
+from common.training import atomic_write_text, parameters_on_meta
 
 # =====================================================================================================
 # 1. Data: LR-conditioned pairwise preferences
@@ -107,7 +110,8 @@ def pairs_from_compass(records: Sequence, margin: float = 0.1, gamma: float = 7.
     GT) differ by at least `margin`; the better one is preferred. Which of the two is "a" is drawn at random
     (seeded), so a position carries no information. The reason names the label differences.
     """
-    from train_compass import record_score
+    def record_score(r, gamma: float) -> float:
+        return reward.label_reward(r.F, r.q_lr, r.q_sr, gamma)
 
     rng = random.Random(seed)
     groups: dict[str, list] = {}
@@ -138,8 +142,6 @@ def reason_from_labels(better, worse) -> str:
 
 
 def write_pairs(pairs: Sequence[Pair], path: str | Path) -> Path:
-    from training import atomic_write_text
-
     atomic_write_text("".join(json.dumps(p.to_json()) + "\n" for p in pairs), path)
     return Path(path)
 
@@ -157,10 +159,10 @@ TEXTS = ["Low-resolution image:", "\nCandidate A:", "\nCandidate B:", TASK, "<th
 
 def build_pair_messages(lr: Image.Image, sr_a: Image.Image, sr_b: Image.Image) -> list[dict]:
     """One user turn: the LR (resized to the candidates' size, as COMPASS sees it), candidate A, candidate B,
-    the task text. Images are PIL parts; reward.to_openai_messages turns them into data URLs."""
+    the task text. Images are PIL parts; CT.to_openai_messages turns them into data URLs."""
     a, b = sr_a.convert("RGB"), sr_b.convert("RGB")
     return [{"role": "user", "content": [
-        {"type": "text", "text": "Low-resolution image:"}, {"type": "image", "image": reward.lr_at_sr_size(lr, a)},
+        {"type": "text", "text": "Low-resolution image:"}, {"type": "image", "image": CT.lr_at_sr_size(lr, a)},
         {"type": "text", "text": "\nCandidate A:"}, {"type": "image", "image": a},
         {"type": "text", "text": "\nCandidate B:"}, {"type": "image", "image": b},
         {"type": "text", "text": "\n" + TASK}]}]
@@ -186,7 +188,7 @@ def parse_verdict(text: str) -> str | None:
     a second <answer> before the first </answer> or a missing think block: None (the callers count it as
     invalid, never as a tie).
     """
-    text = reward.strip_special_tokens(text)
+    text = CT.strip_special_tokens(text)
     end = re.search(re.escape(ANSWER_END), text, re.IGNORECASE)
     text = text[:end.end()] if end else text
     answers = _ANSWER.findall(text)
@@ -344,15 +346,38 @@ class RefRewardScorer:
 
 def load_refreward(model: str = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32,
                    on_meta: bool = False):
-    """(model, processor): 'tiny' (the tiny Qwen3-VL of reward.py with the RefReward words as tokens),
+    """(model, processor): 'tiny' (the tiny Qwen3-VL of common/vl_model.py with the RefReward words as tokens),
     'mini' (the shipped mini RefReward in mini/refreward) or a folder / hub name. `on_meta`: parameters on
-    the meta device, for the FSDP2 ranks that receive their shards from rank 0 (reward.load_compass)."""
-    import presets
-    from training import parameters_on_meta
-
+    the meta device, for the FSDP2 ranks that receive their shards from rank 0 (vl_model.load_compass)."""
     if model == "tiny":
         with parameters_on_meta(on_meta):
-            m, processor = reward.build_compass(0, words_from=TEXTS)
+            m, processor = VL.build_compass(0, words_from=TEXTS)
         return (m if on_meta else m.to(device=device, dtype=dtype)), processor
-    return reward.load_compass(str(presets.mini_refreward()) if model == "mini" else model, dtype=dtype,
-                               device=device, on_meta=on_meta)
+    return VL.load_compass(str(presets.mini_refreward()) if model == "mini" else model, dtype=dtype,
+                           device=device, on_meta=on_meta)
+
+
+# =====================================================================================================
+# 5. The seam into the OARS RL stages (rl_fr.py / rl_nr.py --reward refreward)
+# =====================================================================================================
+
+
+@dataclass
+class Options:
+    """RefReward-SR as the RL reward (--reward refreward)"""
+
+    refreward_model: str = "out/refreward"
+    """the judge, in-process (--reward-url serves it instead): the folder train_refreward.py wrote (default: its
+    default output), 'mini' or 'tiny'"""
+    refreward_mode: str = "winrate"
+    """'winrate' (every pair of the group asked) or 'anchor' (each sample against the bicubic upscale)"""
+
+
+def group_reward(options: Options, url: str | None, model_name: str, concurrency: int,
+                 device: str | torch.device = "cpu") -> Callable[[dict, torch.Tensor], reward.Scores]:
+    """The RL reward of one group: (dataset item with its "lr", K decoded samples (K,3,H,W)) -> reward.Scores
+    whose Eq.4 value is each sample's pairwise reward (RefRewardScorer.score_group)."""
+    model, processor = (None, None) if url else load_refreward(options.refreward_model, device=str(device))
+    scorer = RefRewardScorer(model, processor, url=url, model_name=model_name, mode=options.refreward_mode,
+                             concurrency=concurrency)
+    return lambda item, srs: scorer.score_group(data.to_pil(item["lr"]), [data.to_pil(s) for s in srs])

@@ -1,9 +1,10 @@
-"""Flow-GRPO (Liu et al. 2025): trajectory-level policy-gradient RL for flow matching, as pure functions.
+"""Flow-GRPO (Liu et al. 2025): trajectory-level policy-gradient RL for flow matching, the paper's Table 7 baseline.
 
 OARS trains with the forward-process NFT objective (nft.py) and compares it with Flow-GRPO (appendix,
 "Comparison with Flow-GRPO", Table 7), which treats every denoising step as an action of a stochastic
 policy. `rl_fr.py --objective flow_grpo` (and rl_nr.py) runs it in the same loop, data, rewards, group
-filter and LoRA-on-base as NFT; only the rollout and the update differ:
+filter and LoRA-on-base as NFT; only the rollout and the update differ. The top of this file is the math
+as pure functions; the bottom (`FlowGRPO`) is the objective the RL loop calls:
 
     1. rollout: the deterministic Euler ODE becomes an SDE with the same marginals (noise level a),
            x_{j+1} = mean(x_j, v_theta(x_j, s_j)) + std_j sqrt(s_j - s_{j+1}) z,    z ~ N(0, I)   -> sde_step
@@ -20,19 +21,23 @@ dt = s_{j+1} - s_j < 0. Defaults are the public code's (yifan123/flow_grpo, conf
 (global_std) with eps 1e-4. Its Qwen-Image-Edit-2509 configuration uses noise level 0.9 and an SDE
 window of 4 of 10 steps; pass those values to reproduce it.
 
-Every function is pure torch and copyable alone.
+The math functions are pure torch (`sde_step` composes `sde_noise_std`, `sde_step_mean` and
+`gaussian_log_prob`; copy them together); `FlowGRPO` uses them with the backbone.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["clipped_surrogate", "gaussian_log_prob", "group_advantages", "sde_kl", "sde_noise_std", "sde_step",
-           "sde_step_mean", "train_step_indices"]
+from common import backbone as B
+
+__all__ = ["FlowGRPO", "Options", "Trajectory", "clipped_surrogate", "gaussian_log_prob", "group_advantages",
+           "sde_kl", "sde_noise_std", "sde_step", "sde_step_mean", "train_step_indices"]
 
 
 def sde_noise_std(sigma: Tensor, sigma_max: float, noise_level: float = 0.7) -> Tensor:
@@ -195,3 +200,134 @@ def sde_kl(mean: Tensor, mean_ref: Tensor, std_t: Tensor) -> Tensor:
     """
     shape = (-1,) + (1,) * (mean.ndim - 1)
     return ((mean - mean_ref.detach()) ** 2 / (2 * std_t.view(shape) ** 2)).mean(dim=tuple(range(1, mean.ndim)))
+
+
+# ====================================================================================================
+# The objective for the RL loop (rl_fr.run): rollout, advantages, update
+# ====================================================================================================
+
+
+@dataclass
+class Options:
+    """Flow-GRPO options (--objective flow_grpo; None = the public code's default, `DEFAULTS`)"""
+
+    noise_level: float | None = None
+    """SDE noise level a (public default 0.7; its Qwen-Image-Edit-2509 config: 0.9)"""
+    clip_range: float | None = None
+    """PPO clip of the likelihood ratio (public default 1e-4)"""
+    adv_clip: float | None = None
+    """advantage clip (public default 5)"""
+    timestep_fraction: float | None = None
+    """train the first int(rollout steps x fraction) steps (public default 0.99: all but the last)"""
+
+
+DEFAULTS = Options(noise_level=0.7, clip_range=1e-4, adv_clip=5.0, timestep_fraction=0.99)
+
+
+@dataclass
+class Trajectory:
+    """What Flow-GRPO keeps of one group's SDE rollouts for its update (the memory NFT does not need)."""
+
+    latents: Tensor    # (K,T+1,N,4C) x_0 .. x_T: the inputs and outputs of the T trained steps
+    log_probs: Tensor  # (K,T) log p(x_{j+1} | x_j) under the rollout policy (sde_step)
+
+
+class FlowGRPO:
+    """Flow-GRPO as an objective of the RL loop, on the backbone's adapters ("default" = the policy).
+
+    rollout: the CURRENT policy's SDE, keeping the trained transitions and their log-probabilities;
+    weights: group-normalised advantages; backward: the clipped surrogate on the recorded transitions, in
+    the rollout's own chunks (same samples, same batch size), so before the optimizer step every recomputed
+    log-probability equals the recorded one and the ratio is exactly 1; no old-policy update.
+    """
+
+    name = "flow_grpo"
+
+    def __init__(self, options: Options, rollout_steps: int, rollout_batch: int, std_mode: str, kl_weight: float,
+                 bf16: bool):
+        self.o, self.chunk, self.std_mode, self.kl_weight, self.bf16 = options, rollout_batch, std_mode, kl_weight, bf16
+        self.trained = train_step_indices(rollout_steps, options.timestep_fraction)
+        self.terms = len(self.trained)  # loss terms per kept sample: the normaliser counts (sample, step) pairs
+        self.ratios: list[Tensor] = []
+
+    @torch.no_grad()
+    def rollout(self, bb: B.Backbone, cond: B.Condition, k: int, sigmas: Tensor,
+                generator: torch.Generator) -> tuple[Tensor, Trajectory]:
+        """K samples of the current policy with every Euler step made stochastic (`sde_step`); the first
+        T trained transitions and their log-probabilities are kept. Returns (x0 (K,N,4C), Trajectory)."""
+        noise = B.initial_noise(cond, k, generator)
+        tr, dt, device = bb.transformer, cond.image_latents.dtype, cond.image_latents.device
+        x0s, paths, log_probs = [], [], []
+        with B.active_adapter(tr, "default"):
+            for i in range(0, k, self.chunk):
+                x = noise[i:i + self.chunk].to(device, torch.float32)
+                m = x.shape[0]
+                cond_m = B.repeat_condition(cond, m)
+                path, lps = [x], []
+                for j in range(len(sigmas) - 1):
+                    s, s_next = sigmas[j].expand(m).to(device), sigmas[j + 1].expand(m).to(device)
+                    with B.autocast(device, self.bf16):  # the update's autocast: ratios are exactly 1 at first
+                        v = B.velocity(tr, x.to(dt), s, cond_m)
+                    x, lp, _, _ = sde_step(x, v, s, s_next, float(sigmas[1]), self.o.noise_level, generator)
+                    if j in self.trained:
+                        path.append(x)
+                        lps.append(lp)
+                x0s.append(x)
+                paths.append(torch.stack(path, dim=1))
+                log_probs.append(torch.stack(lps, dim=1))
+        return torch.cat(x0s), Trajectory(torch.cat(paths), torch.cat(log_probs))
+
+    def weights(self, rewards: Tensor, group_ids: Tensor) -> Tensor:
+        """(N,) group-normalised, clipped advantages (NaN rewards give 0)."""
+        return group_advantages(rewards, group_ids, self.std_mode, clip=self.o.adv_clip)
+
+    def step_loss(self, bb: B.Backbone, cond_m: B.Condition, x: Tensor, x_next: Tensor, s: Tensor, s_next: Tensor,
+                  sigma_max: float, old_log_prob: Tensor, advantages: Tensor) -> tuple[Tensor, Tensor]:
+        """One recorded transition x_j -> x_{j+1} of m samples: (per-sample loss (m,), log-probabilities (m,))."""
+        tr = bb.transformer
+        # 1. the current policy's transition, with gradients
+        with B.autocast(x.device, self.bf16):
+            v = B.velocity(tr, x.to(cond_m.image_latents.dtype), s, cond_m)
+        _, lp, mean, std_t = sde_step(x, v, s, s_next, sigma_max, self.o.noise_level, x_next=x_next)
+        # 2. PPO-clipped likelihood ratio against the rollout's log-probability
+        loss = clipped_surrogate(lp, old_log_prob, advantages, self.o.clip_range)  # (m,)
+        if self.kl_weight > 0:  # 3. optional KL to the reference transition (adapters disabled)
+            with torch.no_grad(), B.active_adapter(tr, None), B.autocast(x.device, self.bf16):
+                v_ref = B.velocity(tr, x.to(cond_m.image_latents.dtype), s, cond_m)
+            mean_ref = sde_step_mean(x.float(), v_ref.float(), s.float(), s_next.float(), std_t)
+            loss = loss + self.kl_weight * sde_kl(mean, mean_ref, std_t)
+        return loss, lp
+
+    def backward(self, bb: B.Backbone, cond: B.Condition, sigmas: Tensor, x0: Tensor, trajectory: Trajectory,
+                 kept: Tensor, advantages: Tensor, generator: torch.Generator, normaliser: float) -> float:
+        """Accumulate d/dtheta over one group's kept samples and trained steps; each (sample, step) loss divided
+        by `normaliser` (kept samples x trained steps over all ranks). Returns the summed loss."""
+        total = 0.0
+        for i in range(0, trajectory.latents.shape[0], self.chunk):
+            keep = kept[i:i + self.chunk]
+            if not bool(keep.any()):
+                continue
+            lat, old_lp = trajectory.latents[i:i + self.chunk], trajectory.log_probs[i:i + self.chunk]
+            adv, keep = advantages[i:i + self.chunk].nan_to_num(0.0), keep.to(lat.device)
+            m = lat.shape[0]
+            cond_m = B.repeat_condition(cond, m)
+            for j in range(trajectory.log_probs.shape[1]):
+                s, s_next = sigmas[j].expand(m).to(lat.device), sigmas[j + 1].expand(m).to(lat.device)
+                loss, lp = self.step_loss(bb, cond_m, lat[:, j], lat[:, j + 1], s, s_next, float(sigmas[1]),
+                                          old_lp[:, j], adv)
+                loss = loss * keep
+                (loss.sum() / normaliser).backward()
+                total += float(loss.detach().sum())
+                self.ratios.append(torch.exp(lp - old_lp[:, j]).detach()[keep].cpu())
+        return total
+
+    def after_step(self, step: int) -> None:
+        """Flow-GRPO samples the current policy: no old policy to update."""
+
+    def stats(self) -> dict[str, float]:
+        """How far this step's likelihood ratios were from 1 (exactly 0 before the update), then reset."""
+        if not self.ratios:
+            return {}
+        ratio, self.ratios = torch.cat(self.ratios), []
+        return dict(ratio_max_deviation=float((ratio - 1).abs().max()),
+                    clipped_fraction=float(((ratio - 1).abs() > self.o.clip_range).float().mean()))

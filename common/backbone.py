@@ -55,7 +55,6 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     calculate_shift,
 )
 from safetensors import safe_open
-from safetensors.torch import load_file
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -64,10 +63,10 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-import presets
-import training as T
-from byte_tokenizer import build_byte_tokenizer
-from data import to_pil
+from common import presets
+from common import training as T
+from common.byte_tokenizer import build_byte_tokenizer
+from common.data import to_pil
 
 REAL_MODEL = "Qwen/Qwen-Image-Edit-2509"
 
@@ -208,7 +207,7 @@ def load_backbone(model: str = "tiny", dtype: torch.dtype = torch.float32, devic
     if model == "tiny":
         parts = build_tiny_components(seed, transformer_on_meta=transformer_on_meta)
     else:
-        path = presets.mini_backbone() if model == "mini" else Path(model)  # "mini": files checked, named
+        path = presets.mini_backbone() if model == "mini" else Path(T.find_checkpoint(model, "--model", REAL_MODEL))
         if path.exists() and not (path / "model_index.json").exists():
             raise T.RunError(
                 f"--model {model}: folder has no model_index.json. Pass a diffusers pipeline folder "
@@ -220,8 +219,9 @@ def load_backbone(model: str = "tiny", dtype: torch.dtype = torch.float32, devic
                     config = QwenImageTransformer2DModel.load_config(str(path), subfolder="transformer")
                     extra["transformer"] = QwenImageTransformer2DModel.from_config(config)
             pipe = QwenImageEditPlusPipeline.from_pretrained(str(path), dtype=dtype, **extra)
-        except OSError as err:  # not on disk and not downloadable (offline, a typo): one line, not three tracebacks
-            raise T.RunError(missing_checkpoint(model, "--model", REAL_MODEL, err)) from None
+        except OSError as err:  # not downloadable (a typo, no access): one line, not three tracebacks
+            raise T.RunError(f"--model {model}: could not be loaded ({type(err).__name__}: {str(err)[:200]}). Pass a "
+                             f"download of {REAL_MODEL}, or --model mini / --model tiny.") from None
         parts = dict(transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder,
                      processor=pipe.processor, scheduler=pipe.scheduler)
     single_frame_convs(parts["vae"])
@@ -244,15 +244,6 @@ def text_encoder_on(backbone: Backbone, device: str | torch.device):
         yield backbone
     finally:
         backbone.text_encoder.to(home)
-
-
-def missing_checkpoint(name: str, flag: str, real: str, err: BaseException) -> str:
-    """The one-line message for a checkpoint that is neither a local folder nor downloadable."""
-    looks_local = name.startswith((".", "/", "~")) or Path(name).suffix or name.count("/") != 1
-    where = "no such folder" if looks_local else "not in the local Hugging Face cache and not downloadable here"
-    return (f"{flag} {name}: {where} ({type(err).__name__}). Download {real} on a machine with access "
-            f"(`huggingface-cli download {real}`) and pass its folder or set HF_HOME, or pass {flag} mini "
-            f"(the trained laptop preset) or {flag} tiny (random weights, for tests).")
 
 
 class SingleFrameCausalConv3d(QwenImageCausalConv3d):
@@ -605,6 +596,30 @@ def load_transformer_weights(transformer: QwenImageTransformer2DModel, path: str
         with torch.no_grad():
             for key, target in own.items():
                 target.copy_(f.get_tensor(key).to(target.dtype))
+
+
+@contextmanager
+def active_adapter(transformer: QwenImageTransformer2DModel, name: str | None):
+    """Run with LoRA adapter `name` active (None = adapters disabled: the base, the RL reference); then back
+    to "default", the trainable one. peft's set_adapter moves requires_grad to the active adapter, so the
+    trainable adapter is always active again before the caller's backward."""
+    if name is None:
+        transformer.disable_adapters()
+    else:
+        transformer.set_adapter(name)
+    try:
+        yield
+    finally:
+        if name is None:
+            transformer.enable_adapters()
+        transformer.set_adapter("default")
+
+
+def autocast(device: torch.device, bf16: bool) -> torch.autocast:
+    """THE autocast of every policy forward pass, rollouts and updates alike (bf16 runs; a no-op otherwise).
+    A rollout without it and an update with it differ by ~3e-5 in Flow-GRPO's likelihood ratio before any
+    step (its clip range is 1e-4): peft computes the LoRA in float32 outside autocast, in bf16 inside."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(bf16))
 
 
 def add_lora(transformer: QwenImageTransformer2DModel, rank: int = 32, alpha: int = 64,

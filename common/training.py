@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import sys
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -86,6 +87,31 @@ class RunError(Exception):
     """The run cannot go on for a reason its message names in full (a flag, a file, a missing checkpoint, a
     server that stays down, another rank's failure): `run_script` prints it as ONE line and exits with
     status 2, no traceback (tracebacks are for bugs)."""
+
+
+def find_checkpoint(name: str, flag: str, real: str) -> str:
+    """A model given by folder or hub name -> what `from_pretrained` should load, or RunError in ONE line.
+
+    An existing folder is used as it is. Otherwise a hub name ("org/name") is looked up in the local Hugging
+    Face cache (quietly); when it is not there and the machine is offline (HF_HUB_OFFLINE=1, as on the laptops
+    the presets are for), or it cannot be a hub name, the error names the flag, the checkpoint and the way out
+    at once, before any other work and without the hub client's retries and tracebacks. Online,
+    `from_pretrained` downloads it."""
+    if Path(name).expanduser().exists():
+        return name
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return snapshot_download(name, local_files_only=True)
+        except LocalEntryNotFoundError:
+            if not offline:
+                return name
+    raise RunError(f"{flag} {name}: no such folder, and not in the local Hugging Face cache of this offline machine. "
+                   f"Pass a folder (e.g. a download of {real}: `huggingface-cli download {real}`, or set HF_HOME), "
+                   f"or {flag} mini (the trained laptop preset) or {flag} tiny (random weights, for tests).")
 
 
 def run_script(main: Callable[[], Any]) -> None:
@@ -229,12 +255,13 @@ def raise_if_any_rank_failed(error: BaseException | None) -> None:
     lengths = [int(c) for c in all_gather(codes)]
     if not any(lengths):
         return
+    # every rank takes part in the second gather too: the failed ranks' messages as bytes, padded to the longest
+    # (tensors, so it works the same on NCCL)
+    text = torch.zeros(max(lengths), dtype=torch.uint8)
+    text[:len(mine.encode())] = torch.tensor(list(mine.encode()), dtype=torch.uint8)
+    messages = [bytes(m[:n].tolist()).decode(errors="replace") for m, n in zip(all_gather(text), lengths)]
     if error is not None:
         raise error
-    # a failed rank's message, as bytes padded to the longest (tensors, so it works the same on NCCL)
-    width = max(lengths)
-    text = torch.zeros(width, dtype=torch.uint8)
-    messages = [bytes(m[:n].tolist()).decode(errors="replace") for m, n in zip(all_gather(text), lengths)]
     first = next(r for r, n in enumerate(lengths) if n)
     raise RankFailure(f"rank {first} failed: {messages[first]}")
 
@@ -822,27 +849,33 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def add_dataclass_args(parser, cls, defaults: dict | None = None) -> None:
-    """One --flag per dataclass field (underscores -> dashes), its docstring as help.
+def add_dataclass_args(parser, cls, defaults: dict | None = None, exclude: Sequence[str] = ()) -> None:
+    """One --flag per dataclass field (underscores -> dashes), its docstring as help, its default shown.
 
     Fields without a default are required; a list field takes several values (`--x a b`, replacing the
     default); a tuple field is repeatable and accumulates (`--x a --x b c`). Fields documented as
-    "(filled at run time)" are skipped; `defaults` overrides field defaults.
+    "(filled at run time)" and the names in `exclude` are skipped; `defaults` overrides field defaults. A
+    field whose default is itself an argument dataclass (e.g. the options of one objective) becomes an
+    argument group of its own flags, titled by that class's docstring.
     """
     import argparse
-    from dataclasses import MISSING, fields
+    from dataclasses import MISSING, fields, is_dataclass
 
     docs, defaults = field_docs(cls), defaults or {}
     for f in fields(cls):
         help_text = docs.get(f.name, "").replace("%", "%%")
-        if help_text.startswith("(filled at run time)"):
+        if help_text.startswith("(filled at run time)") or f.name in exclude:
+            continue
+        default = defaults.get(f.name, f.default_factory() if f.default_factory is not MISSING else f.default)
+        if is_dataclass(default):  # a group of options that belongs to one part (its own module defines it)
+            title = (type(default).__doc__ or f.name).strip().split("\n")[0]
+            add_dataclass_args(parser.add_argument_group(title), type(default), defaults, exclude)
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = defaults.get(f.name, f.default_factory() if f.default_factory is not MISSING else f.default)
         kind = str(f.type)
         conv = int if kind.startswith("int") else float if kind.startswith("float") else str
         if default is MISSING:
-            parser.add_argument(flag, type=conv, required=True, help=help_text)
+            parser.add_argument(flag, type=conv, required=True, help=help_text + " (required)")
         elif kind.startswith("bool"):  # "bool" or "bool | None" (None = decided at run time, the help says how)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif isinstance(default, tuple):
@@ -853,10 +886,26 @@ def add_dataclass_args(parser, cls, defaults: dict | None = None) -> None:
             parser.add_argument(flag, type=conv, default=default, help=help_text)
 
 
-def parse_dataclass_args(cls, argv: list[str] | None = None, description: str = "", defaults: dict | None = None):
-    """Parse a command line into an instance of the argument dataclass `cls`."""
+def dataclass_from_namespace(cls, values: dict):
+    """Build `cls` from parsed flag values; argument-dataclass fields are built from their own flags."""
+    from dataclasses import MISSING, fields, is_dataclass
+
+    kwargs = {}
+    for f in fields(cls):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if is_dataclass(default):
+            kwargs[f.name] = dataclass_from_namespace(type(default), values)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
+def parse_dataclass_args(cls, argv: list[str] | None = None, description: str = "", defaults: dict | None = None,
+                         exclude: Sequence[str] = ()):
+    """Parse a command line into an instance of the argument dataclass `cls` -> (args, parser). `--help` shows
+    every option with its help text and default."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=description)
-    add_dataclass_args(parser, cls, defaults)
-    return cls(**vars(parser.parse_args(argv))), parser
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_args(parser, cls, defaults, exclude)
+    return dataclass_from_namespace(cls, vars(parser.parse_args(argv))), parser

@@ -39,16 +39,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import backbone as B
-import data
-import photos
-import presets
 import reward
-import training as T
-from build_mini_backbone import eval_set
+from common import backbone as B
+from common import data, presets
+from common import training as T
+from evaluation import evaluate
 from infer import load_policy
+from mini import photos
+from mini.build_backbone import eval_set
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from there
 
 # The held-out evaluation: crops of photos.HELDOUT (never trained on), LR by data.py's degradation.
 EVAL_SEED = 500
@@ -64,7 +64,6 @@ LOWER_BETTER = {"PIQE"}
 @dataclass
 class HeldOut:
     """The fixed held-out set: HR crops (N,3,64,64) and their LR (N,3,16,16)."""
-
     hr: torch.Tensor
     lr: torch.Tensor
 
@@ -82,8 +81,6 @@ def evaluate_policy(bb: B.Backbone, held_out: HeldOut, scorer, steps: int = 40, 
     COMPASS scorer (reward.make_scorer): F, Q_LR, Q_SR from the (LR, SR) pair with the fidelity prompt,
     R = Eq.4 with `gamma`.
     """
-    import evaluate
-
     sr = B.super_resolve_many(bb, held_out.lr, steps, seed)
     out = {name: [float(v) for v in evaluate.create_metric(name)(sr, held_out.hr).flatten()]
            for name in ("PSNR", "SSIM")}
@@ -114,7 +111,6 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 @dataclass
 class Settings:
     """Hyper-parameters shared by every row (no per-row tuning)."""
-
     group_size: int = 8
     rollout_steps: int = 6
     lr: float = 3e-4  # the paper's (§5.1), shared by every row

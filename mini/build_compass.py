@@ -24,7 +24,7 @@ photographs that ship inside installed packages (photos.py; the HELDOUT photos a
                   role of the paper's trained compare model), stage 3 = Eq.2-3 calibration
     4. train      `train_compass.py train` from the pretrained model (answer-only loss, cosine LR; --augment
                   flips/rotates each pair at random)           -> mini/compass/  (save_pretrained)
-    5. eval       `train_compass.py eval` on the held-out groups in the SRIQA-Bench layout (MOS = 20 x Eq.4 of
+    5. eval       `python -m evaluation.sriqa` on the held-out groups in the SRIQA-Bench layout (MOS = 20 x Eq.4 of
                   the calibrated labels), answer parse rate, Spearman of predicted F and Q_SR with the labels,
                   and the Table 3 cases: models trained the same way on absolute labels / without F, and
                   gamma 5 / 7 / 9 / linear                            -> mini/compass_eval.{md,json}
@@ -56,24 +56,28 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import backbone as B
-import data
-import photos
-import presets
 import reward
-import training as T
-from build_mini_backbone import gaussian_blur, plain_lr
+from common import backbone as B
+from common import compass_text as CT
+from common import data, presets
+from common import training as T
+from common import vl_model as VL
+from common.data import load_image, to_pil
+from evaluation.sriqa import write_sriqa_layout
+from mini import photos
+from mini.build_backbone import gaussian_blur, plain_lr
+from train_compass import load_records
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from there
 
-# The mini architecture (reward.build_compass): ~2.6M parameters.
+# The mini architecture (VL.build_compass): ~2.6M parameters.
 MINI_COMPASS = dict(
     text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
               num_key_value_heads=2, head_dim=32, mrope_section=[4, 6, 6]),
     vision=dict(depth=3, hidden_size=96, intermediate_size=256, num_heads=4, deepstack_visual_indexes=[1, 2]),
     patch_size=4, min_pixels=32 * 32, max_pixels=128 * 128,
 )
-TEXTS = ["Input image:", "\nEnhanced image:", reward._TASK_FULL, reward._TASK_QUALITY]  # words -> tokens
+TEXTS = ["Input image:", "\nEnhanced image:", CT.TASK_FULL, CT.TASK_QUALITY]  # words -> tokens
 GENERATIVE = ("mini_base", "mini_base_6", "mini_sft", "mini_sft_6", "mini_sft_sharpened")
 
 
@@ -315,9 +319,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def label_agreement(model: str, records: list, root: Path, views: int = 1) -> dict:
     """Answer parse rate (free generation) and Spearman of predicted F / Q_SR / Q_LR (read over `views`
     orientations) with the labels."""
-    from data import load_image, to_pil
-
-    compass, processor = reward.load_compass(model)
+    compass, processor = VL.load_compass(model)
     lr = [to_pil(load_image(root / r.lr)) for r in records]
     sr = [to_pil(load_image(root / r.sr)) for r in records]
     free = reward.LocalScorer(compass, processor, synthetic=True, mode="text").score(lr, sr)
@@ -334,8 +336,6 @@ def agreement_check(folder: Path, groups: int, seed: int, backbone: str, sft: st
                     fidelity: str = "ssim", views: int = 1) -> dict:
     """label_agreement on `groups` held-out groups rebuilt from seeds (candidates, `annotate`, scoring):
     the build records it in compass_eval.json and the tests recompute it from the shipped weights."""
-    from train_compass import load_records
-
     if folder.exists():
         shutil.rmtree(folder)
     compass_data(folder, photos.HELDOUT, groups, seed + 22, B.load_backbone(backbone), sft)
@@ -352,8 +352,6 @@ QUICK = dict(pretrain_groups=3, pretrain_epochs=1, train_groups=3, heldout_group
 
 
 def main(argv: list[str] | None = None) -> None:
-    from train_compass import load_records, write_sriqa_layout
-
     args, parser = T.parse_dataclass_args(Args, argv, __doc__.split("\n")[0])
     if args.stage not in ("all", "pretrain", "data", "annotate", "train", "eval", "refreward"):
         parser.error(f"--stage {args.stage}: choose all, pretrain, data, annotate, train, eval or refreward")
@@ -391,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
             config = {**MINI_COMPASS, "patch_size": args.patch_size,
                       "text": {**MINI_COMPASS["text"], "rope_theta": args.rope_theta,
                                "num_hidden_layers": args.text_layers}}
-            model, processor = reward.build_compass(args.seed, words_from=TEXTS, **config)
+            model, processor = VL.build_compass(args.seed, words_from=TEXTS, **config)
             model.save_pretrained(init)
             processor.save_pretrained(init)
         folder = work / "pretrain"
@@ -438,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = {}
 
         def accuracy(name: str, model: Path, *extra: str) -> None:
-            run(["train_compass.py", "eval", "--model", str(model), "--sriqa-root", str(sriqa), "--out",
+            run(["-m", "evaluation.sriqa", "--model", str(model), "--sriqa-root", str(sriqa), "--out",
                  str(work / f"eval_{name}"), "--baselines", "PSNR", "SSIM", "--device", "cpu", "--views",
                  str(args.views), *extra],
                 work / f"eval_{name}.log")
@@ -469,9 +467,9 @@ def main(argv: list[str] | None = None) -> None:
         """RefReward-SR on the same data: pairs from the annotations, GRPO from the pretrained model, held-out
         accuracy (its own and in the SRIQA table next to COMPASS)."""
         for split in ("train", "heldout"):
-            run(["train_refreward.py", "pairs", "--compass", str(work / split / f"{split}.jsonl"), "--out",
+            run(["-m", "refreward_sr.train_refreward", "pairs", "--compass", str(work / split / f"{split}.jsonl"), "--out",
                  str(work / split / "pairs.jsonl")], work / f"pairs_{split}.log")
-        run(["train_refreward.py", "train", "--model", str(pretrained), "--data",
+        run(["-m", "refreward_sr.train_refreward", "train", "--model", str(pretrained), "--data",
              str(work / "train" / "pairs.jsonl"), "--out", str(work / "refreward"), "--warmup-steps",
              str(args.refreward_warmup), "--steps", str(args.refreward_steps), "--prompts",
              str(args.refreward_prompts), "--group", str(args.refreward_group),
@@ -479,9 +477,9 @@ def main(argv: list[str] | None = None) -> None:
              "--resume", "latest"], work / "train_refreward.log")
         final = out / "refreward"
         publish(work / "refreward", final, "*.jsonl", "reference.safetensors", "args.json")
-        run(["train_refreward.py", "eval", "--model", str(final), "--data", str(work / "heldout" / "pairs.jsonl"),
+        run(["-m", "refreward_sr.train_refreward", "eval", "--model", str(final), "--data", str(work / "heldout" / "pairs.jsonl"),
              "--out", str(out / "refreward_eval.json")], work / "eval_refreward_pairs.log")
-        run(["train_compass.py", "eval", "--model", str(out / "compass"), "--refreward", str(final), "--sriqa-root",
+        run(["-m", "evaluation.sriqa", "--model", str(out / "compass"), "--refreward", str(final), "--sriqa-root",
              str(work / "sriqa_heldout"), "--out", str(work / "eval_refreward"), "--baselines", "PSNR", "SSIM",
              "--device", "cpu"], work / "eval_refreward.log")
         add_sriqa_table(out / "refreward_eval.json", work / "eval_refreward" / "sriqa_accuracy.csv")

@@ -8,7 +8,7 @@ Every stage runs as a user would run it: the real command lines in subprocesses,
     1. cold start      train_sft.py on the mini BASE (Eq.5) for a few steps: the loss falls. The shipped
                        mini SFT (`--sft mini`) is this same command run for 3500 steps by
                        build_mini_backbone.py; the stages below use it
-    2. COMPASS         train_compass.py annotate (Eq.1-3) on held-out groups and eval (Table 1 layout) of the
+    2. COMPASS         train_compass.py annotate (Eq.1-3) on held-out groups and evaluation/sriqa.py (Table 1 layout) of the
                        shipped mini COMPASS (trained by build_mini_compass.py)
     3. FR RL           rl_fr.py --model mini: LoRA on the BASE, F = SSIM to the HR, Q from the mini COMPASS
     4. NR RL           rl_nr.py --lora fr.safetensors, every reward from the mini COMPASS served by
@@ -38,11 +38,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import photos
-import presets
-from data import degrade, item_seed, list_images, load_image, save_image
+import reward
+from common import backbone as B
+from common import presets
+from common.data import degrade, item_seed, list_images, load_image, save_image
+from evaluation.sriqa import write_sriqa_layout
+from mini import photos, serving
+from mini.build_compass import GENERATIVE, annotate_command, compass_data
+from mini.miniature import HeldOut, evaluate_policy, policy
+from train_compass import load_records
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from there
 PY = sys.executable
 # No hub access is assumed: metrics whose weights are not cached are reported unavailable at once.
 STAGE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -68,8 +74,6 @@ def run(cmd: list[str], log: Path, title: str) -> None:
 
 def make_data(root: Path, n_train: int, n_lq: int, n_test: int) -> dict[str, Path]:
     """HR crops (96 px) of the training photos, degraded LR of other training crops, held-out LR/HR."""
-    from miniature import HeldOut
-
     dirs = {k: root / k for k in ("hr_train", "lq", "lr_test", "hr_test")}
     g = torch.Generator().manual_seed(11)
     for i, crop in enumerate(photos.random_crops(photos.TRAIN, n_train, 96, g)):
@@ -174,7 +178,7 @@ def write_report(out: Path, dirs: dict[str, Path], timings: dict[str, float], qu
         f"- flow-matching loss, mean of the first {k} steps: **{np.mean(losses[:k]):.4f}**, "
         f"of the last {k} steps: **{np.mean(losses[-k:]):.4f}** ({len(losses)} steps; the shipped mini SFT ran "
         "3500 steps of this command)", "",
-        "## 2. COMPASS reward model (shipped mini COMPASS, train_compass.py annotate / eval)", "",
+        "## 2. COMPASS reward model (shipped mini COMPASS, train_compass.py annotate, evaluation/sriqa.py)", "",
         "Pairwise preference accuracy on held-out groups (photos never trained on; MOS = 20 x Eq.4 of the labels "
         "that `annotate` made; PSNR and SSIM see the HR, COMPASS does not):", "",
         "| type | method | Reg-Acc | Gen-Acc | All-Acc | pairs | note |", "|---|---|---|---|---|---|---|",
@@ -247,16 +251,13 @@ def main(argv: list[str] | None = None) -> Path:
     done("1. cold start (SFT)")
 
     stage("2. COMPASS reward model")
-    import backbone as B
-    from build_mini_compass import GENERATIVE, annotate_command, compass_data
-    from train_compass import load_records, write_sriqa_layout
 
     groups = out / "data" / "compass_heldout"
     compass_data(groups, photos.HELDOUT, n["groups"], 13, B.load_backbone("mini"), "mini")
     run(["python", *annotate_command(groups, groups / "heldout.jsonl")], out / "annotate.log", "annotation")
     write_sriqa_layout(load_records(groups / "heldout.jsonl", groups), groups, out / "data" / "sriqa_heldout",
                        generative=lambda method: method in GENERATIVE)
-    run(["python", "train_compass.py", "eval", "--model", "mini", "--sriqa-root", str(out / "data" / "sriqa_heldout"),
+    run(["python", "-m", "evaluation.sriqa", "--model", "mini", "--sriqa-root", str(out / "data" / "sriqa_heldout"),
          "--out", str(out / "compass_eval"), "--baselines", "PSNR", "SSIM", "--device", "cpu", "--views",
          str(a.eval_views)],
         out / "compass_eval.log", "COMPASS evaluation")
@@ -273,7 +274,6 @@ def main(argv: list[str] | None = None) -> Path:
     done("3. full-reference RL")
 
     stage("4. non-reference RL (mini COMPASS served on 127.0.0.1)")
-    import serving
 
     with serving.serve_locally(presets.MINI_COMPASS, log_path=out / "compass_server.log") as url:
         tqdm.write(f"  reward server: {url} (transformers serve, pid-managed)")
@@ -293,8 +293,6 @@ def main(argv: list[str] | None = None) -> Path:
     done("5. inference")
 
     stage("6. before / after RL on the held-out set")
-    import reward
-    from miniature import HeldOut, evaluate_policy, policy
 
     held_out, scorer = HeldOut.make(n["test"] * 2), reward.make_scorer("mini", views=a.eval_views)
     before_after = {name: evaluate_policy(policy("mini", lora), held_out, scorer, n["infer_steps"])[0]
