@@ -5,10 +5,10 @@ weights obtained from the cold start (SFT) stage." The LoRA was trained on the B
 rl_nr.py) and is added to the SFT weights here: W = W_SFT + (alpha/r) * B A.
 
 Tiny or mini preset (CPU, seconds):
-    python infer.py --model tiny --input lr.png --output out/sr --steps 4
-    python infer.py --model mini --sft mini --input lr.png --output out/sr          # a trained model
+    python infer.py --model tiny --input lr.png --out out/sr --steps 4
+    python infer.py --model mini --sft mini --input lr.png --out out/sr          # a trained model
 Full scale (one GPU, 40 steps as §5.1; --model defaults to Qwen/Qwen-Image-Edit-2509):
-    python infer.py --sft out/sft --lora out/nr.safetensors --input data/RealSR/test_LR --output out/sr
+    python infer.py --sft out/sft --lora out/nr.safetensors --input data/RealSR/test_LR --out out/sr
     # optional: --hr data/RealSR/test_HR  (writes the metric table of the paper's Table 2, see evaluate.py)
 
 Writes one PNG per input with the same stem, exactly `scale` times the input size. Inputs whose output
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import backbone as B
+from common import presets
 from common import training as T
 from common.data import ImageReadError, list_images, load_image, save_image
 from evaluation import evaluate
@@ -40,8 +41,8 @@ MIN_LR_SIDE = 8
 class Args:
     input: str
     """an LR image file or a folder of them"""
-    output: str = "out/sr"
-    """output folder (one PNG per input, same stem)"""
+    out: str = "out/sr"
+    """output folder (one PNG per input, same stem); must not be the input folder or inside it"""
     model: str = B.REAL_MODEL
     """the BASE weights: Qwen/Qwen-Image-Edit-2509 (paper) or its local diffusers folder; 'mini' (the trained
     laptop preset, with --sft mini) or 'tiny'"""
@@ -55,10 +56,11 @@ class Args:
     """noise seed (the same for every image, so one image's result does not depend on the others)"""
     scale: int = 4
     """upscaling factor (the model is trained for 4x)"""
-    process_size: int = 512
-    """largest output tile side in pixels processed at once (paper: 512); larger outputs are tiled"""
-    tile_overlap: int = 64
-    """overlap between output tiles in pixels"""
+    process_size: int | None = None
+    """largest output tile side in pixels processed at once; larger outputs are tiled. Default: 512 (paper) for the
+    real model, the size the mini preset was trained on (64) for --model mini, which cannot run larger tiles"""
+    tile_overlap: int | None = None
+    """overlap between output tiles in pixels (default: a quarter of the tile: 64 real, 16 mini)"""
     color_fix: str = "none"
     """'adain' | 'wavelet' | 'none': match colours to the bicubic upscale (not in the paper: off by default)"""
     dtype: str = "auto"
@@ -67,10 +69,10 @@ class Args:
     """'auto' (CUDA when available), 'cuda', 'cpu'"""
     prompt: str = B.DEFAULT_PROMPT
     """the "enhance" instruction c"""
-    hr: str | None = None
+    hr_dir: str | None = None
     """optional HR folder: evaluate the outputs against it (paired by file name) and print the table"""
     metrics: list[str] = field(default_factory=lambda: list(evaluate.DEFAULT_METRICS))
-    """with --hr: evaluate.py columns or pyiqa names (default: Table 2's; `PSNR SSIM piqe` need no downloads)"""
+    """with --hr-dir: evaluate.py columns or pyiqa names (default: Table 2's; `PSNR SSIM piqe` need no downloads)"""
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -81,6 +83,14 @@ def parse_args(argv: list[str] | None = None) -> Args:
         p.error(f"--dtype {args.dtype}: choose fp32, bf16 or auto")
     if args.steps < 2:
         p.error(f"--steps {args.steps}: at least 2 (the paper uses 40 at inference)")
+    trained = presets.MINI_TRAINED_SIZE if args.model == "mini" else None
+    if args.process_size is None:
+        args.process_size = trained or 512
+    if trained and args.process_size > trained:  # never run the mini preset at a size it cannot handle
+        p.error(f"--process-size {args.process_size}: the mini preset was trained on {trained} px outputs and turns "
+                f"larger tiles into a uniform mosaic; leave the default ({trained}: larger images are tiled)")
+    if args.tile_overlap is None:
+        args.tile_overlap = args.process_size // 4
     if args.process_size % 16 or args.process_size < 64:
         p.error(f"--process-size {args.process_size}: must be a multiple of 16 and >= 64")
     if not 0 <= args.tile_overlap < args.process_size // 2:
@@ -165,8 +175,20 @@ def _blend_window(h: int, w: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def super_resolve_image(bb: B.Backbone, lr: torch.Tensor, args: Args, generator: torch.Generator) -> torch.Tensor:
-    """LR (3,h,w) in [0,1] -> SR (3, scale*h, scale*w) in [0,1]."""
+class _Share:
+    """A progress bar's share: `update(1)` per Euler step advances `bar` by 1 / (tiles x steps) of an image."""
+
+    def __init__(self, bar, fraction: float):
+        self.bar, self.fraction = bar, fraction
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n * self.fraction)
+
+
+def super_resolve_image(bb: B.Backbone, lr: torch.Tensor, args: Args, generator: torch.Generator,
+                        bar=None) -> torch.Tensor:
+    """LR (3,h,w) in [0,1] -> SR (3, scale*h, scale*w) in [0,1]; `bar` (tqdm, counting images) advances every
+    Euler step, so a large image shows its progress and an ETA."""
     s = args.scale
     h, w = lr.shape[-2:]
     if min(h, w) < MIN_LR_SIDE:
@@ -188,7 +210,9 @@ def super_resolve_image(bb: B.Backbone, lr: torch.Tensor, args: Args, generator:
     for y in ys:
         for x0 in xs:
             patch = x[:, y // s:(y + th) // s, x0 // s:(x0 + tw) // s]
-            sr = B.super_resolve(bb, patch.to(bb.device), args.steps, 1, generator, args.prompt, s).float().cpu()
+            progress = _Share(bar, 1 / (len(ys) * len(xs) * args.steps)) if bar is not None else None
+            sr = B.super_resolve(bb, patch.to(bb.device), args.steps, 1, generator, args.prompt, s,
+                                 progress).float().cpu()
             out[:, :, y:y + th, x0:x0 + tw] += sr * win
             weight[:, :, y:y + th, x0:x0 + tw] += win
     out = out / weight
@@ -196,35 +220,71 @@ def super_resolve_image(bb: B.Backbone, lr: torch.Tensor, args: Args, generator:
     return out[0, :, :h * s, :w * s]
 
 
+def list_inputs(src: Path, out_dir: Path) -> list[Path]:
+    """The input images, refused in ONE line before any work when the outputs would overwrite an input (the output
+    folder is the input folder, or inside it) or when two inputs share a stem (x.png and x.jpg would both be
+    written to x.png)."""
+    if src.is_dir():
+        try:
+            inputs = list_images(src)
+        except ValueError as err:  # no image in the folder
+            raise T.RunError(f"--input {err}") from None
+        if out_dir.resolve() == src.resolve() or src.resolve() in out_dir.resolve().parents:
+            raise T.RunError(f"--out {out_dir}: is the input folder or inside it ({src}); the outputs (same stems, "
+                             f".png) would overwrite or mix with the inputs. Choose another folder.")
+    elif src.is_file():
+        inputs = [src]
+        if (out_dir / f"{src.stem}.png").resolve() == src.resolve():
+            raise T.RunError(f"--out {out_dir}: the output {out_dir / (src.stem + '.png')} would overwrite the input")
+    else:
+        raise T.RunError(f"--input {src}: no such file or folder")
+    stems: dict[str, Path] = {}
+    for path in inputs:
+        if path.stem in stems:
+            raise T.RunError(f"--input {src}: {stems[path.stem].name} and {path.name} share the stem {path.stem!r} "
+                             f"and would both be written to {path.stem}.png; rename one")
+        stems[path.stem] = path
+    return inputs
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` and write a file in it, before the model loads; one line if that fails."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise T.RunError(f"--out {folder}: cannot write there ({err.strerror or err}); choose a writable folder") \
+            from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.startswith("cuda"))
     dtype = torch.bfloat16 if bf16 else torch.float32
-    src = Path(args.input)
-    if src.is_dir():
-        inputs = list_images(src)
-    elif src.is_file():
-        inputs = [src]
-    else:
-        raise SystemExit(f"--input {src}: no such file or folder")
+    out_dir = Path(args.out)
+    inputs = list_inputs(Path(args.input), out_dir)  # every check before the model loads
+    check_writable(out_dir)
     bb = load_policy(args.model, args.sft, args.lora, dtype, device)
-    out_dir = Path(args.output)
     failures: list[str] = []
-    bar = tqdm(inputs, desc="super-resolving", unit="img")
-    for path in bar:
+    bar = tqdm(total=len(inputs), desc="super-resolving", unit="img")
+    for path in inputs:
         try:
             lr = load_image(path)
             generator = torch.Generator().manual_seed(args.seed)  # same seed per image: reproducible alone
-            sr = super_resolve_image(bb, lr, args, generator)
+            bar.set_postfix_str(f"{path.name} {lr.shape[-1] * args.scale}x{lr.shape[-2] * args.scale}")
+            sr = super_resolve_image(bb, lr, args, generator, bar)
             save_image(sr, out_dir / f"{path.stem}.png")
         except (ImageReadError, ValueError) as err:
             failures.append(f"{path}: {err}")
             tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
+    bar.close()
     print(f"wrote {len(inputs) - len(failures)} image(s) to {out_dir}")
-    if args.hr:
-        evaluate.main(["--sr", str(out_dir), "--hr", args.hr, "--csv", str(out_dir / "metrics.csv"), "--metrics",
-                       *args.metrics])
+    if args.hr_dir:
+        evaluate.main(["--sr", str(out_dir), "--hr-dir", args.hr_dir, "--csv", str(out_dir / "metrics.csv"),
+                       "--metrics", *args.metrics])
     if failures:
         print(f"{len(failures)} input(s) failed:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1

@@ -40,6 +40,7 @@ all-reduce per backward, cannot handle without deadlocking).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -169,7 +170,10 @@ class Args:
     keep_last: int = 3
     """checkpoints kept"""
     resume: str | None = None
-    """'latest' or a checkpoint folder"""
+    """'latest' (the newest checkpoint of the run folder) or a checkpoint folder"""
+    overwrite: bool = False
+    """start over in a run folder that holds a run (deletes its checkpoints, logs and final LoRA); without it such
+    a folder is refused unless --resume"""
     flow_grpo: flow_grpo.Options = field(default_factory=flow_grpo.Options)
     """Flow-GRPO's own options (--objective flow_grpo)"""
     refreward: refreward.Options = field(default_factory=refreward.Options)
@@ -210,6 +214,17 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None, doc:
         parser.error("--group-size must be >= 2 (group statistics need two samples)")
     if args.reward not in ("compass", "refreward"):
         parser.error(f"--reward {args.reward}: choose compass or refreward")
+    for name in ("steps", "lrs_per_step", "rollout_batch", "rollout_steps", "train_batch", "lora_rank", "lora_alpha",
+                 "save_every", "keep_last", "reward_concurrency", "reward_views", "scale", "crop_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    for name in ("lr", "gamma", "reward_timeout", "reward_scale"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0")
+    if args.rollout_steps < 2:
+        parser.error(f"--rollout-steps {args.rollout_steps}: the flow-matching schedule needs at least 2 steps")
+    if args.crop_size % (4 * args.scale):
+        parser.error(f"--crop-size {args.crop_size}: must be a multiple of 4 x --scale ({4 * args.scale})")
     return args
 
 
@@ -393,9 +408,11 @@ class Group:
 
 
 def run(args: Args, dataset: torch.utils.data.Dataset,
-        make_reward_fn: Callable[[Args, torch.device], RewardFn] = partial(make_reward, full_reference=True)) -> Path:
+        make_reward_fn: Callable[[Args, torch.device], RewardFn] = partial(make_reward, full_reference=True)
+        ) -> Path | int:
     """Train the LoRA of `args` on `dataset` with the reward of `make_reward_fn(args, device)`; returns the final
-    LoRA file. rl_fr.py runs it with the full-reference reward, rl_nr.py with the non-reference one."""
+    LoRA file (or 130 when stopped by Ctrl-C / SIGTERM, after a checkpoint). rl_fr.py runs it with the
+    full-reference reward, rl_nr.py with the non-reference one."""
     # ------------------------------------------------------------------ setup (plumbing)
     dist_info = T.setup_distributed()
     generator = T.seed_everything(args.seed, dist_info.rank)       # per-rank noise: different rollouts per GPU
@@ -403,9 +420,15 @@ def run(args: Args, dataset: torch.utils.data.Dataset,
     out_file = Path(args.out)
     run_dir = out_file.with_suffix("")
     ckpt_root = run_dir / "checkpoints"
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    claim = None
+    if dist_info.is_main:  # a finished or interrupted run in this folder is never replaced by accident
+        try:
+            T.claim_run_dir(run_dir, args.resume, args.overwrite, out_file)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
+        except (T.RunError, OSError) as err:
+            claim = err if isinstance(err, T.RunError) else T.RunError(f"--out {out_file}: cannot write there ({err})")
+    T.raise_if_any_rank_failed(claim)
     bb, params, old_params = setup_policy(args, dist_info.device)
     reward_fn = make_reward_fn(args, dist_info.device)
     objective = make_objective(args, params, old_params)
@@ -430,6 +453,7 @@ def run(args: Args, dataset: torch.utils.data.Dataset,
             rewards_log.unlink(missing_ok=True)
         T.truncate_jsonl(rewards_log, start_step)
 
+    stop = T.StopOnSignal()  # Ctrl-C / SIGTERM: checkpoint at the end of the step, then the resume command
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc=f"RL {run_dir.name}",
                disable=not dist_info.is_main)
     for step in bar:
@@ -512,15 +536,23 @@ def run(args: Args, dataset: torch.utils.data.Dataset,
                 writer.flush()  # on disk with the step: a kill loses nothing logged
             if args.sample_every and done % args.sample_every == 0:
                 write_group_grid(groups[0].item, groups[0].srs, args.scale, run_dir / "samples" / f"step_{done:06d}.png")
-        if done % args.save_every == 0 or done == args.steps:
+        stopping = stop.requested()
+        if done % args.save_every == 0 or done == args.steps or stopping:  # checkpoints hold the LoRA of their step
             T.save_training_checkpoint(ckpt_root, done, bb.transformer, optimizer, dist_info, generator,
                                        keep=is_lora, keep_last=args.keep_last, invalid_total=invalid_total)
-            if dist_info.is_main:
-                B.save_lora(bb.transformer, out_file, "default")
+        if stopping:
+            stop.restore()
+            bar.close()
+            if writer is not None:
+                writer.close()
+            T.cleanup_distributed()
+            return T.stopped(" ".join(["torchrun ..." if dist_info.world_size > 1 else "python", *sys.argv]))
+    stop.restore()
 
     T.check_ranks_in_sync(params)
-    if dist_info.is_main:
-        B.save_lora(bb.transformer, out_file, "default")
+    if dist_info.is_main:  # the final LoRA, written once, at the end: its metadata names its step and arguments
+        B.save_lora(bb.transformer, out_file, "default",
+                    metadata={"oars_step": str(args.steps), "oars_args": json.dumps(asdict(args))})
         print(f"wrote {out_file}")
         writer.close()
     T.cleanup_distributed()

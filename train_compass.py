@@ -16,22 +16,22 @@ subcommands, readable top to bottom. Its accuracy on SRIQA-Bench (§5.2, Table 1
 Commands (tiny preset: a Qwen3-VL of the real classes with random weights, trains on a CPU in seconds):
 
     python train_compass.py annotate --lr-dir data/lr --sr-dir data/sr --gt-dir data/gt \\
-        --out data/compass.jsonl --fidelity-metric ssim --anchor piqe          # weights-free demo
+        --out data/compass.jsonl --fidelity ssim --anchor piqe          # weights-free demo
     python train_compass.py train --model tiny --data data/compass.jsonl --root data \\
         --out out/compass_tiny --epochs 100 --global-batch 4 --per-device-batch 4 --lr 5e-3 --device cpu
-    python -m evaluation.sriqa --model out/compass_tiny --sriqa-root SRIQA-Bench --out out/sriqa   # Table 1
+    python -m evaluation.sriqa --reward-model out/compass_tiny --sriqa-root SRIQA-Bench --out out/sriqa   # Table 1
 
 Full scale (paper §5.1: Qwen3-VL-8B-Instruct, AdamW lr 1e-5, cosine decay, global batch 64, 8 epochs;
 per-device batch x grad accumulation x GPUs = global batch):
 
     python train_compass.py annotate --lr-dir COMPASS/lr --sr-dir COMPASS/sr --gt-dir COMPASS/gt \\
-        --out COMPASS/compass.jsonl --fidelity-metric dists --anchor mllm \\
-        --server http://127.0.0.1:8000 --server-model q-insight
+        --out COMPASS/compass.jsonl --fidelity dists --anchor mllm \\
+        --anchor-url http://127.0.0.1:8000 --anchor-model-name q-insight
     torchrun --nproc_per_node 8 train_compass.py train --model Qwen/Qwen3-VL-8B-Instruct \\
         --data COMPASS/compass.jsonl --root COMPASS --out out/compass --per-device-batch 1 \\
         --gradient-checkpointing
     torchrun --nproc_per_node 8 train_compass.py train ... --resume latest      # after an interruption
-    python -m evaluation.sriqa --model out/compass --sriqa-root SRIQA-Bench --out out/sriqa
+    python -m evaluation.sriqa --reward-model out/compass --sriqa-root SRIQA-Bench --out out/sriqa
     vllm serve out/compass --served-model-name compass --max-logprobs 20 \\
         --limit-mm-per-prompt '{"image": 2}'                                    # the RL reward server
 
@@ -79,6 +79,7 @@ import torch
 
 import reward
 from common import compass_text as CT
+from common import training as T
 from common import vl_model as VL
 from common.data import jsonl_objects, list_images, load_image, to_pil, to_tensor
 from common.training import (
@@ -705,7 +706,7 @@ class TrainArgs:
     global batch 64, 8 epochs); where the paper is silent, the Hugging Face Trainer's defaults."""
 
     data: str = ""
-    """JSONL of labelled pairs (see the module docstring)"""
+    """(required) JSONL of labelled pairs (see the module docstring)"""
     root: str = ""
     """folder the JSONL image paths are relative to (default: the JSONL's folder)"""
     out: str = "out/compass"
@@ -742,6 +743,9 @@ class TrainArgs:
     """checkpoints kept (8B: ~105 GB each)"""
     resume: str = ""
     """'latest' or a checkpoint folder"""
+    overwrite: bool = False
+    """start over in an --out folder that holds a run (deletes its checkpoints, logs and model); without it such a
+    folder is refused unless --resume"""
     max_steps: int = 0
     """stop after this many steps (0: all); the LR schedule still spans --epochs"""
     skip_invalid: bool = False
@@ -763,7 +767,7 @@ class TrainArgs:
     """(filled at run time) epochs x steps per epoch: the cosine schedule's length"""
 
 
-def train(args: TrainArgs) -> Path:
+def train(args: TrainArgs) -> Path | int:
     """Full-parameter SFT of the COMPASS reward model (§3.3). Returns the output folder."""
     from tqdm import tqdm
 
@@ -789,6 +793,13 @@ def train(args: TrainArgs) -> Path:
     args.total_steps = args.epochs * args.steps_per_epoch
     out = Path(args.out)
     ckpt_root = out / "checkpoints"
+    claim = None
+    if dist_info.is_main:  # a finished or interrupted run in --out is never replaced by accident
+        try:
+            T.claim_run_dir(out, args.resume, args.overwrite, out / "config.json")
+        except T.RunError as err:
+            claim = err
+    T.raise_if_any_rank_failed(claim)
     if dist_info.is_main:
         print(f"[train] {n} pairs ({sum(r.F is not None for r in records)} with F), {world} process(es), "
               f"global batch {args.global_batch} = {args.per_device_batch} x {args.grad_accum} accum x "
@@ -836,6 +847,7 @@ def train(args: TrainArgs) -> Path:
     end = min(args.total_steps, args.max_steps) if args.max_steps else args.total_steps
     save_every = args.save_every or args.steps_per_epoch
     per_rank = args.per_device_batch * args.grad_accum
+    stop = T.StopOnSignal()  # Ctrl-C / SIGTERM: checkpoint at the end of the step, then the resume command
     bar = tqdm(range(start, end), initial=start, total=end, disable=not dist_info.is_main, desc="sft")
     for step in bar:
         # 1. this rank's share of the global batch, split into micro-batches
@@ -879,8 +891,16 @@ def train(args: TrainArgs) -> Path:
             writer.add_scalar("train/grad_norm", float(grad_norm), step + 1)
             writer.flush()
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if (step + 1) % save_every == 0 or step + 1 == end:
+        stopping = stop.requested()
+        if (step + 1) % save_every == 0 or step + 1 == end or stopping:
             save(step + 1)
+        if stopping:
+            stop.restore()
+            if writer is not None:
+                writer.close()
+            cleanup_distributed()
+            return T.stopped(" ".join(["torchrun ..." if world > 1 else "python", *sys.argv]))
+    stop.restore()
 
     # ---- export: a plain Hugging Face folder (from_pretrained, VL.load_compass, vllm serve) --------
     if end == args.total_steps:
@@ -912,31 +932,31 @@ class AnnotateArgs:
     """Arguments of `annotate` (folder layout in `discover_groups`)."""
 
     lr_dir: str = ""
-    """folder of LR inputs (synthetic LR or real LQ)"""
+    """(required) folder of LR inputs (synthetic LR or real LQ)"""
     sr_dir: str = ""
-    """folder with one sub-folder of SR outputs per method"""
+    """(required) folder with one sub-folder of SR outputs per method"""
     gt_dir: str = ""
     """optional folder of GT images (gives F, Eq.1)"""
     out: str = "compass.jsonl"
     """JSONL to write (QC report beside it)"""
     root: str = ""
     """paths are written relative to this folder (default: the folder of --out)"""
-    fidelity_metric: str = "dists"
+    fidelity: str = "dists"
     """Eq.1 distance: dists | lpips | ssim | texture | blend (the last three need no weights; texture =
     evaluate.texture_fidelity, a DISTS analogue; blend = (ssim + texture) / 2)"""
     anchor: str = "piqe"
     """stage 1 scorer: a pyiqa NR metric name (piqe needs no weights), 'snb' (evaluate.snb_quality, weights-free,
-    already in [1, 5]) or 'mllm' (--server)"""
+    already in [1, 5]) or 'mllm' (--anchor-url)"""
     lr_view: str = "native"
     """stage 1 on the LR: native (the file as it is, paper) | sr (resized to the SR size, as the reward model sees it)"""
     calibration: str = "rank"
     """rank (stages 2-3, paper) | none (Q_SR = the stage-1 anchor: Table 3 case 1, absolute scores)"""
     anchor_mapping: str = "range"
     """raw -> [1, 5]: range (pyiqa's score_range) | minmax (over the data)"""
-    server: str = ""
+    anchor_url: str = ""
     """OpenAI-compatible URL of the MLLM for --anchor mllm"""
-    server_model: str = ""
-    """model name on --server"""
+    anchor_model_name: str = ""
+    """model name on --anchor-url"""
     compare: str = "nr"
     """stage 2 comparator: nr (stage-1 anchors) | fr (--compare-metric vs GT where it exists)"""
     compare_metric: str = "ssim"
@@ -957,13 +977,13 @@ def run_annotate(args: AnnotateArgs) -> list[Record]:
     root = Path(args.root) if args.root else Path(args.out).resolve().parent
     fidelity = None
     if args.gt_dir:
-        fs = reward.FidelityScorer(metric=args.fidelity_metric, device=device)
+        fs = reward.FidelityScorer(metric=args.fidelity, device=device)
         fidelity = lambda sr, gt: float(fs.fidelity(sr[None].to(device), gt[None].to(device))[0])
     kw: dict = {}
     if args.anchor == "mllm":
-        if not args.server:
-            raise ValueError("--anchor mllm needs --server URL (and --server-model)")
-        remote = reward.RemoteScorer(args.server, args.server_model, synthetic=False)
+        if not args.anchor_url:
+            raise T.RunError("--anchor mllm needs --anchor-url URL (and --anchor-model-name)")
+        remote = reward.RemoteScorer(args.anchor_url, args.anchor_model_name, synthetic=False)
         kw["mllm"] = remote.score
     elif args.anchor == "snb":  # weights-free sharpness / noise / blocking score, already on the [1, 5] scale
         kw.update(nr_raw=lambda x: float(snb_quality(x[None].to(device))[0]), lower_better=False,
@@ -1000,7 +1020,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, cls in (("annotate", AnnotateArgs), ("train", TrainArgs)):
         add_dataclass_args(sub.add_parser(name, help=cls.__doc__.split("\n")[0],
                                           formatter_class=argparse.ArgumentDefaultsHelpFormatter), cls)
-    ns = vars(parser.parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    renames = {**T.DEPRECATED_FLAGS, "--server": "--anchor-url", "--server-model": "--anchor-model-name"} \
+        if argv[:1] == ["annotate"] else T.DEPRECATED_FLAGS  # annotate's server is the anchor MLLM
+    known = {o for a in sub.choices[argv[0]]._actions for o in a.option_strings} if argv[:1] and argv[0] in sub.choices \
+        else set()
+    ns = vars(parser.parse_args(T.renamed_flags(argv, known, renames)))
     command = ns.pop("command")
     t0 = time.time()
     if command == "annotate":
@@ -1008,7 +1033,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         if not ns["data"]:
             parser.error("train: --data JSONL is required")
-        train(TrainArgs(**ns))
+        result = train(TrainArgs(**ns))
+        if isinstance(result, int):
+            return result
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[{command}] done in {time.time() - t0:.1f} s")
     return 0

@@ -26,6 +26,7 @@ scalars under out/sft/tb/; LR | SR | HR grids under out/sft/samples/.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -88,7 +89,10 @@ class Args:
     save_every: int = 1000
     keep_last: int = 3
     resume: str | None = None
-    """'latest' or a checkpoint directory"""
+    """'latest' (the newest checkpoint of --out) or a checkpoint directory"""
+    overwrite: bool = False
+    """start over in an --out folder that holds a run (deletes its checkpoints, logs and weights); without it such a
+    folder is refused unless --resume"""
     max_nonfinite: int = 10
     """stop after this many NaN/Inf losses (each one skips its step)"""
     num_workers: int = 0
@@ -110,6 +114,13 @@ def parse_args(argv: list[str] | None = None) -> Args:
         parser.error("--fsdp shards a full fine-tune; a LoRA (--lora-rank) fits without sharding: drop --fsdp")
     if args.timestep_sampling not in ("uniform", "logit_normal", "shifted"):
         parser.error(f"--timestep-sampling {args.timestep_sampling}: choose uniform, logit_normal or shifted")
+    for name in ("steps", "batch_size", "save_every", "keep_last", "reuse", "scale", "crop_size", "sample_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if not args.lr > 0:
+        parser.error(f"--lr {args.lr}: must be > 0")
+    if args.crop_size % (4 * args.scale):
+        parser.error(f"--crop-size {args.crop_size}: must be a multiple of 4 x --scale ({4 * args.scale})")
     return args
 
 
@@ -136,7 +147,7 @@ def flow_matching_loss(transformer, cond: B.Condition, x0: torch.Tensor, generat
     return (v_pred.float() - v_target).pow(2).mean()                     # || v - v_theta ||^2
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int | None:
     args = parse_args(argv)
     # ------------------------------------------------------------------ setup (plumbing)
     dist_info = T.setup_distributed()
@@ -147,9 +158,15 @@ def main(argv: list[str] | None = None) -> None:
         args.gradient_checkpointing = args.model not in ("tiny", "mini")
     out = Path(args.out)
     ckpt_root = out / "checkpoints"
-    if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    claim = None
+    if dist_info.is_main:  # a finished or interrupted run in --out is never replaced by accident
+        try:
+            T.claim_run_dir(out, args.resume, args.overwrite, out / "transformer.safetensors")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "args.json").write_text(json.dumps(asdict(args), indent=1))
+        except (T.RunError, OSError) as err:
+            claim = err if isinstance(err, T.RunError) else T.RunError(f"--out {out}: cannot write there ({err})")
+    T.raise_if_any_rank_failed(claim)
 
     if args.lr_dir:
         dataset = PairedFolderDataset(args.lr_dir, args.hr_dir, crop_size=args.crop_size, scale=args.scale,
@@ -224,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
                                    losses=losses)
 
     # ------------------------------------------------------------------ the cold-start loop (Eq.5)
+    stop = T.StopOnSignal()  # Ctrl-C / SIGTERM: checkpoint at the end of the step, then the resume command
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="SFT",
                disable=not dist_info.is_main)
     step = start_step
@@ -256,8 +274,17 @@ def main(argv: list[str] | None = None) -> None:
             # under FSDP2 every rank takes part in the forward passes; rank 0 writes the picture
             write_sample_grid(bb, pool.last_raw["lr"][0], pool.last_raw["hr"][0], args,
                               out / "samples" / f"step_{done:06d}.png", dist_info.is_main)
-        if done % args.save_every == 0 or done == args.steps:
+        stopping = stop.requested()
+        if done % args.save_every == 0 or done == args.steps or stopping:
             save(done)
+        if stopping:
+            stop.restore()
+            bar.close()
+            if writer is not None:
+                writer.close()
+            T.cleanup_distributed()
+            return T.stopped(" ".join(["torchrun ..." if dist_info.world_size > 1 else "python", *sys.argv]))
+    stop.restore()
 
     # ------------------------------------------------------------------ final weights for infer.py / rl_fr.py
     if not sharded:  # DDP replicas must be identical (FSDP2 shards differ by design)

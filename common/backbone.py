@@ -55,6 +55,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     calculate_shift,
 )
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -544,12 +545,13 @@ def decode(backbone: Backbone, tokens: torch.Tensor, cond: Condition, chunk: int
 @torch.no_grad()
 def super_resolve(backbone: Backbone, lr: torch.Tensor, num_steps: int = 40, k: int = 1,
                   generator: torch.Generator | None = None, prompt: str = DEFAULT_PROMPT,
-                  scale: int = 4) -> torch.Tensor:
-    """LR (3,h,w) in [0,1] -> K SR images (K,3,scale*h,scale*w): condition once, sample, decode."""
+                  scale: int = 4, progress=None) -> torch.Tensor:
+    """LR (3,h,w) in [0,1] -> K SR images (K,3,scale*h,scale*w): condition once, sample, decode. `progress`
+    (e.g. a tqdm bar) gets update(1) per Euler step."""
     cond = encode_condition(backbone, lr, prompt, scale)
     noise = initial_noise(cond, k, generator)
     sigmas = sigma_schedule(backbone.scheduler, num_steps, cond.num_tokens)
-    return decode(backbone, sample(backbone.transformer, cond, noise, sigmas), cond)
+    return decode(backbone, sample(backbone.transformer, cond, noise, sigmas, progress), cond)
 
 
 @torch.no_grad()
@@ -585,7 +587,13 @@ def load_transformer_weights(transformer: QwenImageTransformer2DModel, path: str
         raise T.RunError(f"--sft {path}: no such file. Pass the folder train_sft.py wrote "
                          "(it holds transformer.safetensors), the file itself, or 'mini'.")
     own = transformer.state_dict()
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as err:  # a truncated or foreign file: one line naming it, not the reader's traceback
+        raise T.RunError(f"--sft {path}: not a readable safetensors file ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:120]}; {path.stat().st_size} bytes). Re-copy it or rerun "
+                         f"train_sft.py") from None
+    with f:
         keys = set(f.keys())
         missing, unexpected = sorted(own.keys() - keys), sorted(keys - own.keys())
         wrong = sorted(k for k in own.keys() & keys if tuple(own[k].shape) != tuple(f.get_slice(k).get_shape()))
@@ -647,20 +655,26 @@ def lora_config_dict(transformer: QwenImageTransformer2DModel, adapter_name: str
             "init_lora_weights": cfg.init_lora_weights if isinstance(cfg.init_lora_weights, (bool, str)) else True}
 
 
-def save_lora(transformer: QwenImageTransformer2DModel, path: str | Path, adapter_name: str = "default") -> Path:
+def save_lora(transformer: QwenImageTransformer2DModel, path: str | Path, adapter_name: str = "default",
+              metadata: dict[str, str] | None = None) -> Path:
     """Write ONE .safetensors file that `QwenImageEditPlusPipeline.load_lora_weights` loads.
 
     Keys are "transformer.<module>.lora_A/B.weight" and the LoRA config (rank, alpha, targets) goes in the
-    file's metadata, via the pipeline's own `save_lora_weights`. (A peft `adapter_model.safetensors`
-    has no "transformer." prefix: the pipeline loads NOTHING from it, with only a warning.) Atomic.
+    file's metadata, via the pipeline's own `save_lora_weights`, with `metadata` beside it (the RL stages record
+    the step and their arguments). (A peft `adapter_model.safetensors` has no "transformer." prefix: the
+    pipeline loads NOTHING from it, with only a warning.) Atomic.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_name = path.name + ".tmp.safetensors"
+    tmp = path.parent / (path.name + ".tmp.safetensors")
     QwenImageEditPlusPipeline.save_lora_weights(
         str(path.parent), transformer_lora_layers=lora_state_dict(transformer, adapter_name),
-        transformer_lora_adapter_metadata=lora_config_dict(transformer, adapter_name), weight_name=tmp_name)
-    (path.parent / tmp_name).replace(path)
+        transformer_lora_adapter_metadata=lora_config_dict(transformer, adapter_name), weight_name=tmp.name)
+    if metadata:
+        with safe_open(str(tmp), framework="pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        save_file(tensors, str(tmp), metadata={**meta, **metadata})
+    tmp.replace(path)
     return path
 
 
@@ -668,15 +682,20 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """A pipeline-format LoRA file -> (weights with the "transformer." prefix removed, config dict)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--lora {path}: no such file (expected a .safetensors written by rl_fr.py/rl_nr.py)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        weights = {k: f.get_tensor(k) for k in f.keys()}
+        raise T.RunError(f"--lora {path}: no such file (expected a .safetensors written by rl_fr.py / rl_nr.py)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # a truncated or foreign file: one line naming it, not the reader's traceback
+        raise T.RunError(f"--lora {path}: not a readable safetensors file ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:120]}; {path.stat().st_size} bytes). Re-copy it or rerun the "
+                         f"stage that wrote it") from None
     raw = json.loads(meta.get("lora_adapter_metadata", "{}"))
     config = {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith("transformer.")}
     stripped = {k[len("transformer."):]: v for k, v in weights.items() if k.startswith("transformer.")}
     if not stripped:
-        raise ValueError(f"{path}: no 'transformer.*' LoRA keys; this is not a pipeline-format LoRA file "
+        raise T.RunError(f"--lora {path}: no 'transformer.*' LoRA keys; this is not a pipeline-format LoRA file "
                          "(a peft adapter_model.safetensors must be converted with backbone.save_lora)")
     if "r" not in config:  # files from other trainers: rank from the shapes, alpha = rank (scale 1)
         rank = next(v.shape[0] for k, v in stripped.items() if "lora_A" in k)
@@ -699,7 +718,7 @@ def load_lora(transformer: QwenImageTransformer2DModel, path: str | Path, adapte
     result = set_peft_model_state_dict(transformer, weights, adapter_name=adapter_name)
     bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
     if bad:
-        raise ValueError(f"--lora {path}: {len(bad)} keys were not loaded (e.g. {bad[:2]})")
+        raise T.RunError(f"--lora {path}: {len(bad)} keys were not loaded (e.g. {bad[:2]})")
 
 
 def _check_lora_keys(transformer: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -707,14 +726,14 @@ def _check_lora_keys(transformer: torch.nn.Module, weights: dict[str, torch.Tens
     targets = {k.split(".lora_")[0] for k in weights}
     unknown = sorted(t for t in targets if t not in modules)
     if unknown:
-        raise ValueError(
+        raise T.RunError(
             f"--lora {path}: {len(unknown)} of {len(targets)} LoRA target modules do not exist in this "
             f"transformer (e.g. {unknown[:2]}). The file was trained for another model; check --model.")
     for t in targets:
         w = modules[t].weight if not hasattr(modules[t], "base_layer") else modules[t].base_layer.weight
         a, b = weights[f"{t}.lora_A.weight"], weights[f"{t}.lora_B.weight"]
         if a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0]:
-            raise ValueError(f"--lora {path}: shape mismatch at {t} (LoRA {tuple(b.shape)}x{tuple(a.shape)}, "
+            raise T.RunError(f"--lora {path}: shape mismatch at {t} (LoRA {tuple(b.shape)}x{tuple(a.shape)}, "
                              f"weight {tuple(w.shape)}). The file was trained for another model; check --model.")
 
 

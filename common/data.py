@@ -256,6 +256,10 @@ def to_pil(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr.permute(1, 2, 0).numpy())
 
 
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), then restored
+os.umask(_UMASK)
+
+
 def save_image(tensor: torch.Tensor, path: str | Path, quality: int = 95) -> Path:
     """Write a (3, H, W) tensor in [0, 1] as an 8-bit PNG, JPEG or WebP (chosen by suffix).
 
@@ -284,6 +288,7 @@ def save_image(tensor: torch.Tensor, path: str | Path, quality: int = 95) -> Pat
     try:
         with os.fdopen(fd, "wb") as f:
             img.save(f, format=fmt, **options)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private (0600); an image is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -12,7 +12,7 @@ repository and are committed in `mini/`:
                                       COMPASS and RefReward-SR are fine-tuned from)
     mini/refreward/                   the mini RefReward-SR pairwise reward model    (--reward refreward)
 
-`build_mini_backbone.py` rebuilds the first two, `build_mini_compass.py` the last three. A missing or damaged
+`python -m mini.build_backbone` rebuilds the first two, `python -m mini.build_compass` the last three. A missing or damaged
 file is reported by name with the command that rebuilds it, before any model code tries to read it.
 """
 
@@ -31,10 +31,13 @@ MINI_REFREWARD = ROOT / "refreward"
 # (reward.LocalScorer views): its shipped evaluation (`compass_eval.json`, "views"; build_mini_compass.py
 # --views) and the held-out evaluations of the demo, miniature.py and bench.py. Their RL rewards read one view.
 MINI_COMPASS_VIEWS = 8
-REBUILD_BACKBONE = "python build_mini_backbone.py"
-REBUILD_COMPASS = "python build_mini_compass.py"
-REBUILD_COMPASS_BASE = "python build_mini_compass.py --stage pretrain"
-REBUILD_REFREWARD = "python build_mini_compass.py --stage refreward"
+# The output size (px) the mini backbone was trained on: it returns a uniform mosaic at larger token grids (its
+# RoPE positions and attention never saw them), so infer.py tiles at this size for --model mini.
+MINI_TRAINED_SIZE = 64
+REBUILD_BACKBONE = "python -m mini.build_backbone"
+REBUILD_COMPASS = "python -m mini.build_compass"
+REBUILD_COMPASS_BASE = "python -m mini.build_compass --stage pretrain"
+REBUILD_REFREWARD = "python -m mini.build_compass --stage refreward"
 
 
 def check_files(files: list[Path], what: str, rebuild: str) -> None:

@@ -234,6 +234,68 @@ def barrier() -> None:
         dist.barrier()
 
 
+class StopOnSignal:
+    """Ctrl-C (SIGINT) and SIGTERM ask the run to stop at the next safe point instead of dying mid-step.
+
+    `requested()` is called by every rank at the same point of each step (after the optimizer step); it is True on
+    every rank as soon as one rank got a signal (an all-reduce of the flags, so all ranks stop at the same step
+    and checkpoint together). The run then saves a checkpoint, prints the resume command and exits with status 130.
+    A second Ctrl-C stops at once (the last checkpoint is kept)."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self.flag = False
+        self._saved = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._saved[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner's thread): signals stay as they are
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        print(f"\nstopping at the end of this step (signal {signum}); press Ctrl-C again to stop at once",
+              file=sys.stderr, flush=True)
+
+    def requested(self) -> bool:
+        return bool(all_reduce_sum(torch.tensor([float(self.flag)]))[0] > 0) if distributed() else self.flag
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+
+def stopped(command: str) -> int:
+    """What a stopped run prints (rank 0) and returns: the command that resumes it, exit status 130."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"stopped; checkpoint saved. Resume with:\n  {command} --resume latest", file=sys.stderr, flush=True)
+    return 130
+
+
+def claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool, finished: Path | None = None) -> None:
+    """Refuse, in ONE line and before any work, to start a new run in a folder that holds one (its checkpoints, or
+    its finished output `finished`): a new run would replace its results and mix its logs. --resume continues it;
+    --overwrite deletes it first (checkpoints, logs, TensorBoard events, samples, the final output)."""
+    holds = list_checkpoints(run_dir / "checkpoints") or (finished is not None and finished.exists()) \
+        or (run_dir / "args.json").exists()
+    if not holds or resume:
+        return
+    if not overwrite:
+        what = finished if finished is not None and finished.exists() else run_dir
+        raise RunError(f"{what} already holds a run; pass --resume latest to continue it, or --overwrite to replace it")
+    for name in ("checkpoints", "tb", "samples"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in ("rewards.jsonl", "args.json", "train_log.json", "losses.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    if finished is not None:
+        finished.unlink(missing_ok=True)
+
+
 class RankFailure(RunError):
     """Another rank failed; raised on every rank with that rank's message, so all stop together."""
 
@@ -874,8 +936,9 @@ def add_dataclass_args(parser, cls, defaults: dict | None = None, exclude: Seque
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         conv = int if kind.startswith("int") else float if kind.startswith("float") else str
-        if default is MISSING:
-            parser.add_argument(flag, type=conv, required=True, help=help_text + " (required)")
+        if default is MISSING or help_text.startswith("(required)"):  # a docstring may mark a defaulted field
+            parser.add_argument(flag, type=conv, required=True, default=argparse.SUPPRESS,
+                                help=help_text.removeprefix("(required)").strip() + " (required)")
         elif kind.startswith("bool"):  # "bool" or "bool | None" (None = decided at run time, the help says how)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif isinstance(default, tuple):
@@ -900,12 +963,37 @@ def dataclass_from_namespace(cls, values: dict):
     return cls(**kwargs)
 
 
+# Old spellings of flags, kept working for a release: one vocabulary across the scripts (README "Flags").
+DEPRECATED_FLAGS = {
+    "--output": "--out", "--out-folder": "--out", "--hr": "--hr-dir", "--hr-folder": "--hr-dir",
+    "--server": "--reward-url", "--server-model": "--reward-model-name", "--views": "--reward-views",
+    "--fidelity-metric": "--fidelity", "--refreward": "--refreward-model",
+}
+
+
+def renamed_flags(argv: Sequence[str], known: set[str], renames: dict[str, str] | None = None) -> list[str]:
+    """`argv` with deprecated flag spellings replaced by the current ones (a line on stderr for each), where the
+    current one is a flag of this command (`known`). `--flag=value` forms are handled too."""
+    renames = DEPRECATED_FLAGS if renames is None else renames
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        new = renames.get(flag)
+        if new is not None and new in known and flag not in known:
+            print(f"warning: {flag} is deprecated and will be removed; use {new}", file=sys.stderr)
+            arg = new + eq + value
+        out.append(arg)
+    return out
+
+
 def parse_dataclass_args(cls, argv: list[str] | None = None, description: str = "", defaults: dict | None = None,
                          exclude: Sequence[str] = ()):
     """Parse a command line into an instance of the argument dataclass `cls` -> (args, parser). `--help` shows
-    every option with its help text and default."""
+    every option with its help text and default; deprecated spellings still work (`DEPRECATED_FLAGS`)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dataclass_args(parser, cls, defaults, exclude)
-    return dataclass_from_namespace(cls, vars(parser.parse_args(argv))), parser
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known = {o for action in parser._actions for o in action.option_strings}
+    return dataclass_from_namespace(cls, vars(parser.parse_args(renamed_flags(argv, known)))), parser

@@ -22,14 +22,15 @@ Upper-case names are the table columns above; any other name is passed to pyiqa.
 Weights: everything except PSNR/SSIM downloads weights on first use (pyiqa's own files to
 $TORCH_HOME/hub/pyiqa, torchvision backbones to $TORCH_HOME/hub/checkpoints, some from the Hugging Face
 hub). pyiqa fixes the cache path when it is imported, so set TORCH_HOME before running. On a machine
-without network set HF_HUB_OFFLINE=1 (or pass --offline): otherwise a failing hub download retries for
-about a minute per metric. A metric that cannot be created is reported as unavailable WITH the reason
-and the rest of the table is still produced.
+without network the command notices at once (a 2-second check) and works offline, instead of retrying hub
+downloads for about a minute per metric (--offline forces it). A metric that cannot be created is reported
+as unavailable WITH the reason and the rest of the table is still produced; a run that evaluates nothing
+(no SR name matches an HR name, or no metric could be computed) exits with status 2 and says why.
 
 Commands:
-    python evaluate.py --sr out/sr --hr data/hr --csv out/metrics.csv           # FR + NR table
-    python evaluate.py --sr out/realset80 --csv out/realset80.csv               # NR only (no HR)
-    python evaluate.py --sr out/sr --hr data/hr --metrics PSNR SSIM --offline   # weight-free subset
+    python -m evaluation.evaluate --sr out/sr --hr-dir data/hr --csv out/metrics.csv   # FR + NR table
+    python -m evaluation.evaluate --sr out/realset80 --csv out/realset80.csv          # NR only (no HR)
+    python -m evaluation.evaluate --sr out/sr --hr-dir data/hr --metrics PSNR SSIM    # weight-free subset
 
 Writes: the CSV (one row per image, name + one column per metric, a final MEAN row) and prints the
 markdown table of the means.
@@ -50,6 +51,7 @@ from pathlib import Path
 import torch
 
 from common.data import filter2d, gaussian_family_kernel, list_images, load_image
+from common.training import RunError, renamed_flags, run_script
 
 # bitsandbytes (pulled in by diffusers, transformers and pyiqa) logs a warning about an optional 4-bit CPU
 # kernel when it is imported; nothing here uses 4-bit weights.
@@ -366,19 +368,43 @@ def markdown_table(
     return "\n".join(lines + [""] + notes)
 
 
+def hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
+    """Whether the weights' host answers within `timeout` seconds (a TCP connection, nothing sent)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--sr", required=True, help="folder of SR outputs")
-    parser.add_argument("--hr", default=None, help="folder of HR ground truths (omit for no-reference only)")
+    parser.add_argument("--hr-dir", default=None, help="folder of HR ground truths (omit for no-reference only)")
     parser.add_argument("--csv", default=None, help="per-image CSV to write (with a MEAN row)")
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), help="columns or pyiqa names")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--label", default="Method", help="row label of the markdown table")
-    parser.add_argument("--offline", action="store_true", help="set HF_HUB_OFFLINE=1 (no download retries)")
-    args = parser.parse_args(argv)
-    if args.offline:
+    parser.add_argument("--offline", action="store_true",
+                        help="no download attempts (HF_HUB_OFFLINE=1); set by itself when the hub is unreachable")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known = {o for action in parser._actions for o in action.option_strings}
+    args = parser.parse_args(renamed_flags(argv, known))
+    if args.offline or (os.environ.get("HF_HUB_OFFLINE") != "1" and not hub_reachable()):
         os.environ["HF_HUB_OFFLINE"] = "1"
-    rows, means, unavailable = evaluate_folders(args.sr, args.hr, args.metrics, args.device)
+    try:
+        rows, means, unavailable = evaluate_folders(args.sr, args.hr_dir, args.metrics, args.device)
+    except (FileNotFoundError, ValueError) as err:
+        raise RunError(str(err)) from None
+    full_reference = [m for m in means if METRIC_SPECS.get(m, (None, None, False))[2]]
+    if args.hr_dir and full_reference and not any(math.isfinite(r[m]) for r in rows for m in full_reference):
+        raise RunError(f"--hr-dir {args.hr_dir}: no SR image in --sr {args.sr} has an HR partner of the same file "
+                       f"name (stem), so no full-reference metric was computed")
+    if not any(math.isfinite(v) for v in means.values()):
+        raise RunError(f"nothing was evaluated: every metric is unavailable ({'; '.join(unavailable.values())})")
     if args.csv:
         print(f"wrote {write_csv(args.csv, rows, means, args.metrics)} ({len(rows)} images)", file=sys.stderr)
     print(markdown_table(means, unavailable, args.metrics, args.label))
@@ -386,4 +412,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_script(main)

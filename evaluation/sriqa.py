@@ -5,8 +5,8 @@ baselines (PSNR, SSIM, LPIPS, DISTS against the HR; no-reference metrics on the 
 with RefReward-SR (win rate over the group), and counts the pairs each ranks like the MOS. --extra-gammas
 adds Eq.4 rows at other gammas from the same answers (Table 3).
 
-    python -m evaluation.sriqa --model out/compass --sriqa-root SRIQA-Bench --out out/sriqa
-    python -m evaluation.sriqa --server http://127.0.0.1:8000 --server-model compass --sriqa-root SRIQA-Bench
+    python -m evaluation.sriqa --reward-model out/compass --sriqa-root SRIQA-Bench --out out/sriqa
+    python -m evaluation.sriqa --reward-url http://127.0.0.1:8000 --sriqa-root SRIQA-Bench
 
 Writes OUT/sriqa_accuracy.csv and OUT/sriqa_accuracy.md (the Table 1 layout). `write_sriqa_layout` turns a
 COMPASS annotation (train_compass.py annotate) into the same layout, so held-out groups of one's own data
@@ -284,18 +284,18 @@ class EvalArgs:
     """Arguments of the SRIQA-Bench evaluation."""
 
     sriqa_root: str = ""
-    """SRIQA-Bench folder (LRImages/, images/, MOS*/)"""
+    """(required) SRIQA-Bench folder (LRImages/, images/, MOS*/)"""
     out: str = "out/sriqa"
     """folder for sriqa_accuracy.csv / .md"""
-    model: str = ""
-    """COMPASS folder / hub name / 'tiny' / 'mini' (in-process)"""
-    server: str = ""
-    """OpenAI-compatible URL of a served COMPASS (instead of --model), e.g. http://127.0.0.1:8000 (vllm serve OUT)"""
-    server_model: str = "compass"
-    """model name on --server"""
-    views: int = 1
+    reward_model: str = ""
+    """the COMPASS to evaluate, in-process: its folder, a hub name, 'mini' or 'tiny'"""
+    reward_url: str = ""
+    """OpenAI-compatible URL of a served COMPASS (instead of --reward-model), e.g. http://127.0.0.1:8000 (vllm serve)"""
+    reward_model_name: str = "compass"
+    """model name on --reward-url"""
+    reward_views: int = 1
     """average COMPASS's readings over this many flips/rotations of each pair (reward.LocalScorer /
-    RemoteScorer views: 1 = the paper's single reading, 8 = all; --model or --server)"""
+    RemoteScorer views: 1 = the paper's single reading, 8 = all; --reward-model or --reward-url)"""
     real_prompt: bool = False
     """score with the no-F prompt (R = Q_SR)"""
     gamma: float = 7.0
@@ -303,7 +303,7 @@ class EvalArgs:
     extra_gammas: list[str] = field(default_factory=list)
     """also rank by Eq.4 at these gammas ('inf' = the fixed combination; Table 3), one row each: the model
     answers once, only the combination changes"""
-    refreward: str = ""
+    refreward_model: str = ""
     """also rank with a RefReward-SR model ('tiny', 'mini', folder): each SR scored by its win rate over the
     group's other SRs (refreward.py; every pair asked in both orders)"""
     baselines: list[str] = field(default_factory=lambda: ["PSNR", "SSIM", "LPIPS", "DISTS"])
@@ -324,9 +324,9 @@ def run_eval(args: EvalArgs, extra: dict[str, tuple[str, ScoreFn]] | None = None
           + f", {n_pairs} pairs in All")
     scorers: list[tuple[str, str, ScoreFn | None, str]] = []  # (type, name, fn, note)
     extra_gammas = {text: _gamma_value(text) for text in args.extra_gammas}  # checked before loading the model
-    if args.model or args.server:
-        scorer = reward.make_scorer(args.model, args.server or None, args.server_model, not args.real_prompt,
-                                    device=device, views=args.views)
+    if args.reward_model or args.reward_url:
+        scorer = reward.make_scorer(args.reward_model, args.reward_url or None, args.reward_model_name,
+                                    not args.real_prompt, device=device, views=args.reward_views)
         answers: dict = {}  # every gamma's row reads the same answers
         note = "Eq.4, " + ("no-F prompt" if args.real_prompt else "synthetic prompt")
         scorers.append(("GT-Free", "COMPASS", compass_score_fn(scorer, not args.real_prompt, args.gamma, answers),
@@ -334,8 +334,8 @@ def run_eval(args: EvalArgs, extra: dict[str, tuple[str, ScoreFn]] | None = None
         for text, gamma in extra_gammas.items():
             scorers.append(("GT-Free", f"COMPASS gamma {text}", compass_score_fn(
                 scorer, not args.real_prompt, gamma, answers), note))
-    if args.refreward:
-        judge = refreward.RefRewardScorer(*refreward.load_refreward(args.refreward, device))
+    if args.refreward_model:
+        judge = refreward.RefRewardScorer(*refreward.load_refreward(args.refreward_model, device))
         scorers.append(("GT-Free", "RefReward-SR", lambda lr, hr, srs: judge.group_rewards(
             to_pil(load_image(lr)), [to_pil(load_image(p)) for p in srs]).numpy(), "pairwise win rate, both orders"))
     for name in args.baselines:

@@ -18,7 +18,7 @@ photographs that ship inside installed packages (photos.py; the HELDOUT photos a
                   noise, JPEG, the HR itself); training groups from the training photos, held-out groups
                   from the held-out photos
     3. annotate   `train_compass.py annotate`: F = SSIM to the HR (Eq.1 with a weights-free distance;
-                  --fidelity-metric texture for evaluate.texture_fidelity),
+                  --fidelity texture for evaluate.texture_fidelity),
                   stage 1 anchors = SNB on the SR and on the LR as the model sees it (--lr-view sr), stage 2
                   = exhaustive pairwise ranking by FSIM to the HR (a weights-free perceptual FR metric in the
                   role of the paper's trained compare model), stage 3 = Eq.2-3 calibration
@@ -107,8 +107,8 @@ class Args:
     pretrain_groups: int = 800
     pretrain_epochs: int = 6
     pretrain_lr: float = 1e-3
-    fidelity_metric: str = "ssim"
-    """the labels' F (`train_compass.py annotate --fidelity-metric`; the paper: DISTS, whose weights are not
+    fidelity: str = "ssim"
+    """the labels' F (`train_compass.py annotate --fidelity`; the paper: DISTS, whose weights are not
     here): ssim (shipped), texture (evaluate.texture_fidelity, a weights-free DISTS analogue that does not
     pay for blur) or blend ((ssim + texture) / 2); the last two measured, not shipped: README "OARS in
     miniature"""
@@ -273,7 +273,7 @@ def run(args: list[str], log: Path) -> None:
 def annotate_command(folder: Path, out: Path, calibration: str = "rank", fidelity: str = "ssim") -> list[str]:
     """The `train_compass.py annotate` command line of the mini annotation (module docstring, step 3)."""
     return ["train_compass.py", "annotate", "--lr-dir", str(folder / "lr"), "--sr-dir", str(folder / "sr"),
-            "--gt-dir", str(folder / "gt"), "--out", str(out), "--root", str(folder), "--fidelity-metric", fidelity,
+            "--gt-dir", str(folder / "gt"), "--out", str(out), "--root", str(folder), "--fidelity", fidelity,
             "--anchor", "snb", "--lr-view", "sr", "--compare", "fr", "--compare-metric", "fsim",
             "--calibration", calibration, "--device", "cpu"]
 
@@ -355,8 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     args, parser = T.parse_dataclass_args(Args, argv, __doc__.split("\n")[0])
     if args.stage not in ("all", "pretrain", "data", "annotate", "train", "eval", "refreward"):
         parser.error(f"--stage {args.stage}: choose all, pretrain, data, annotate, train, eval or refreward")
-    if args.fidelity_metric not in reward.WEIGHTS_FREE_FIDELITY:  # dists / lpips need downloaded weights
-        parser.error(f"--fidelity-metric {args.fidelity_metric}: choose {' / '.join(reward.WEIGHTS_FREE_FIDELITY)}")
+    if args.fidelity not in reward.WEIGHTS_FREE_FIDELITY:  # dists / lpips need downloaded weights
+        parser.error(f"--fidelity {args.fidelity}: choose {' / '.join(reward.WEIGHTS_FREE_FIDELITY)}")
     if args.pretrained and args.stage == "pretrain":
         parser.error("--stage pretrain with --pretrained: the pretrained model is given, nothing to pretrain")
     if args.quick:
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (folder / "pretrain.jsonl").exists():
             pretrain_data(folder, args.pretrain_groups, args.seed + 11, args.pretrain_foreign)
             annotate(folder, folder / "pretrain.jsonl", work / "annotate_pretrain.log", calibration="none",
-                     fidelity=args.fidelity_metric)
+                     fidelity=args.fidelity)
         train(str(init), folder / "pretrain.jsonl", folder, work / "pretrained", args.pretrain_epochs,
               args.pretrain_lr, args.batch, work / "train_pretrain.log")
         publish(work / "pretrained", out / "compass_base")
@@ -411,9 +411,9 @@ def main(argv: list[str] | None = None) -> None:
     def annotate_all() -> None:
         for split in ("train", "heldout"):
             annotate(work / split, work / split / f"{split}.jsonl", work / f"annotate_{split}.log",
-                     fidelity=args.fidelity_metric)
+                     fidelity=args.fidelity)
         annotate(work / "train", work / "train" / "train_absolute.jsonl", work / "annotate_train_absolute.log",
-                 calibration="none", fidelity=args.fidelity_metric)
+                 calibration="none", fidelity=args.fidelity)
 
     def train_all() -> None:
         train(str(pretrained), work / "train" / "train.jsonl", work / "train", work / "compass", args.epochs,
@@ -436,8 +436,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = {}
 
         def accuracy(name: str, model: Path, *extra: str) -> None:
-            run(["-m", "evaluation.sriqa", "--model", str(model), "--sriqa-root", str(sriqa), "--out",
-                 str(work / f"eval_{name}"), "--baselines", "PSNR", "SSIM", "--device", "cpu", "--views",
+            run(["-m", "evaluation.sriqa", "--reward-model", str(model), "--sriqa-root", str(sriqa), "--out",
+                 str(work / f"eval_{name}"), "--baselines", "PSNR", "SSIM", "--device", "cpu", "--reward-views",
                  str(args.views), *extra],
                 work / f"eval_{name}.log")
             import csv
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
                 accuracy(name, work / f"ablation_{name}", "--real-prompt", "--baselines")
         agreement = label_agreement(str(out / "compass"), records, work / "heldout", args.views)
         check = agreement_check(work / "check", min(CHECK_GROUPS, args.heldout_groups), args.seed, args.backbone,
-                                args.sft, str(out / "compass"), args.fidelity_metric, args.views)
+                                args.sft, str(out / "compass"), args.fidelity, args.views)
         result = {"tables": rows, "agreement": agreement, "agreement_check": check, "views": args.views,
                   "heldout_groups": args.heldout_groups, "train_groups": args.train_groups}
         T.atomic_write_text(json.dumps(result, indent=1), out / "compass_eval.json")
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
         publish(work / "refreward", final, "*.jsonl", "reference.safetensors", "args.json")
         run(["-m", "refreward_sr.train_refreward", "eval", "--model", str(final), "--data", str(work / "heldout" / "pairs.jsonl"),
              "--out", str(out / "refreward_eval.json")], work / "eval_refreward_pairs.log")
-        run(["-m", "evaluation.sriqa", "--model", str(out / "compass"), "--refreward", str(final), "--sriqa-root",
+        run(["-m", "evaluation.sriqa", "--reward-model", str(out / "compass"), "--refreward-model", str(final), "--sriqa-root",
              str(work / "sriqa_heldout"), "--out", str(work / "eval_refreward"), "--baselines", "PSNR", "SSIM",
              "--device", "cpu"], work / "eval_refreward.log")
         add_sriqa_table(out / "refreward_eval.json", work / "eval_refreward" / "sriqa_accuracy.csv")

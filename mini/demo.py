@@ -51,7 +51,10 @@ from train_compass import load_records
 ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from there
 PY = sys.executable
 # No hub access is assumed: metrics whose weights are not cached are reported unavailable at once.
-STAGE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# The stages' logs are files: no progress bars in them (their carriage returns and escape codes make a log
+# unreadable), neither the project's (tqdm) nor the libraries' loading bars.
+STAGE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
+             "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error"}
 
 
 def run(cmd: list[str], log: Path, title: str) -> None:
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> Path:
     n = dict(sft_steps=6 if q else 40, fr_steps=3 if q else 48, nr_steps=2 if q else 32, group=4 if q else 8,
              infer_steps=4 if q else 40, test=2 if q else 8, groups=2 if q else 6)
     timings: dict[str, float] = {}
-    stages = tqdm(total=7, desc="OARS demo", unit="stage")
+    stages = tqdm(total=8, desc="OARS demo", unit=" stage")  # stages 0-7
 
     def stage(name: str):
         stages.set_postfix_str(name)
@@ -257,8 +260,8 @@ def main(argv: list[str] | None = None) -> Path:
     run(["python", *annotate_command(groups, groups / "heldout.jsonl")], out / "annotate.log", "annotation")
     write_sriqa_layout(load_records(groups / "heldout.jsonl", groups), groups, out / "data" / "sriqa_heldout",
                        generative=lambda method: method in GENERATIVE)
-    run(["python", "-m", "evaluation.sriqa", "--model", "mini", "--sriqa-root", str(out / "data" / "sriqa_heldout"),
-         "--out", str(out / "compass_eval"), "--baselines", "PSNR", "SSIM", "--device", "cpu", "--views",
+    run(["python", "-m", "evaluation.sriqa", "--reward-model", "mini", "--sriqa-root", str(out / "data" / "sriqa_heldout"),
+         "--out", str(out / "compass_eval"), "--baselines", "PSNR", "SSIM", "--device", "cpu", "--reward-views",
          str(a.eval_views)],
         out / "compass_eval.log", "COMPASS evaluation")
     done("2. COMPASS reward model")
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> Path:
                       ("nr", ["--lora", str(out / "nr.safetensors")])):
         (out / f"sr_{key}").mkdir()
         run(["python", "infer.py", "--model", "mini", "--sft", "mini", *lora, "--input", str(dirs["lr_test"]),
-             "--output", str(out / f"sr_{key}"), "--steps", str(n["infer_steps"]), "--hr", str(dirs["hr_test"]),
+             "--out", str(out / f"sr_{key}"), "--steps", str(n["infer_steps"]), "--hr-dir", str(dirs["hr_test"]),
              "--metrics", "PSNR", "SSIM", "piqe"],  # the weights-free ones: nothing to download
             out / f"sr_{key}" / "metrics.log", f"inference {key}")
     done("5. inference")

@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ from train_compass import load_records
 @dataclass
 class TrainArgs:
     data: str = ""
-    """pairs JSONL (train_refreward.py pairs)"""
+    """(required) pairs JSONL (train_refreward.py pairs)"""
     root: str = ""
     """folder the JSONL paths are relative to (default: the JSONL's folder)"""
     out: str = "out/refreward"
@@ -85,6 +86,9 @@ class TrainArgs:
     keep_last: int = 2
     resume: str = ""
     """'latest' or a checkpoint folder"""
+    overwrite: bool = False
+    """start over in an --out folder that holds a run (deletes its checkpoints, logs and model); without it such a
+    folder is refused unless --resume"""
     device: str = "auto"
     bf16: str = "auto"
     """bfloat16 compute: on | off | auto (on with CUDA); under FSDP2 float32 master weights and AdamW state"""
@@ -129,7 +133,7 @@ def completion_mask(completion: torch.Tensor, eos_id: int, pad_id: int) -> torch
     return (~after & (completion != pad_id)).float()
 
 
-def train(args: TrainArgs) -> Path:
+def train(args: TrainArgs) -> Path | int:
     dist_info = T.setup_distributed(args.device)
     device, sharded = dist_info.device, dist_info.world_size > 1
     bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device.type == "cuda")
@@ -138,6 +142,13 @@ def train(args: TrainArgs) -> Path:
     pairs = RR.load_pairs(args.data, root)  # every bad record / missing image named before training
     out = Path(args.out)
     ckpt_root = out / "checkpoints"
+    claim = None
+    if dist_info.is_main:  # a finished or interrupted run in --out is never replaced by accident
+        try:
+            T.claim_run_dir(out, args.resume, args.overwrite, out / "config.json")
+        except T.RunError as err:
+            claim = err
+    T.raise_if_any_rank_failed(claim)
     # Under torchrun the policy (float32 master weights + AdamW, ~16 bytes/parameter: 140 GB for the 8B) and the
     # frozen reference are sharded by FSDP2 over the ranks, loaded once per node (rank 0 on the host, the
     # others on the meta device, common.vl_model.shard_vl_model); on one process they are plain modules
@@ -183,6 +194,7 @@ def train(args: TrainArgs) -> Path:
     sampling.update(suppress_tokens=[*sampling["suppress_tokens"], tok.pad_token_id], pad_token_id=tok.pad_token_id)
     from tqdm import tqdm
 
+    stop = T.StopOnSignal()  # Ctrl-C / SIGTERM: checkpoint at the end of the step, then the resume command
     for step in tqdm(range(start, total), initial=start, total=total, desc="refreward", disable=not dist_info.is_main):
         # the pairs, A/B orders and sampling noise of this step and process: functions of (seed, step, rank)
         rng = random.Random(args.seed * 1_000_003 + step * 1009 + dist_info.rank)
@@ -276,9 +288,17 @@ def train(args: TrainArgs) -> Path:
                 if key != "step":
                     writer.add_scalar(f"refreward/{key}", value, done)
             writer.flush()
-        if done % args.save_every == 0 or done == total:
+        stopping = stop.requested()
+        if done % args.save_every == 0 or done == total or stopping:
             T.save_training_checkpoint(ckpt_root, done, model, optimizer, dist_info, keep_last=args.keep_last,
                                        sharded=sharded)
+        if stopping:
+            stop.restore()
+            if writer is not None:
+                writer.close()
+            T.cleanup_distributed()
+            return T.stopped(" ".join(["torchrun ..." if dist_info.world_size > 1 else "python", *sys.argv]))
+    stop.restore()
     weights = T.gather_full_state(model, None)[0]  # collective under FSDP2: rank 0 gets the full weights
     if dist_info.is_main:
         model.config.use_cache = True
@@ -312,23 +332,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_pairs = sub.add_parser("pairs", help="COMPASS annotation JSONL -> pairs JSONL")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p_pairs = sub.add_parser("pairs", help="COMPASS annotation JSONL -> pairs JSONL", formatter_class=fmt)
     p_pairs.add_argument("--compass", required=True, help="JSONL written by train_compass.py annotate")
     p_pairs.add_argument("--root", default="", help="folder its paths are relative to (default: its folder)")
     p_pairs.add_argument("--out", required=True, help="pairs JSONL to write (same root as the COMPASS file)")
     p_pairs.add_argument("--margin", type=float, default=0.1, help="minimum difference of the label rewards (Eq.4)")
     p_pairs.add_argument("--seed", type=int, default=0, help="seed of the A/B order")
-    T.add_dataclass_args(sub.add_parser("train", help="GRPO training"), TrainArgs)
-    p_eval = sub.add_parser("eval", help="pairwise accuracy on held-out pairs (both orders asked)")
+    T.add_dataclass_args(sub.add_parser("train", help="GRPO training", formatter_class=fmt), TrainArgs)
+    p_eval = sub.add_parser("eval", help="pairwise accuracy on held-out pairs (both orders asked)", formatter_class=fmt)
     p_eval.add_argument("--model", required=True, help="'tiny', 'mini', a folder or hub name")
-    p_eval.add_argument("--data", required=True)
-    p_eval.add_argument("--root", default="")
+    p_eval.add_argument("--data", required=True, help="held-out pairs JSONL")
+    p_eval.add_argument("--root", default="", help="folder its paths are relative to (default: its folder)")
     p_eval.add_argument("--out", default="", help="write the numbers to this JSON file")
     ns = vars(parser.parse_args(argv))
     command = ns.pop("command")
     t0 = time.time()
     if command == "pairs":
-
         root = Path(ns["root"]) if ns["root"] else Path(ns["compass"]).parent
         pairs = RR.pairs_from_compass(load_records(ns["compass"], root), ns["margin"], seed=ns["seed"])
         RR.write_pairs(pairs, ns["out"])
@@ -336,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "train":
         if not ns["data"]:
             parser.error("train: --data is required")
-        train(TrainArgs(**ns))
+        result = train(TrainArgs(**ns))
+        if isinstance(result, int):
+            return result
     else:
         root = Path(ns["root"]) if ns["root"] else Path(ns["data"]).parent
         model, processor = RR.load_refreward(ns["model"])

@@ -387,7 +387,7 @@ COMMANDS = {
                   "--reward-url http://reward-host:8000", 8, lambda d: measure_rl(d, "flow_grpo", rollout_batch=4)),
     "refreward": ("torchrun --nproc_per_node 8 -m refreward_sr.train_refreward train --data RefSR/pairs.jsonl", 8,
                   lambda d: measure_vl_training(d, sequences=8, tokens=900, reference=True)),
-    "infer": ("python infer.py --sft out/sft --lora out/nr.safetensors --input LR --output SR", 1,
+    "infer": ("python infer.py --sft out/sft --lora out/nr.safetensors --input LR --out SR", 1,
               lambda d: measure_infer(d)),
 }
 FULL_DEPTH = 60  # the transformer's blocks; the VL decoders' layers scale with the same measured slope per step
@@ -431,13 +431,37 @@ def measure(names: list[str], depths: tuple[int, ...] | None = None) -> dict[str
     return results
 
 
+# Time per step BY ARITHMETIC (no GPU has run these yet): FLOP of one step on one GPU / (40% of the GPU's dense bf16
+# peak). A transformer call costs 2 x parameters x tokens; a training call 4x that with gradient checkpointing
+# (forward, recompute, backward twice the forward).
+PEAK_TFLOPS = {"H20 (96 GB)": 148, "H100 (80 GB)": 989}
+MFU = 0.4
+MMDIT, QWEN3_VL_8B = 20.43e9, 8.77e9
+IMAGE_TOKENS = 2 * (512 // 16) ** 2 + 330  # target + condition + text tokens of a 512 x 512 output
+
+
+def step_flop(name: str) -> float:
+    """FLOP of one step of a documented command on one GPU (the paper's settings, §5.1)."""
+    call = 2 * MMDIT * IMAGE_TOKENS
+    return {
+        "sft": 4 * call,                                               # batch 1
+        "compass": 8 * 4 * 2 * QWEN3_VL_8B * 700,                      # global batch 64 / 8 GPUs, ~700 tokens
+        "rl_fr": (24 * 6 + 24 * 5) * call,                             # K=24 x 6 rollout steps + update (old fwd + 4)
+        "rl_nr": (24 * 6 + 24 * 5) * call,
+        "flow_grpo": (24 * 6 + 24 * 5 * 4) * call,                     # update on 5 recorded transitions per sample
+        "refreward": 32 * (4 + 1) * 2 * QWEN3_VL_8B * 900 + 32 * 48 * 2 * QWEN3_VL_8B,  # update + ref + sampling
+        "infer": 40 * call,                                            # 40 Euler steps, one 512 x 512 image
+    }[name]
+
+
 def table(results: dict[str, dict]) -> str:
-    """The README table: per command, peak memory per GPU and which of the GPUs it fits."""
-    lines = ["| command | GPUs | peak GB per GPU | fits | largest phase |", "|---|---|---|---|---|"]
+    """The README table: per command, peak memory per GPU (measured), which GPUs it fits, time per step (arithmetic)."""
+    lines = ["| stage | command | GPUs | peak GB per GPU (measured) | fits | s per step H20 / H100 (arithmetic) |",
+             "|---|---|---|---|---|---|"]
     for name, r in results.items():
         fits = ", ".join(g for g, gb in GPUS.items() if r["peak_gb"] <= gb) or "none"
-        phase = max(r["phases"], key=r["phases"].get)
-        lines.append(f"| `{r['command']}` | {r['gpus']} | {r['peak_gb']:.1f} | {fits} | {phase} |")
+        secs = " / ".join(f"{step_flop(name) / (MFU * t * 1e12):.0f}" for t in PEAK_TFLOPS.values())
+        lines.append(f"| {name} | `{r['command']}` | {r['gpus']} | {r['peak_gb']:.1f} | {fits} | {secs} |")
     return "\n".join(lines)
 
 

@@ -87,7 +87,7 @@ def test_every_oars_stage_runs_in_bf16(data, tmp_path):
         assert len(log) == 2 and all(math.isfinite(e["loss"]) and math.isfinite(e["reward_mean"]) for e in log)
     assert all(e["ratio_max_deviation"] == 0.0 for e in _jsonl(grpo.with_suffix("") / "rewards.jsonl"))
     assert infer.main(["--model", "tiny", "--sft", str(tmp_path / "sft"), "--lora", str(nr), "--dtype", "bf16",
-                       "--input", str(data / "lq"), "--output", str(tmp_path / "sr"), "--steps", "2"]) == 0
+                       "--input", str(data / "lq"), "--out", str(tmp_path / "sr"), "--steps", "2"]) == 0
     sr = np.asarray(Image.open(tmp_path / "sr" / "a.png"))
     assert sr.shape == (64, 64, 3) and sr.std() > 0
 
@@ -236,7 +236,7 @@ def test_a_stage_without_model_flags_means_the_papers_models():
 
 def test_missing_checkpoints_are_one_line_naming_them(data, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "infer.py", "--input", str(data / "lq"), "--output", str(tmp_path / "o")],
+    proc = subprocess.run([sys.executable, "infer.py", "--input", str(data / "lq"), "--out", str(tmp_path / "o")],
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "--model Qwen/Qwen-Image-Edit-2509: no such folder, and not in the local Hugging Face cache" in proc.stderr

@@ -110,13 +110,13 @@ def test_damaged_or_missing_preset_files_are_named_with_the_rebuild_command(tmp_
     presets.check_files([good], "mini backbone", presets.REBUILD_BACKBONE)
     short = tmp_path / "short.safetensors"
     short.write_bytes(good.read_bytes()[:-3])
-    with pytest.raises(ValueError, match=r"short\.safetensors is damaged.*build_mini_backbone\.py"):
+    with pytest.raises(ValueError, match=r"short\.safetensors is damaged.*mini\.build_backbone"):
         presets.check_files([short], "mini backbone", presets.REBUILD_BACKBONE)
     pointer = tmp_path / "lfs.safetensors"
     pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
     with pytest.raises(ValueError, match="lfs.safetensors is damaged"):
         presets.check_files([pointer], "mini backbone", presets.REBUILD_BACKBONE)
-    with pytest.raises(FileNotFoundError, match=r"gone\.json is missing.*build_mini_backbone\.py"):
+    with pytest.raises(FileNotFoundError, match=r"gone\.json is missing.*mini\.build_backbone"):
         presets.check_files([tmp_path / "gone.json"], "mini backbone", presets.REBUILD_BACKBONE)
 
 
@@ -126,7 +126,7 @@ def test_load_backbone_mini_names_a_missing_file(tmp_path, monkeypatch):
     (copy / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     monkeypatch.setattr(presets, "MINI_BACKBONE", copy)
     with pytest.raises(FileNotFoundError, match=r"vae/diffusion_pytorch_model\.safetensors is missing.*"
-                                                r"python build_mini_backbone\.py"):
+                                                r"python mini\.build_backbone"):
         B.load_backbone("mini")
 
 

@@ -117,14 +117,14 @@ def test_shipped_mini_refreward_answers_in_format_and_its_table_is_recorded():
     assert {r["method"] for r in recorded["sriqa_table"]} == {"COMPASS", "RefReward-SR", "PSNR", "SSIM"}
 
 
-def test_build_rejects_a_fidelity_metric_that_needs_downloads_before_any_work(tmp_path, capsys):
+def test_build_rejects_a_fidelity_that_needs_downloads_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        build.main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--fidelity-metric", "dists"])
+        build.main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--fidelity", "dists"])
     assert "--fidelity-metric dists" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()  # nothing started
     # the option reaches the annotation command line
     cmd = build.annotate_command(tmp_path, tmp_path / "a.jsonl", fidelity="texture")
-    assert cmd[cmd.index("--fidelity-metric") + 1] == "texture"
+    assert cmd[cmd.index("--fidelity") + 1] == "texture"
 
 
 def test_build_starts_from_the_given_pretrained_model_and_names_a_broken_one(tmp_path, monkeypatch, capsys):
@@ -199,7 +199,7 @@ def test_shipped_mini_compass_reproduces_its_held_out_agreement(tmp_path):
     result = json.loads((presets.ROOT / "compass_eval.json").read_text())
     recorded = result["agreement_check"]
     again = build.agreement_check(tmp_path / "check", recorded["groups"], build.Args().seed, "mini", "mini", "mini",
-                                  build.Args().fidelity_metric, result.get("views", 1))
+                                  build.Args().fidelity, result.get("views", 1))
     assert again["parse_rate"] == recorded["parse_rate"] == 1.0
     for key in ("spearman_F", "spearman_q_sr", "spearman_q_lr"):
         assert again[key] == pytest.approx(recorded[key], abs=0.03), key

@@ -114,7 +114,7 @@ def test_nr_rejects_unreadable_lq_and_mismatched_lora(tmp_path):
     save_file({"transformer.x.lora_A.weight": torch.zeros(2, 3), "transformer.x.lora_B.weight": torch.zeros(3, 2)},
               str(wrong))
     (lq / "bad.png").unlink()
-    with pytest.raises(ValueError, match="wrong.safetensors"):
+    with pytest.raises(T.RunError, match="wrong.safetensors"):
         rl_nr.main([*FAST, "--lr-dir", str(lq), "--lora", str(wrong), "--steps", "1",
                     "--out", str(tmp_path / "nr.safetensors")])
 

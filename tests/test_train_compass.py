@@ -189,7 +189,7 @@ def test_annotate_command_writes_valid_jsonl_and_qc(tmp_path, fidelity):
     _sr_folders(tmp_path)
     out = tmp_path / "compass.jsonl"
     tc.main(["annotate", "--lr-dir", str(tmp_path / "lr"), "--sr-dir", str(tmp_path / "sr"), "--gt-dir",
-             str(tmp_path / "gt"), "--out", str(out), "--fidelity-metric", fidelity, "--anchor", "piqe",
+             str(tmp_path / "gt"), "--out", str(out), "--fidelity", fidelity, "--anchor", "piqe",
              "--device", "cpu"])
     recs = tc.load_records(out, tmp_path)  # validates ranges and images
     assert len(recs) == 6 and {r.group for r in recs} == {"0000", "0001"}
@@ -358,7 +358,7 @@ def test_extra_gammas_share_one_answer_per_group(tmp_path, monkeypatch):
     assert np.allclose(r5, F * q_lr + F ** (q_lr / 5) * (q_sr - q_lr), atol=1e-5)
     assert np.allclose(rinf, F * q_lr + q_sr - q_lr, atol=1e-5)
     with pytest.raises(SystemExit, match="--extra-gammas 'x'"):
-        sriqa.run_eval(sriqa.EvalArgs(sriqa_root=str(tmp_path / "bench"), model="no/such/model", extra_gammas=["x"]))
+        sriqa.run_eval(sriqa.EvalArgs(sriqa_root=str(tmp_path / "bench"), reward_model="no/such/model", extra_gammas=["x"]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -536,7 +536,7 @@ def test_sft_tiny_learns_the_answer_format_and_exports(sft_data, tmp_path):
     # eval with the trained model in-process: a COMPASS row (Eq.4 from the digit read-out) beside PSNR
     make_sriqa(tmp_path / "bench", n_groups=2)
     rows = sriqa.run_eval(sriqa.EvalArgs(sriqa_root=str(tmp_path / "bench"), out=str(tmp_path / "eval"),
-                                   model=str(out), baselines=["PSNR"], device="cpu"))
+                                         reward_model=str(out), baselines=["PSNR"], device="cpu"))
     compass = next(r for r in rows if r["method"] == "COMPASS")
     assert compass["pairs"] == 12 and 0.0 <= compass["All"] <= 100.0 and "without a score" not in compass["note"]
     assert "| GT-Free | COMPASS |" in (tmp_path / "eval" / "sriqa_accuracy.md").read_text()

@@ -196,13 +196,14 @@ def test_torchrun_fsdp_matches_single_process(hr_dir, tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_rank0_loading_equals_the_full_model_bit_for_bit(hr_dir, tmp_path):
-    """--fsdp: rank 1 builds the transformer on the meta device and receives its shards from rank 0; with no
-    training step the gathered transformer equals the preset's weights exactly."""
+    """--fsdp: rank 1 builds the transformer on the meta device and receives its shards from rank 0; after one step
+    at a learning rate far below float32's resolution (1e-30) the gathered transformer equals the preset's weights
+    exactly."""
     from common import backbone as B
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(serving.free_port()), "train_sft.py", "--model", "tiny", "--hr-dir", str(hr_dir), "--crop-size", "64",
-           "--batch-size", "1", "--steps", "0", "--fsdp", "--out", str(tmp_path / "o")]
+           "--batch-size", "1", "--steps", "1", "--lr", "1e-30", "--fsdp", "--out", str(tmp_path / "o")]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
