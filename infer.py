@@ -174,7 +174,6 @@ def _blend_window(h: int, w: int) -> torch.Tensor:
     return (wy[:, None] * wx[None, :])[None, None]
 
 
-@torch.no_grad()
 class _Share:
     """A progress bar's share: `update(1)` per Euler step advances `bar` by 1 / (tiles x steps) of an image."""
 
@@ -185,6 +184,7 @@ class _Share:
         self.bar.update(n * self.fraction)
 
 
+@torch.no_grad()
 def super_resolve_image(bb: B.Backbone, lr: torch.Tensor, args: Args, generator: torch.Generator,
                         bar=None) -> torch.Tensor:
     """LR (3,h,w) in [0,1] -> SR (3, scale*h, scale*w) in [0,1]; `bar` (tqdm, counting images) advances every

@@ -40,7 +40,6 @@ all-reduce per backward, cannot handle without deadlocking).
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -73,7 +72,7 @@ class Args:
     hr_dir: str | None = None
     """HR folder degraded on the fly (full-reference stage)"""
     lr_dir: str | None = None
-    """LR folder: paired with --hr-dir by file name (FR), or alone (rl_nr.py)"""
+    """LR folder: paired by file name with the HR folder (full-reference stage), or alone (rl_nr.py)"""
     out: str = "out/fr.safetensors"
     """final LoRA file; the run folder is next to it without the suffix (out/fr/)"""
     crop_size: int = 512
@@ -420,15 +419,8 @@ def run(args: Args, dataset: torch.utils.data.Dataset,
     out_file = Path(args.out)
     run_dir = out_file.with_suffix("")
     ckpt_root = run_dir / "checkpoints"
-    claim = None
-    if dist_info.is_main:  # a finished or interrupted run in this folder is never replaced by accident
-        try:
-            T.claim_run_dir(run_dir, args.resume, args.overwrite, out_file)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
-        except (T.RunError, OSError) as err:
-            claim = err if isinstance(err, T.RunError) else T.RunError(f"--out {out_file}: cannot write there ({err})")
-    T.raise_if_any_rank_failed(claim)
+    # a finished or interrupted run in this folder is never replaced by accident (--resume / --overwrite)
+    T.claim_run(run_dir, args.resume, args.overwrite, out_file, dist_info, asdict(args))
     bb, params, old_params = setup_policy(args, dist_info.device)
     reward_fn = make_reward_fn(args, dist_info.device)
     objective = make_objective(args, params, old_params)
@@ -541,12 +533,8 @@ def run(args: Args, dataset: torch.utils.data.Dataset,
             T.save_training_checkpoint(ckpt_root, done, bb.transformer, optimizer, dist_info, generator,
                                        keep=is_lora, keep_last=args.keep_last, invalid_total=invalid_total)
         if stopping:
-            stop.restore()
             bar.close()
-            if writer is not None:
-                writer.close()
-            T.cleanup_distributed()
-            return T.stopped(" ".join(["torchrun ..." if dist_info.world_size > 1 else "python", *sys.argv]))
+            return T.stopped(stop, writer, dist_info)
     stop.restore()
 
     T.check_ranks_in_sync(params)

@@ -793,13 +793,8 @@ def train(args: TrainArgs) -> Path | int:
     args.total_steps = args.epochs * args.steps_per_epoch
     out = Path(args.out)
     ckpt_root = out / "checkpoints"
-    claim = None
-    if dist_info.is_main:  # a finished or interrupted run in --out is never replaced by accident
-        try:
-            T.claim_run_dir(out, args.resume, args.overwrite, out / "config.json")
-        except T.RunError as err:
-            claim = err
-    T.raise_if_any_rank_failed(claim)
+    # a finished or interrupted run in --out is never replaced by accident (--resume / --overwrite)
+    T.claim_run(out, args.resume, args.overwrite, out / "config.json", dist_info)
     if dist_info.is_main:
         print(f"[train] {n} pairs ({sum(r.F is not None for r in records)} with F), {world} process(es), "
               f"global batch {args.global_batch} = {args.per_device_batch} x {args.grad_accum} accum x "
@@ -895,11 +890,7 @@ def train(args: TrainArgs) -> Path | int:
         if (step + 1) % save_every == 0 or step + 1 == end or stopping:
             save(step + 1)
         if stopping:
-            stop.restore()
-            if writer is not None:
-                writer.close()
-            cleanup_distributed()
-            return T.stopped(" ".join(["torchrun ..." if world > 1 else "python", *sys.argv]))
+            return T.stopped(stop, writer, dist_info)
     stop.restore()
 
     # ---- export: a plain Hugging Face folder (from_pretrained, VL.load_compass, vllm serve) --------

@@ -6,7 +6,7 @@ x_HR, eps and x_t live in the VAE's normalised, packed latent space; x_LR enters
 upscaled 4x, seen by the VL text encoder and appended as condition latents, see backbone.py).
 
 Tiny preset on a CPU (a minute); the mini preset's SFT is this command run on its base for 3500 steps
-(build_mini_backbone.py), shipped as `--sft mini`:
+(mini/build_backbone.py), shipped as `--sft mini`:
     python train_sft.py --model tiny --hr-dir data/hr --crop-size 64 --steps 50 --lr 1e-3
     python train_sft.py --model mini --hr-dir data/hr --crop-size 64 --steps 3500 --batch-size 16 --lr 2e-4 --reuse 4
 Full scale (paper: LSDIR, 512 px crops), 8 GPUs; --model defaults to Qwen/Qwen-Image-Edit-2509, and on GPUs
@@ -26,7 +26,7 @@ scalars under out/sft/tb/; LR | SR | HR grids under out/sft/samples/.
 from __future__ import annotations
 
 import json
-import sys
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from common import backbone as B
 from common import training as T
-from common.data import HRFolderDataset, PairedFolderDataset, collate, save_image
+from common.data import DEGRADATIONS, HRFolderDataset, PairedFolderDataset, collate, save_image
 
 
 @dataclass
@@ -47,24 +47,39 @@ class Args:
     """Qwen/Qwen-Image-Edit-2509 (paper) or its local diffusers folder; 'mini' (the trained laptop base) or 'tiny'"""
     hr_dir: str | None = None
     """HR folder, degraded on the fly (Real-ESRGAN second order, data.py)"""
+    degradation: str = "realesrgan"
+    """synthetic LR of --hr-dir: 'realesrgan' (the paper's Real-ESRGAN x4plus parameters, sized for 256 -> 64 px
+    crops) or 'mini' (data.MINI_DEGRADATION: the same pipeline scaled to 64 -> 16 px crops)"""
     lr_dir: str | None = None
     """LR folder paired with --hr-dir by file name (then no synthetic degradation)"""
     plain_fraction: float = 0.0
-    """share of training pairs whose LR is a plain Gaussian blur (sigma U(0.6, 1.8) HR px) + bicubic downscale
-    instead of the Real-ESRGAN degradation (data.plain_degrade); paper: 0, Real-ESRGAN only"""
+    """share of training pairs whose LR is a plain Gaussian blur (sigma from the two flags below) + bicubic
+    downscale instead of the Real-ESRGAN degradation (data.plain_degrade); paper: 0, Real-ESRGAN only"""
+    plain_sigma_min: float = 0.6
+    """the plain LR's blur sigma is drawn from U(--plain-sigma-min, --plain-sigma-max) HR px"""
+    plain_sigma_max: float = 1.8
+    """upper end of the plain LR's blur sigma (HR px)"""
     out: str = "out/sft"
+    """run folder: transformer.safetensors (the SFT weights), checkpoints/, tb/, samples/, train_log.json"""
     crop_size: int = 512
     """HR crop in pixels (paper: 512 x 512, 4x SR)"""
     scale: int = 4
+    """upscaling factor (the paper's 4x)"""
     batch_size: int = 1
     """per process"""
     steps: int = 10000
+    """optimizer steps"""
     lr: float = 1e-5
     """AdamW learning rate (the paper does not give the SFT value; 1e-5 is usual for full fine-tuning)"""
     weight_decay: float = 1e-4
     """paper §5.1 gives 1e-4 for RL; reused here"""
     warmup_steps: int = 100
+    """linear learning-rate warm-up steps (paper silent)"""
+    lr_schedule: str = "constant"
+    """after the warm-up: 'constant' or 'cosine' (decays to 0 at --steps; a short run's last samples settle
+    instead of jumping between checkpoints) (paper silent)"""
     max_grad_norm: float = 1.0
+    """gradient clipping norm (paper silent)"""
     timestep_sampling: str = "uniform"
     """'uniform' (t ~ U(0,1), Eq.5 as written) | 'logit_normal' | 'shifted' (diffusers' SD3/Qwen alternatives)"""
     lora_rank: int = 0
@@ -81,13 +96,19 @@ class Args:
     """keep the frozen text encoder on the host between conditionings (it moves to the GPU for each batch's,
     ~17 GB in bf16 over PCIe; it is not run on the CPU)"""
     prompt: str = B.DEFAULT_PROMPT
+    """the "enhance" instruction c of Eq.5"""
     seed: int = 0
+    """seed of the data order, the degradations and the noise (every rank adds its rank)"""
     log_every: int = 10
+    """TensorBoard scalars every N steps"""
     sample_every: int = 500
     """write an LR | SR | HR grid every N steps (0 = never)"""
     sample_steps: int = 40
+    """Euler steps of those sample pictures"""
     save_every: int = 1000
+    """checkpoint every N steps (and at the last)"""
     keep_last: int = 3
+    """checkpoints kept"""
     resume: str | None = None
     """'latest' (the newest checkpoint of --out) or a checkpoint directory"""
     overwrite: bool = False
@@ -96,6 +117,7 @@ class Args:
     max_nonfinite: int = 10
     """stop after this many NaN/Inf losses (each one skips its step)"""
     num_workers: int = 0
+    """DataLoader worker processes (0: load in the training process)"""
     reuse: int = 1
     """train on each encoded LR-HR pair this many times on average (training.ReusePool): the frozen text
     encoder, VAE and degradation run once per `reuse` steps. 1 = every step a fresh batch (paper setting);
@@ -110,6 +132,14 @@ def parse_args(argv: list[str] | None = None) -> Args:
         parser.error(f"--plain-fraction {args.plain_fraction}: choose a share in [0, 1]")
     if args.plain_fraction and args.lr_dir:
         parser.error("--plain-fraction degrades HR images on the fly; with --lr-dir the LR images are given")
+    if args.degradation not in DEGRADATIONS:
+        parser.error(f"--degradation {args.degradation}: choose one of {', '.join(DEGRADATIONS)}")
+    if args.degradation != "realesrgan" and args.lr_dir:
+        parser.error("--degradation degrades HR images on the fly; with --lr-dir the LR images are given")
+    if not 0 < args.plain_sigma_min <= args.plain_sigma_max:
+        parser.error(f"--plain-sigma-min/max {args.plain_sigma_min}/{args.plain_sigma_max}: need 0 < min <= max")
+    if args.lr_schedule not in ("constant", "cosine"):
+        parser.error(f"--lr-schedule {args.lr_schedule}: choose constant or cosine")
     if args.fsdp and args.lora_rank:
         parser.error("--fsdp shards a full fine-tune; a LoRA (--lora-rank) fits without sharding: drop --fsdp")
     if args.timestep_sampling not in ("uniform", "logit_normal", "shifted"):
@@ -132,6 +162,26 @@ def sample_timesteps(n: int, mode: str, generator: torch.Generator, shift: float
         return torch.sigmoid(torch.randn(n, generator=generator))
     u = torch.rand(n, generator=generator)  # 'shifted': t' = s t / (1 + (s - 1) t), more weight on noise
     return shift * u / (1 + (shift - 1) * u)
+
+
+def load_for_training(args: Args, dist_info: T.DistInfo, sharded: bool) -> B.Backbone:
+    """The backbone as this process trains it. Frozen text encoder and VAE in bf16 when training in bf16 (on the
+    host with --offload-text-encoder). Under FSDP2 ONE full copy of the transformer per node, on the host: rank 0
+    reads it there, the others build it on the meta device, and every rank receives its shards from rank 0
+    (training.shard_from_rank0) instead of rank 0 first loading all 82 GB of float32 weights onto its GPU."""
+    return B.load_backbone(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32, device=dist_info.device,
+                           text_encoder_device="cpu" if args.offload_text_encoder else None,
+                           transformer_on_meta=sharded and not dist_info.is_main,
+                           transformer_device="cpu" if sharded else None)
+
+
+def lr_factor(step: int, args: Args) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based): linear warm-up over --warmup-steps, then
+    1 (constant) or a cosine from 1 down to 0 at --steps."""
+    factor = min(1.0, (step + 1) / max(1, args.warmup_steps))
+    if args.lr_schedule == "cosine":
+        factor *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.steps)))
+    return factor
 
 
 def flow_matching_loss(transformer, cond: B.Condition, x0: torch.Tensor, generator: torch.Generator,
@@ -158,31 +208,20 @@ def main(argv: list[str] | None = None) -> int | None:
         args.gradient_checkpointing = args.model not in ("tiny", "mini")
     out = Path(args.out)
     ckpt_root = out / "checkpoints"
-    claim = None
-    if dist_info.is_main:  # a finished or interrupted run in --out is never replaced by accident
-        try:
-            T.claim_run_dir(out, args.resume, args.overwrite, out / "transformer.safetensors")
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "args.json").write_text(json.dumps(asdict(args), indent=1))
-        except (T.RunError, OSError) as err:
-            claim = err if isinstance(err, T.RunError) else T.RunError(f"--out {out}: cannot write there ({err})")
-    T.raise_if_any_rank_failed(claim)
+    # a finished or interrupted run in --out is never replaced by accident (--resume / --overwrite)
+    T.claim_run(out, args.resume, args.overwrite, out / "transformer.safetensors", dist_info, asdict(args))
 
     if args.lr_dir:
         dataset = PairedFolderDataset(args.lr_dir, args.hr_dir, crop_size=args.crop_size, scale=args.scale,
                                       flip=True, seed=args.seed)
     else:
         dataset = HRFolderDataset(args.hr_dir, crop_size=args.crop_size, scale=args.scale, seed=args.seed,
-                                  plain_fraction=args.plain_fraction)
+                                  degradation=DEGRADATIONS[args.degradation], plain_fraction=args.plain_fraction,
+                                  plain_sigma=(args.plain_sigma_min, args.plain_sigma_max))
     dataset.check()  # one error listing every unreadable / too small / unmatched file, before any training
 
     sharded = args.fsdp and dist_info.world_size > 1
-    # FSDP2 keeps ONE full copy of the transformer per node, on the host: rank 0 reads it there, the others
-    # build it on the meta device, and every rank receives its shards from rank 0 (training.shard_from_rank0)
-    bb = B.load_backbone(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32, device=dist_info.device,
-                         text_encoder_device="cpu" if args.offload_text_encoder else None,
-                         transformer_on_meta=sharded and not dist_info.is_main,
-                         transformer_device="cpu" if sharded else None)
+    bb = load_for_training(args, dist_info, sharded)
     transformer = bb.transformer
     if not args.lora_rank and not (sharded and not dist_info.is_main):
         transformer.float()  # full fine-tuning keeps float32 master weights (bf16 compute via autocast / FSDP)
@@ -203,7 +242,7 @@ def main(argv: list[str] | None = None) -> int | None:
         T.shard_from_rank0(transformer, list(transformer.transformer_blocks), dist_info, args.bf16)
         params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
 
     start_step, losses = 0, []  # losses: one per step since step 1, kept in the checkpoints across resumes
     resume_from = T.resolve_resume(args.resume, ckpt_root)
@@ -278,12 +317,8 @@ def main(argv: list[str] | None = None) -> int | None:
         if done % args.save_every == 0 or done == args.steps or stopping:
             save(done)
         if stopping:
-            stop.restore()
             bar.close()
-            if writer is not None:
-                writer.close()
-            T.cleanup_distributed()
-            return T.stopped(" ".join(["torchrun ..." if dist_info.world_size > 1 else "python", *sys.argv]))
+            return T.stopped(stop, writer, dist_info)
     stop.restore()
 
     # ------------------------------------------------------------------ final weights for infer.py / rl_fr.py

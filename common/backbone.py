@@ -7,7 +7,7 @@ upscaled 4x, and the instruction c is a fixed "enhance" prompt.
 One code path, three doors:
     load_backbone("Qwen/Qwen-Image-Edit-2509")  # or a local folder: diffusers `from_pretrained`
     load_backbone("mini")                       # small configs of the SAME classes, weights trained on a
-                                                # CPU by build_mini_backbone.py and shipped in mini/
+                                                # CPU by mini/build_backbone.py and shipped in mini/
     load_backbone("tiny")                       # the SAME classes from tiny configs, random weights
 The tiny preset is deterministic (weights drawn from a fixed seed inside a forked RNG), so separate
 processes (SFT, RL, inference) all build identical base weights; it needs no download. The mini preset

@@ -470,6 +470,27 @@ class DegradationConfig:
             raise ValueError(f"DegradationConfig.resize_modes: use a subset of {RESIZE_MODES}")
 
 
+MINI_DEGRADATION = DegradationConfig(
+    resize_range=(0.6, 1.4), resize_range2=(0.9, 1.1),
+    noise_range=(1.0, 8.0), noise_range2=(1.0, 4.0),
+    poisson_scale_range=(0.05, 0.8), poisson_scale_range2=(0.05, 0.4),
+    jpeg_range=(80.0, 95.0), final_jpeg_range=(80.0, 95.0),
+    blur_sigma=(0.2, 2.0), blur_sigma2=(0.2, 1.0),
+    final_sinc_cutoff=(0.75 * math.pi, math.pi),
+    sinc_cutoff_small=(0.5 * math.pi, math.pi), sinc_cutoff_large=(0.4 * math.pi, math.pi),
+)
+"""The Real-ESRGAN pipeline scaled to the mini world's 64 -> 16 px crops (every stage still runs).
+
+With the paper's ranges (`DegradationConfig()`, sized for 256 -> 64 px crops) the second random resize of
+a 16 px LR goes down to int(16 x 0.3) = 4 px and the noise buries what is left: the LR keeps no 8-16 px
+content, and an SFT trained on it learns to ignore its input. Here: narrower resizes, noise at 1/4-1/6 of
+the paper's, JPEG quality >= 80, milder sinc cutoffs (the final sinc acts at LR scale; at the paper's pi/3
+it alone costs ~7.7 dB on 16 px crops). Real runs keep the paper's defaults."""
+
+DEGRADATIONS: dict[str, DegradationConfig] = {"realesrgan": DegradationConfig(), "mini": MINI_DEGRADATION}
+"""Named degradation configs (`train_sft.py --degradation`)."""
+
+
 # ---- random draws, all from the generator ----------------------------------------------
 
 def _uniform(generator: torch.Generator, lo: float, hi: float) -> float:

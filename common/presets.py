@@ -28,7 +28,7 @@ MINI_COMPASS = ROOT / "compass"
 MINI_COMPASS_BASE = ROOT / "compass_base"
 MINI_REFREWARD = ROOT / "refreward"
 # How many flips/rotations of each (LR, SR) pair the mini COMPASS's evaluations average its readings over
-# (reward.LocalScorer views): its shipped evaluation (`compass_eval.json`, "views"; build_mini_compass.py
+# (reward.LocalScorer views): its shipped evaluation (`compass_eval.json`, "views"; mini/build_compass.py
 # --views) and the held-out evaluations of the demo, miniature.py and bench.py. Their RL rewards read one view.
 MINI_COMPASS_VIEWS = 8
 # The output size (px) the mini backbone was trained on: it returns a uniform mosaic at larger token grids (its

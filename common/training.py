@@ -22,6 +22,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -152,8 +153,8 @@ def seed_everything(seed: int, rank: int = 0) -> torch.Generator:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Collectives. EVERY collective of the project goes through the helpers below (tests/test_distributed.py
-# fails on a call elsewhere). NCCL takes tensors on the GPU only ("No backend type associated with device
+# Collectives. EVERY collective of the project goes through the helpers below (tests/test_layout.py fails on
+# a call elsewhere). NCCL takes tensors on the GPU only ("No backend type associated with device
 # type cpu"); gloo takes CPU tensors. The scripts hold small host tensors (a loss summed as a float, a
 # count, a generator state), so each helper moves its tensors to the device the process group serves
 # (`comm_device`) and hands results back on the caller's device. The tests check this rule without a GPU
@@ -243,8 +244,6 @@ class StopOnSignal:
     A second Ctrl-C stops at once (the last checkpoint is kept)."""
 
     def __init__(self) -> None:
-        import signal
-
         self.flag = False
         self._saved = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -264,25 +263,57 @@ class StopOnSignal:
         return bool(all_reduce_sum(torch.tensor([float(self.flag)]))[0] > 0) if distributed() else self.flag
 
     def restore(self) -> None:
-        import signal
-
         for sig, handler in self._saved.items():
             signal.signal(sig, handler)
 
 
-def stopped(command: str) -> int:
-    """What a stopped run prints (rank 0) and returns: the command that resumes it, exit status 130."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"stopped; checkpoint saved. Resume with:\n  {command} --resume latest", file=sys.stderr, flush=True)
+def stopped(stop: StopOnSignal, writer, dist_info: DistInfo) -> int:
+    """End a run stopped by a signal (its checkpoint already saved): close its log, leave the process group, print
+    the command that resumes it (rank 0) and return exit status 130."""
+    stop.restore()
+    if writer is not None:
+        writer.close()
+    cleanup_distributed()
+    if dist_info.is_main:
+        launcher = "torchrun --nproc_per_node N" if dist_info.world_size > 1 else "python"
+        args, skip = [], False
+        for a in sys.argv:  # the command as given, without --overwrite and an earlier --resume X
+            if skip or a == "--overwrite" or a.startswith("--resume="):
+                skip = False
+                continue
+            skip = a == "--resume"
+            if not skip:
+                args.append(a)
+        print(f"stopped; checkpoint saved. Resume with:\n  {launcher} {' '.join(args)} --resume latest",
+              file=sys.stderr, flush=True)
     return 130
+
+
+def claim_run(run_dir: Path, resume: str | None, overwrite: bool, finished: Path | None, dist_info: DistInfo,
+              args: dict | None = None) -> None:
+    """`claim_run_dir` on rank 0, agreed by every rank (one line and a clean stop on all of them if refused); then
+    the run folder exists and holds `args.json` (when `args` is given)."""
+    error = None
+    if dist_info.is_main:
+        try:
+            claim_run_dir(run_dir, resume, overwrite, finished)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if args is not None:
+                atomic_write_text(json.dumps(args, indent=1), run_dir / "args.json")
+        except RunError as err:
+            error = err
+        except OSError as err:
+            error = RunError(f"--out {run_dir}: cannot write there ({err.strerror or err})")
+    raise_if_any_rank_failed(error)
 
 
 def claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool, finished: Path | None = None) -> None:
     """Refuse, in ONE line and before any work, to start a new run in a folder that holds one (its checkpoints, or
     its finished output `finished`): a new run would replace its results and mix its logs. --resume continues it;
     --overwrite deletes it first (checkpoints, logs, TensorBoard events, samples, the final output)."""
-    holds = list_checkpoints(run_dir / "checkpoints") or (finished is not None and finished.exists()) \
-        or (run_dir / "args.json").exists()
+    # a folder with only args.json and logs holds nothing to resume (the run stopped before its first checkpoint,
+    # e.g. on bad input): a new run may reuse it
+    holds = list_checkpoints(run_dir / "checkpoints") or (finished is not None and finished.exists())
     if not holds or resume:
         return
     if not overwrite:
@@ -853,7 +884,8 @@ def restore_local_shards(path: Path, model: torch.nn.Module, optimizer: torch.op
                                              shape=p.shape, stride=p.stride())
             elif torch.is_tensor(value):
                 st[key] = value.to(p.device) if value.ndim else value
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=False))
+    # strict=False: parameters that never received a gradient have no AdamW state (as in restore_full_state)
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=False, strict=False))
 
 
 def restore_training_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

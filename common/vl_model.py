@@ -115,7 +115,7 @@ def build_tiny_compass(seed: int = 0):
 
 def load_compass(model: str = "tiny", dtype: torch.dtype = torch.float32, device: str = "cpu", on_meta: bool = False):
     """COMPASS model and processor: "tiny" (seed 0 preset), "mini" (the trained mini preset shipped in
-    mini/compass, built by build_mini_compass.py) or a hub name / local folder (from_pretrained).
+    mini/compass, built by mini/build_compass.py) or a hub name / local folder (from_pretrained).
 
     A checkpoint folder written by train_compass.py (`save_pretrained` of model and processor) loads
     back to identical outputs. `on_meta`: the model from its config with parameters on the meta device

@@ -6,15 +6,15 @@ the same two points in miniature, with small configs of the real classes and onl
 inside installed packages (photos.py; the four HELDOUT photos are never trained on):
 
     1. data   HR crops of the training photos for train_sft.py            -> WORK/hr/
-    2. vae    AutoencoderKLQwenImage from scratch (4x spatial, 32 channels), L1 + MSE on random crops,
+    2. vae    AutoencoderKLQwenImage from scratch (4x spatial, --z-dim channels), L1 + MSE on random crops,
               then the per-channel latent mean/std that normalise its latents (as the real VAE's config)
     3. base   the MMDiT QwenImageTransformer2DModel trained by flow matching on a MIX of image-to-image
               tasks, each under its own instruction (denoise, deblur, remove JPEG blocks, upscale 2x,
               black and white, keep, and "enhance" = the SR prompt on mildly degraded inputs). It is a
               general restoration/editing model that has never seen a 4x Real-ESRGAN-degraded input:
               not yet the SR expert                                  -> OUT/backbone/ (pipeline folder)
-    4. sft    the cold start itself, by this project's train_sft.py on WORK/hr/ (Real-ESRGAN degradation
-              on the fly, Eq.5)                                      -> OUT/sft/transformer.safetensors
+    4. sft    the cold start itself, by this project's train_sft.py on WORK/hr/ (degradation on the fly:
+              --sft-degradation, optionally mixed with plain LR; Eq.5) -> OUT/sft/transformer.safetensors
     5. eval   PSNR / SSIM (Y) and sharpness of bicubic, base, SFT and HR on held-out 64x64 crops with two
               kinds of 16x16 LR (data.py's degradation; plain blur + bicubic downscale), and a picture
                                                                      -> OUT/backbone_eval.{md,json,png}
@@ -23,9 +23,15 @@ The text encoder (Qwen2.5-VL) and the processor are the tiny preset's configs wi
 weights (the real text encoder is frozen too); only the tokenizer differs: byte-level with one token per
 word of the fixed texts the model reads (byte_tokenizer.word_merges), so prompts stay the real ones.
 
-    python build_mini_backbone.py                   # everything, resumable: re-run to continue
-    python build_mini_backbone.py --stage eval      # one part: data | vae | base | sft | eval
-    python build_mini_backbone.py --quick --out /tmp/mini --work /tmp/mini_work   # a few steps (tests)
+    python -m mini.build_backbone                   # everything, resumable: re-run to continue
+    python -m mini.build_backbone --stage eval      # one part: data | vae | base | sft | eval
+    python -m mini.build_backbone --quick --out /tmp/mini --work /tmp/mini_work   # a few steps (tests)
+
+The shipped preset was built with the defaults. The recipe measured for a mini SFT that keeps the picture
+(mini/README.md, "A mini SFT that keeps the picture") changes the SFT's data and schedule:
+
+    python -m mini.build_backbone --sft-degradation mini --sft-plain-fraction 0.5 --sft-lr-schedule cosine \
+        --sft-steps 2000
 
 On this CPU the frozen text encoder and VAE cost more than the transformer's step, so base and SFT train
 on each encoded pair 4 times on average (--reuse, training.ReusePool): twice the transformer steps per hour.
@@ -76,12 +82,27 @@ class Args:
     vae_crop: int = 32
     """the VAE is fully convolutional: small crops train it cheaply"""
     vae_lr: float = 1e-3
+    z_dim: int = 32
+    """latent channels of the 4x VAE (the transformer's in/out channels follow: 4 z_dim packed, z_dim out).
+    The shipped preset: 32. A smaller latent leaves a sampler fewer ways to put speckle into the decoded
+    picture, at some cost in reconstruction (the mini README compares them)"""
+    vae_latent_noise: float = 0.0
+    """decoder robustness: half the VAE training crops decode their latent plus N(0, (s std_c)^2), s ~
+    U(0, this), std_c the batch's per-channel latent std; the decoder then turns small latent errors (a
+    sampler's) into blur instead of speckle. 0 = off (the shipped preset)"""
     base_steps: int = 4500
     base_batch: int = 16
     base_lr: float = 5e-4
     sft_steps: int = 3500
     sft_batch: int = 16
     sft_lr: float = 2e-4
+    sft_degradation: str = "realesrgan"
+    """train_sft.py --degradation: 'realesrgan' (the paper's parameters; the shipped preset) or 'mini'
+    (data.MINI_DEGRADATION, sized for the 64 px crops)"""
+    sft_plain_fraction: float = 0.0
+    """train_sft.py --plain-fraction: the share of SFT pairs whose LR is a plain blur + bicubic downscale"""
+    sft_lr_schedule: str = "constant"
+    """train_sft.py --lr-schedule: constant or cosine"""
     reuse: int = 4
     """base and SFT train on each encoded pair this many times on average (training.ReusePool; on this CPU
     the text encoder + VAE cost more than the transformer step)"""
@@ -97,8 +118,12 @@ class Args:
 # The mini architecture: the real classes with small configs
 # ====================================================================================================
 
-# 4x spatial VAE (three levels, two downsamples), 32 latent channels; ~2M parameters.
-MINI_VAE = dict(base_dim=16, z_dim=32, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True])
+def mini_vae_config(z_dim: int) -> dict:
+    """4x spatial VAE (three levels, two downsamples), `z_dim` latent channels; ~2M parameters."""
+    return dict(base_dim=16, z_dim=z_dim, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True])
+
+
+
 # MMDiT: 4 double-stream blocks of width 192 (3 heads x 64); in_channels = 4 z_dim (2x2 packing) = 128.
 # Width limited the fit: the velocity v = eps - x0 makes the network carry the 128-dim noisy token through
 # its residual stream besides the content, and at width 128 it could not even match copying the bicubic
@@ -107,9 +132,13 @@ MINI_VAE = dict(base_dim=16, z_dim=32, dim_mult=[1, 2, 4], num_res_blocks=1, tem
 # Heads of 64 leave 28 RoPE dimensions per spatial axis (14 frequencies): a target token finds the
 # condition token at its own position faster than with heads of 32 (copy-task probe: one-step x0 error
 # 0.54 vs 0.61). Both transformers are shipped in float16 (save_half).
-MINI_TRANSFORMER = dict(patch_size=2, in_channels=4 * MINI_VAE["z_dim"], out_channels=MINI_VAE["z_dim"],
-                        num_layers=4, attention_head_dim=64, num_attention_heads=3, joint_attention_dim=32,
-                        axes_dims_rope=(8, 28, 28))
+def mini_transformer_config(z_dim: int) -> dict:
+    return dict(patch_size=2, in_channels=4 * z_dim, out_channels=z_dim, num_layers=4, attention_head_dim=64,
+                num_attention_heads=3, joint_attention_dim=32, axes_dims_rope=(8, 28, 28))
+
+
+MINI_VAE = mini_vae_config(Args.z_dim)  # the shipped preset's configs
+MINI_TRANSFORMER = mini_transformer_config(Args.z_dim)
 HR_SIZE = 64  # output side of every training sample (LR 16x16)
 
 # The base model's tasks: instruction -> how its input is made from a clean crop (and its target).
@@ -126,17 +155,17 @@ BASE_TASKS = {
 TEXTS = [B._TEMPLATE_PREFIX, B._IMAGE_SLOT, *BASE_TASKS.values()]  # the words the tokenizer knows
 
 
-def build_untrained(seed: int) -> B.Backbone:
+def build_untrained(seed: int, z_dim: int = Args.z_dim) -> B.Backbone:
     """The mini backbone with random weights: the tiny preset's text side with a word tokenizer, and the
-    mini VAE and transformer. Deterministic for a seed (forked RNG)."""
+    mini VAE and transformer with `z_dim` latent channels. Deterministic for a seed (forked RNG)."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
     parts = B.build_tiny_components(seed, words_from=TEXTS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        z = MINI_VAE["z_dim"]  # identity normalisation until vae_stage measures the real one
-        parts["vae"] = AutoencoderKLQwenImage(**MINI_VAE, latents_mean=[0.0] * z, latents_std=[1.0] * z)
-        parts["transformer"] = QwenImageTransformer2DModel(**MINI_TRANSFORMER)
+        z = z_dim  # identity normalisation until vae_stage measures the real one
+        parts["vae"] = AutoencoderKLQwenImage(**mini_vae_config(z), latents_mean=[0.0] * z, latents_std=[1.0] * z)
+        parts["transformer"] = QwenImageTransformer2DModel(**mini_transformer_config(z))
     B.single_frame_convs(parts["vae"])
     for m in (parts["vae"], parts["transformer"], parts["text_encoder"]):
         m.requires_grad_(False).eval()
@@ -193,7 +222,7 @@ def vae_stage(args: Args, work: Path) -> Path:
     final = work / "vae" / "final"
     if (final / "config.json").exists():
         return final
-    vae = build_untrained(args.seed).vae.train().requires_grad_(True)
+    vae = build_untrained(args.seed, args.z_dim).vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, 200, args.vae_steps))
     g = torch.Generator().manual_seed(args.seed + 2)
@@ -204,7 +233,7 @@ def vae_stage(args: Args, work: Path) -> Path:
     log = open(work / "vae" / "log.jsonl", "a")
     for step in tqdm(range(start, args.vae_steps), initial=start, total=args.vae_steps, desc="VAE"):
         x = photos.random_crops(photos.TRAIN, args.vae_batch, args.vae_crop, g)
-        y = decode_unclamped(vae, encode_raw(vae, x))
+        y = decode_unclamped(vae, noisy_latent(encode_raw(vae, x), args.vae_latent_noise, g))
         loss = (y - x).abs().mean() + 0.1 * ((y - x) ** 2).mean()  # L1 for detail, a little MSE for PSNR
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -229,6 +258,16 @@ def vae_stage(args: Args, work: Path) -> Path:
                            latents_std=[round(float(v), 6) for v in std])
     AutoencoderKLQwenImage.save_pretrained(vae, final)
     return final
+
+
+def noisy_latent(z: torch.Tensor, max_scale: float, g: torch.Generator) -> torch.Tensor:
+    """z (B,C,1,h,w) with N(0, (s std_c)^2) added, s ~ U(0, max_scale) for a random half of the batch and 0 for
+    the other half (std_c: the batch's per-channel std). max_scale 0 returns z itself."""
+    if max_scale <= 0:
+        return z
+    s = torch.rand(len(z), generator=g) * max_scale * (torch.rand(len(z), generator=g) < 0.5)
+    noise = torch.randn(z.shape, generator=g)
+    return z + s.view(-1, 1, 1, 1, 1) * z.detach().std((0, 2, 3, 4), keepdim=True) * noise
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -304,7 +343,7 @@ def base_stage(args: Args, work: Path, out: Path, vae_dir: Path) -> Path:
     """Train the mini base transformer on the task mix; saves the whole pipeline to OUT/backbone/."""
     from diffusers import AutoencoderKLQwenImage
 
-    bb = build_untrained(args.seed)
+    bb = build_untrained(args.seed, args.z_dim)
     bb.vae = B.single_frame_convs(AutoencoderKLQwenImage.from_pretrained(vae_dir)).eval().requires_grad_(False)
     tr = bb.transformer.train().requires_grad_(True)
     opt = torch.optim.AdamW(tr.parameters(), lr=args.base_lr, weight_decay=1e-4)
@@ -351,6 +390,8 @@ def sft_stage(args: Args, work: Path, out: Path, hr_dir: Path, base_dir: Path) -
     cmd = [sys.executable, "train_sft.py", "--model", str(base_dir), "--hr-dir", str(hr_dir), "--crop-size",
            str(HR_SIZE), "--batch-size", str(args.sft_batch), "--steps", str(args.sft_steps), "--lr", str(args.sft_lr),
            "--warmup-steps", str(min(50, args.sft_steps)), "--reuse", str(args.reuse), "--seed", str(args.seed),
+           "--degradation", args.sft_degradation, "--plain-fraction", str(args.sft_plain_fraction),
+           "--lr-schedule", args.sft_lr_schedule,
            "--save-every", str(args.save_every), "--sample-every", str(args.save_every), "--sample-steps", "20",
            "--out", str(work / "sft"), "--resume", "latest"]
     tqdm.write("$ " + " ".join(cmd[1:]))

@@ -36,9 +36,9 @@ layers (--text-layers; the shipped mini/compass has 4, which read out less of F)
 learn F: README "The mini presets"); the byte tokenizer gets one token per word of the task text, so the
 real prompt is kept and costs ~110 tokens instead of ~390.
 
-    python build_mini_compass.py                      # everything, resumable (needs the mini backbone)
-    python build_mini_compass.py --stage eval         # one part: pretrain | data | annotate | train | eval
-    python build_mini_compass.py --quick --out /tmp/m --work /tmp/w   # a few steps of each part (tests)
+    python -m mini.build_compass                      # everything, resumable (needs the mini backbone)
+    python -m mini.build_compass --stage eval         # one part: pretrain | data | annotate | train | eval
+    python -m mini.build_compass --quick --out /tmp/m --work /tmp/w   # a few steps of each part (tests)
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ Every stage runs as a user would run it: the real command lines in subprocesses,
                  for the NR RL), and a held-out test set from the held-out photos
     1. cold start      train_sft.py on the mini BASE (Eq.5) for a few steps: the loss falls. The shipped
                        mini SFT (`--sft mini`) is this same command run for 3500 steps by
-                       build_mini_backbone.py; the stages below use it
+                       mini/build_backbone.py; the stages below use it
     2. COMPASS         train_compass.py annotate (Eq.1-3) on held-out groups and evaluation/sriqa.py (Table 1 layout) of the
-                       shipped mini COMPASS (trained by build_mini_compass.py)
+                       shipped mini COMPASS (trained by mini/build_compass.py)
     3. FR RL           rl_fr.py --model mini: LoRA on the BASE, F = SSIM to the HR, Q from the mini COMPASS
     4. NR RL           rl_nr.py --lora fr.safetensors, every reward from the mini COMPASS served by
                        `transformers serve` on 127.0.0.1 (started and stopped here)
@@ -172,7 +172,7 @@ def write_report(out: Path, dirs: dict[str, Path], timings: dict[str, float], qu
         "# OARS demo report (mini presets)", "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M')}{' with --quick' if quick else ''}. Every stage ran as its "
         "command line (see `*.log`), on the mini presets: small configs of the real classes with weights trained on "
-        "a CPU by build_mini_backbone.py and build_mini_compass.py. Inputs are 16x16 LR crops, outputs 64x64. "
+        "a CPU by mini/build_backbone.py and mini/build_compass.py. Inputs are 16x16 LR crops, outputs 64x64. "
         f"Mini COMPASS readings are means over flips/rotations of the (LR, SR) pair: {views[0]} in the RL stages "
         f"(--reward-views), {views[1]} in the evaluations of stages 2 and 6 (--eval-views).", "",
         "## Stage times", "", "| stage | seconds |", "|---|---|",

@@ -1,7 +1,7 @@
 """Photographs that ship inside installed packages: the training and held-out images of the mini presets.
 
 No data set can be downloaded on the machines this project is built and tested on, so the mini presets
-(`build_mini_backbone.py`, `build_mini_compass.py`) and the demo learn from the real photographs that
+(`mini/build_backbone.py`, `mini/build_compass.py`) and the demo learn from the real photographs that
 come with packages the project installs anyway:
 
     scikit-image   skimage.data: astronaut, chelsea, coffee, rocket, hubble_deep_field,
@@ -33,7 +33,8 @@ COLOUR = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immu
           "frame_4wrwr48cdk6rbcjl", "frame_7gzdcz9sif0ekg31", "frame_9ogwhvvy7gfj6jzh")
 GREY = ("camera", "brick", "grass", "gravel", "coins", "clock", "moon", "page", "text", "cell")
 HELDOUT = ("coffee", "I04", "frame_9ogwhvvy7gfj6jzh", "china")
-"""Never trained on by any mini model: a cup on wood, houses, a garden, a pagoda over water."""
+"""Never trained on by any mini model: a cup of coffee on wood, a woman in a red hat, a snowy highway with
+cars, a pagoda over water."""
 ALL = COLOUR + GREY
 TRAIN = tuple(n for n in ALL if n not in HELDOUT)
 

@@ -17,7 +17,7 @@ script does it with this project's model doors, data I/O and logging. Three subc
     eval    held-out pairs, both orders asked: accuracy, invalid answers and position-inconsistent pairs
             (counted and excluded, never a tie).
 
-Commands (tiny preset on a CPU; mini: `--model` = a mini COMPASS-sized folder, see build_mini_compass.py):
+Commands (tiny preset on a CPU; mini: `--model` = a mini COMPASS-sized folder, see mini/build_compass.py):
 
     python train_refreward.py pairs --compass data/compass.jsonl --out data/pairs.jsonl
     python train_refreward.py train --model tiny --data data/pairs.jsonl --out out/refreward --steps 50
@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +57,7 @@ class TrainArgs:
     root: str = ""
     """folder the JSONL paths are relative to (default: the JSONL's folder)"""
     out: str = "out/refreward"
+    """output folder: the judge (save_pretrained), checkpoints/, tb/, rewards.jsonl"""
     model: str = "Qwen/Qwen3-VL-8B-Instruct"
     """the initial judge: Qwen/Qwen3-VL-8B-Instruct (the seed paper's size) or a folder; 'mini' (continue the shipped
     mini RefReward) or 'tiny'"""
@@ -72,24 +72,32 @@ class TrainArgs:
     lr: float = 1e-6
     """AdamW learning rate (DeepSeekMath GRPO: 1e-6)"""
     warmup_lr: float = 1e-3
+    """learning rate of the format warm-up"""
     beta: float = 0.04
     """weight of the k3 KL to the reference (DeepSeekMath GRPO: 0.04)"""
     clip_range: float = 0.2
     """PPO clip of the per-token ratio (DeepSeekMath / PPO: 0.2)"""
     temperature: float = 1.0
+    """sampling temperature of the GRPO answers"""
     max_new_tokens: int = 48
+    """longest answer sampled (it ends at its first </answer>)"""
     format_weight: float = 0.2
     """rule reward of a well-formed answer (a correct verdict earns 1 more)"""
     max_grad_norm: float = 1.0
+    """gradient clipping norm"""
     seed: int = 0
+    """seed of the pairs, their A/B order and the sampling"""
     save_every: int = 50
+    """checkpoint every N steps (and at the last)"""
     keep_last: int = 2
+    """checkpoints kept"""
     resume: str = ""
     """'latest' or a checkpoint folder"""
     overwrite: bool = False
     """start over in an --out folder that holds a run (deletes its checkpoints, logs and model); without it such a
     folder is refused unless --resume"""
     device: str = "auto"
+    """cuda | cpu | auto"""
     bf16: str = "auto"
     """bfloat16 compute: on | off | auto (on with CUDA); under FSDP2 float32 master weights and AdamW state"""
     micro_batch: int = 8
@@ -142,13 +150,8 @@ def train(args: TrainArgs) -> Path | int:
     pairs = RR.load_pairs(args.data, root)  # every bad record / missing image named before training
     out = Path(args.out)
     ckpt_root = out / "checkpoints"
-    claim = None
-    if dist_info.is_main:  # a finished or interrupted run in --out is never replaced by accident
-        try:
-            T.claim_run_dir(out, args.resume, args.overwrite, out / "config.json")
-        except T.RunError as err:
-            claim = err
-    T.raise_if_any_rank_failed(claim)
+    # a finished or interrupted run in --out is never replaced by accident (--resume / --overwrite)
+    T.claim_run(out, args.resume, args.overwrite, out / "config.json", dist_info)
     # Under torchrun the policy (float32 master weights + AdamW, ~16 bytes/parameter: 140 GB for the 8B) and the
     # frozen reference are sharded by FSDP2 over the ranks, loaded once per node (rank 0 on the host, the
     # others on the meta device, common.vl_model.shard_vl_model); on one process they are plain modules
@@ -293,11 +296,7 @@ def train(args: TrainArgs) -> Path | int:
             T.save_training_checkpoint(ckpt_root, done, model, optimizer, dist_info, keep_last=args.keep_last,
                                        sharded=sharded)
         if stopping:
-            stop.restore()
-            if writer is not None:
-                writer.close()
-            T.cleanup_distributed()
-            return T.stopped(" ".join(["torchrun ..." if dist_info.world_size > 1 else "python", *sys.argv]))
+            return T.stopped(stop, writer, dist_info)
     stop.restore()
     weights = T.gather_full_state(model, None)[0]  # collective under FSDP2: rank 0 gets the full weights
     if dist_info.is_main:

@@ -390,6 +390,7 @@ COMMANDS = {
     "infer": ("python infer.py --sft out/sft --lora out/nr.safetensors --input LR --out SR", 1,
               lambda d: measure_infer(d)),
 }
+FSDP_COMMANDS = ("sft", "compass", "refreward")
 FULL_DEPTH = 60  # the transformer's blocks; the VL decoders' layers scale with the same measured slope per step
 
 
@@ -411,13 +412,14 @@ def full_depths(name: str, step: Step) -> dict[str, int]:
 def measure(names: list[str], depths: tuple[int, ...] | None = None) -> dict[str, dict]:
     """{command: {"command", "gpus", "peak_gb", "phases", "notes"}}; full depth, or extrapolated from `depths`.
 
-    Each command first runs once at depth 1, unmeasured: the first FSDP2 step of a model in a process fills
+    Each FSDP2 command first runs once at depth 1, unmeasured: the first FSDP2 step of a model in a process fills
     DTensor's sharding-propagation caches by running its ops on full-size fake tensors once, which a GPU never
     holds (it would read ~8 GB too high)."""
     results = {}
     for name in names:
         command, gpus, fn = COMMANDS[name]
-        fn(1)  # warm-up (see above)
+        if name in FSDP_COMMANDS:
+            fn(1)  # warm-up (see above)
         t0 = time.time()
         if depths:
             shallow, deep = fn(depths[0]), fn(depths[1])

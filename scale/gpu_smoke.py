@@ -30,6 +30,7 @@ import train_sft
 from baselines import flow_grpo
 from common import backbone as B
 from common import training as T
+from common import vl_model as VL
 from scale import estimate as E
 
 K, ROLLOUT_STEPS, TRAIN_BATCH, SIDE, TEXT_TOKENS = 24, 6, 4, 512, 330  # the documented run (paper §5.1)
@@ -160,8 +161,6 @@ def run_depth(depth: int, device: torch.device, tiny: bool) -> dict[str, Phase]:
     del tr, opt
     torch.cuda.empty_cache() if device.type == "cuda" else None
     # COMPASS: Qwen3-VL's decoder at real width, `depth` layers, ~700 positions (two 512 px images + text)
-    from common import vl_model as VL
-
     if tiny:
         model = VL.build_tiny_compass()[0].to(device)
     else:

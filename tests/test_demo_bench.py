@@ -28,7 +28,7 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
     report = (out / "report.md").read_text()
     # the RL stages (FR in-process, NR served) read 2 views, the evaluations 3
     assert "2 in the RL stages (--reward-views), 3 in the evaluations" in report
-    assert re.search(r"evaluation\.sriqa .*--views 3", stdout)
+    assert re.search(r"evaluation\.sriqa .*--reward-views 3", stdout)
     for stage in ("fr", "nr"):
         assert json.loads((out / stage / "args.json").read_text())["reward_views"] == 2, stage
     for section in ("## 1. Cold start", "## 2. COMPASS reward model", "## 3-4. Online RL",

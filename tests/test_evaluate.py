@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from common.data import load_image
@@ -156,3 +157,22 @@ def test_short_reason_is_one_short_line():
     reason = evaluate.short_reason(OSError("line one\n" + "x" * 500))
     assert "\n" not in reason and reason.startswith("OSError: line one x") and "weights" in reason
     assert len(reason) < 400
+
+
+def test_detail_energy_flat_detail_and_lr_consistency_by_hand():
+    grey = torch.full((1, 3, 8, 8), 0.5)
+    stripes = grey.clone()
+    stripes[..., 1::2] = 0.0  # columns 0.5, 0, 0.5, ...: every horizontal step is 0.5 x 255 levels
+    assert float(evaluate.detail_energy(grey)) == 0.0
+    assert float(evaluate.detail_energy(stripes)) == pytest.approx(127.5)  # + 0 vertically
+    # an HR that is flat everywhere: the speckle of the stripes is their whole HF; of the grey SR, 0
+    assert float(evaluate.flat_detail(stripes, grey)) == pytest.approx(127.5)
+    assert float(evaluate.flat_detail(grey, grey)) == 0.0
+    # a textured HR has no flat pixel: nothing is counted
+    assert not evaluate.flat_mask(stripes).any() and float(evaluate.flat_detail(stripes, stripes)) == 0.0
+    half = torch.cat([grey[..., :4], stripes[..., 4:]], -1)  # flat left half, far from the texture
+    mask = evaluate.flat_mask(half)
+    assert mask[..., :2].all() and not mask[..., 5:].any()
+    # the LR explained to 0.1 per pixel: MSE 0.01 -> 20 dB
+    sr, lr = torch.full((1, 3, 32, 32), 0.5), torch.full((1, 3, 8, 8), 0.6)
+    assert float(evaluate.lr_consistency(sr, lr)) == pytest.approx(20.0, abs=1e-4)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"train_sft.py", "train_compass.py", "reward.py", "nft.py", "rl_fr.py", "rl_nr.py", "infer.py"}
-PACKAGES = ("common", "baselines", "refreward_sr", "evaluation", "mini", "scale")
+PACKAGES = ("common", "baselines", "refreward_sr", "realsr_r1", "evaluation", "mini", "scale")
 
 
 def project_files() -> dict[str, Path]:

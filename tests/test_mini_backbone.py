@@ -11,9 +11,11 @@ import torch
 
 from common import backbone as B
 from common import presets
+from common import training as T
 from common.byte_tokenizer import build_byte_tokenizer, word_merges
+from evaluation import evaluate
 from mini import build_backbone as build
-from mini import photos
+from mini import photos, sr_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,8 +77,6 @@ def test_held_out_photos_are_never_training_photos():
 
 
 def test_sharpness_hand_worked():
-    from evaluation import evaluate
-
     flat = torch.full((1, 3, 8, 8), 0.5)
     step = torch.zeros(1, 3, 8, 8)
     step[..., 4:] = 1.0  # a vertical unit step: |gx| = 0.5 on the two interior columns beside it
@@ -126,13 +126,13 @@ def test_load_backbone_mini_names_a_missing_file(tmp_path, monkeypatch):
     (copy / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     monkeypatch.setattr(presets, "MINI_BACKBONE", copy)
     with pytest.raises(FileNotFoundError, match=r"vae/diffusion_pytorch_model\.safetensors is missing.*"
-                                                r"python mini\.build_backbone"):
+                                                r"python -m mini\.build_backbone"):
         B.load_backbone("mini")
 
 
 def test_sft_file_of_the_other_preset_is_refused_naming_both():
     tiny = B.load_backbone("tiny")
-    with pytest.raises(ValueError, match=r"mini/sft/transformer\.safetensors does not fit the transformer of "
+    with pytest.raises(T.RunError, match=r"mini/sft/transformer\.safetensors does not fit the transformer of "
                                          r"--model tiny"):
         B.load_transformer_weights(tiny.transformer, "mini", "tiny")
 
@@ -228,3 +228,20 @@ def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
     again = subprocess.run([sys.executable, "-m", "mini.build_backbone", "--quick", "--out", str(out), "--work", str(work),
                             "--threads", "1", "--stage", "vae"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and json.loads((work / "times.json").read_text())["vae"] < times["vae"] + 5
+
+
+def test_sr_eval_rows_are_the_metrics_of_the_images_it_made(tmp_path):
+    """mini.sr_eval's bicubic / HR rows recomputed by hand from its sets and LRs; a model row has its timing."""
+    res = sr_eval.main(["--crops", "2", "--no-photos", "--kinds", "plain", "--steps", "2", "--threads", "1",
+                        "--method", "sft=mini:mini", "--out", str(tmp_path)])
+    hr = sr_eval.make_sets("heldout", 2, 100, False)["crops"]
+    lr = sr_eval.make_lr(hr, "plain", 107)
+    bic = B.upscale(lr).clamp(0, 1)
+    row = res["crops/plain"]["bicubic"]
+    assert row["LRcons"] == pytest.approx(float(evaluate.lr_consistency(bic, lr).mean()), abs=1e-4)
+    assert row["HF"] == pytest.approx(float(evaluate.detail_energy(bic).mean()), abs=1e-4)
+    assert res["crops/plain"]["HR"]["speckle"] == pytest.approx(float(evaluate.flat_detail(hr, hr).mean()), abs=1e-4)
+    assert res["crops/plain"]["sft"]["sec_per_image"] > 0
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert len(table) == 2 + 4 and table[-1].startswith("| crops/plain | sft |")
+    assert json.loads((tmp_path / "results.json").read_text())["results"] == res

@@ -120,7 +120,7 @@ def test_shipped_mini_refreward_answers_in_format_and_its_table_is_recorded():
 def test_build_rejects_a_fidelity_that_needs_downloads_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         build.main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--fidelity", "dists"])
-    assert "--fidelity-metric dists" in capsys.readouterr().err
+    assert "--fidelity dists: choose ssim / texture / blend" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()  # nothing started
     # the option reaches the annotation command line
     cmd = build.annotate_command(tmp_path, tmp_path / "a.jsonl", fidelity="texture")
@@ -159,7 +159,7 @@ def test_missing_mini_compass_file_is_named_with_the_rebuild_command(tmp_path, m
     shutil.copytree(presets.MINI_COMPASS, copy)
     (copy / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")  # damaged
     monkeypatch.setattr(presets, "MINI_COMPASS", copy)
-    with pytest.raises(ValueError, match=r"compass/model\.safetensors is damaged.*python build_mini_compass\.py"):
+    with pytest.raises(ValueError, match=r"compass/model\.safetensors is damaged.*python -m mini\.build_compass"):
         VL.load_compass("mini")
 
 
@@ -224,7 +224,7 @@ def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
     assert {"main", "gamma_5", "gamma_9", "gamma_inf", "calibrated_noF", "absolute_noF"} <= set(result["tables"])
     assert result["agreement_check"]["groups"] == 2 and result["agreement_check"]["pairs"] == 24
     assert result["views"] == 2 and "means over 2 flips/rotations" in (out / "compass_eval.md").read_text()
-    assert proc.stdout.count("--views 2") == 3  # the COMPASS and both Table 3 models' evaluations
+    assert proc.stdout.count("--reward-views 2") == 3  # the COMPASS and both Table 3 models' evaluations
     assert set(json.loads((work / "times.json").read_text())) == {"pretrain", "data", "annotate", "train", "eval",
                                                                   "refreward"}
     assert (out / "refreward" / "config.json").exists() and (out / "refreward_eval.json").exists()

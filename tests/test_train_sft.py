@@ -1,6 +1,7 @@
 """train_sft.py on the tiny preset: loss falls, resume is exact, torchrun with 2 CPU processes, bad input."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -105,7 +106,7 @@ def test_run_script_exit_code_and_torchrun_exit_without_teardown(tmp_path):
         with pytest.raises(SystemExit) as exc:
             T.run_script(lambda: result)
         assert exc.value.code == code
-    script = ("import atexit, training\n"
+    script = ("import atexit\nfrom common import training\n"
               "atexit.register(print, 'teardown ran')\n"
               "def main():\n    print('work done', end='')\n    return 5\n"
               "training.run_script(main)\n")
@@ -130,7 +131,10 @@ def test_bad_data_folder_errors_name_files(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [(["--plain-fraction", "1.5"], "--plain-fraction 1.5"),
-                                            (["--plain-fraction", "0.5", "--lr-dir", "x"], "--lr-dir")])
+                                            (["--plain-fraction", "0.5", "--lr-dir", "x"], "--lr-dir"),
+                                            (["--degradation", "mini", "--lr-dir", "x"], "--lr-dir"),
+                                            (["--plain-sigma-min", "2", "--plain-sigma-max", "1"],
+                                             "--plain-sigma-min/max 2.0/1.0")])
 def test_bad_plain_fraction_names_the_flag(hr_dir, extra, message, capsys):
     with pytest.raises(SystemExit):
         train_sft.parse_args(["--hr-dir", str(hr_dir), *extra])
@@ -141,6 +145,18 @@ def test_nonfinite_loss_is_skipped_and_bounded(hr_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train_sft, "flow_matching_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(FloatingPointError, match="NaN/Inf in 3 steps"):
         _run(hr_dir, tmp_path / "nan", "--steps", "5", "--max-nonfinite", "2")
+
+
+def test_lr_factor_warmup_then_constant_or_cosine_by_hand():
+    const = train_sft.Args(hr_dir="x", steps=100, warmup_steps=10)
+    cos = train_sft.Args(hr_dir="x", steps=100, warmup_steps=10, lr_schedule="cosine")
+    assert train_sft.lr_factor(0, const) == pytest.approx(0.1) and train_sft.lr_factor(4, const) == pytest.approx(0.5)
+    assert train_sft.lr_factor(50, const) == 1.0 and train_sft.lr_factor(99, const) == 1.0
+    # cosine: (1 + cos(pi s / 100)) / 2 times the warm-up ramp
+    assert train_sft.lr_factor(0, cos) == pytest.approx(0.1)
+    assert train_sft.lr_factor(50, cos) == pytest.approx(0.5)
+    assert train_sft.lr_factor(25, cos) == pytest.approx((1 + math.sqrt(0.5)) / 2)
+    assert train_sft.lr_factor(100, cos) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_timestep_sampling_modes():
@@ -184,6 +200,10 @@ def test_torchrun_fsdp_matches_single_process(hr_dir, tmp_path):
     assert part.returncode == 0, part.stderr[-3000:]
     resumed = run(tmp_path / "b", "--steps", "4", "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # every rank wrote its own shards (no gather of the weights and AdamW state to rank 0)
+    assert {p.name for p in (tmp_path / "b" / "checkpoints" / "step_000002").iterdir()} == {
+        "model.rank0.safetensors", "model.rank1.safetensors", "optimizer.rank0.safetensors",
+        "optimizer.rank1.safetensors", "rng.safetensors", "state.json"}
     a = load_file(str(tmp_path / "a" / "transformer.safetensors"))
     b = load_file(str(tmp_path / "b" / "transformer.safetensors"))
     from common import backbone as B

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import infer
@@ -124,6 +123,8 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
     (rl_fr.main, ["--group-size", "1"], "--group-size must be >= 2"),
     (train_sft.main, ["--hr-dir", "x", "--steps", "-2"], "--steps -2: must be at least 1"),
     (train_sft.main, ["--hr-dir", "x", "--lr", "0"], "--lr 0.0: must be > 0"),
+    (train_sft.main, ["--hr-dir", "x", "--degradation", "paper"], "--degradation paper: choose one of realesrgan, mini"),
+    (train_sft.main, ["--hr-dir", "x", "--lr-schedule", "linear"], "--lr-schedule linear: choose constant or cosine"),
     (train_compass.main, ["annotate"], "the following arguments are required: --lr-dir, --sr-dir"),
     (train_compass.main, ["train"], "the following arguments are required: --data"),
     (sriqa.main, [], "the following arguments are required: --sriqa-root"),
