@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 demo: install
-	$(PY) demo.py
+	$(PY) -m mini.demo
 
 # two pytest-xdist workers (one per core here; fewer on a 1-core machine), one torch thread each (tests/conftest.py);
 # tests that share an expensive module fixture stay on one worker (xdist_group marks, --dist loadgroup)
@@ -22,4 +22,4 @@ test: install
 	$(PY) -m pytest -n auto --maxprocesses 2 --dist loadgroup
 
 bench: install
-	$(PY) bench.py
+	$(PY) -m scale.bench

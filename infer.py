@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     print(f"wrote {len(inputs) - len(failures)} image(s) to {out_dir}")
     if args.hr_dir:
-        evaluate.main(["--sr", str(out_dir), "--hr-dir", args.hr_dir, "--csv", str(out_dir / "metrics.csv"),
+        evaluate.main(["--sr-dir", str(out_dir), "--hr-dir", args.hr_dir, "--csv", str(out_dir / "metrics.csv"),
                        "--metrics", *args.metrics])
     if failures:
         print(f"{len(failures)} input(s) failed:\n  " + "\n  ".join(failures), file=sys.stderr)

@@ -999,7 +999,7 @@ def dataclass_from_namespace(cls, values: dict):
 DEPRECATED_FLAGS = {
     "--output": "--out", "--out-folder": "--out", "--hr": "--hr-dir", "--hr-folder": "--hr-dir",
     "--server": "--reward-url", "--server-model": "--reward-model-name", "--views": "--reward-views",
-    "--fidelity-metric": "--fidelity", "--refreward": "--refreward-model",
+    "--fidelity-metric": "--fidelity", "--refreward": "--refreward-model", "--sr": "--sr-dir",
 }
 
 

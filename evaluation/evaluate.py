@@ -28,9 +28,9 @@ as unavailable WITH the reason and the rest of the table is still produced; a ru
 (no SR name matches an HR name, or no metric could be computed) exits with status 2 and says why.
 
 Commands:
-    python -m evaluation.evaluate --sr out/sr --hr-dir data/hr --csv out/metrics.csv   # FR + NR table
-    python -m evaluation.evaluate --sr out/realset80 --csv out/realset80.csv          # NR only (no HR)
-    python -m evaluation.evaluate --sr out/sr --hr-dir data/hr --metrics PSNR SSIM    # weight-free subset
+    python -m evaluation.evaluate --sr-dir out/sr --hr-dir data/hr --csv out/metrics.csv   # FR + NR table
+    python -m evaluation.evaluate --sr-dir out/realset80 --csv out/realset80.csv          # NR only (no HR)
+    python -m evaluation.evaluate --sr-dir out/sr --hr-dir data/hr --metrics PSNR SSIM    # weight-free subset
 
 Writes: the CSV (one row per image, name + one column per metric, a final MEAN row) and prints the
 markdown table of the means.
@@ -422,7 +422,7 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--sr", required=True, help="folder of SR outputs")
+    parser.add_argument("--sr-dir", required=True, help="folder of SR outputs")
     parser.add_argument("--hr-dir", default=None, help="folder of HR ground truths (omit for no-reference only)")
     parser.add_argument("--csv", default=None, help="per-image CSV to write (with a MEAN row)")
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), help="columns or pyiqa names")
@@ -436,12 +436,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.offline or (os.environ.get("HF_HUB_OFFLINE") != "1" and not hub_reachable()):
         os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        rows, means, unavailable = evaluate_folders(args.sr, args.hr_dir, args.metrics, args.device)
+        rows, means, unavailable = evaluate_folders(args.sr_dir, args.hr_dir, args.metrics, args.device)
     except (FileNotFoundError, ValueError) as err:
         raise RunError(str(err)) from None
     full_reference = [m for m in means if METRIC_SPECS.get(m, (None, None, False))[2]]
     if args.hr_dir and full_reference and not any(math.isfinite(r[m]) for r in rows for m in full_reference):
-        raise RunError(f"--hr-dir {args.hr_dir}: no SR image in --sr {args.sr} has an HR partner of the same file "
+        raise RunError(f"--hr-dir {args.hr_dir}: no SR image in --sr-dir {args.sr_dir} has an HR partner of the same file "
                        f"name (stem), so no full-reference metric was computed")
     if not any(math.isfinite(v) for v in means.values()):
         raise RunError(f"nothing was evaluated: every metric is unavailable ({'; '.join(unavailable.values())})")

@@ -136,7 +136,7 @@ def test_missing_weights_reported_not_crash(folders, tmp_path):
     sr_dir, hr_dir = folders
     env = dict(os.environ, HF_HUB_OFFLINE="1", TORCH_HOME=str(tmp_path / "torch_home"), HF_HOME=str(tmp_path / "hf"))
     out_csv = tmp_path / "m.csv"
-    cmd = [sys.executable, "-m", "evaluation.evaluate", "--sr", str(sr_dir), "--hr-dir", str(hr_dir), "--csv", str(out_csv),
+    cmd = [sys.executable, "-m", "evaluation.evaluate", "--sr-dir", str(sr_dir), "--hr-dir", str(hr_dir), "--csv", str(out_csv),
            "--metrics", "PSNR", "SSIM", "LPIPS", "MANIQA", "--device", "cpu", "--label", "test"]  # fmt: skip
     proc = subprocess.run(cmd, check=False, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

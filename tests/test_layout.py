@@ -1,6 +1,7 @@
 """The shape of the repository: the paper's stages at the root, one-way imports, collectives in one place."""
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,3 +87,20 @@ def test_every_collective_goes_through_the_training_helpers():
                             and not (name == "common.training" and node.name in helpers)):
                         outside.append(f"{path.relative_to(ROOT)}:{call.lineno} {node.name}")
     assert not outside, f"collectives outside common/training.py's helpers: {outside}"
+
+
+def test_every_command_in_the_makefile_and_readmes_names_a_file_or_module_that_exists():
+    """`python X.py` / `python -m a.b` in the Makefile and the READMEs: the file or module is there (a move that
+    forgets a command breaks `make demo` for every new user)."""
+    modules = set(project_files())
+    texts = [ROOT / "Makefile", ROOT / "README.md", *ROOT.glob("*/README.md")]
+    checked = 0
+    for path in texts:
+        text = path.read_text()
+        for module in re.findall(r"(?:python|\$\(PY\)|torchrun[^\n]*?)\s+-m\s+([a-z_]+\.[a-z_.]+)", text):
+            assert module in modules, f"{path.name}: python -m {module}"
+            checked += 1
+        for script in re.findall(r"(?:python|\$\(PY\)|torchrun --nproc_per_node \d+)\s+([a-z_]+\.py)\b", text):
+            assert (ROOT / script).exists(), f"{path.name}: {script}"
+            checked += 1
+    assert checked >= 10

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import AutoencoderKLQwenImage
 
 from common import backbone as B
 from common import presets
@@ -214,19 +215,29 @@ def test_shipped_mini_sft_beats_bicubic_in_ssim():
 @pytest.mark.slow
 def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
+    # the options of the measured recipe (mini/README.md) on a smaller latent: they reach the models and train_sft
+    recipe = ["--z-dim", "8", "--decoder-steps", "2", "--sft-degradation", "mini", "--sft-plain-fraction", "0.5",
+              "--sft-lr-schedule", "cosine"]
     proc = subprocess.run([sys.executable, "-m", "mini.build_backbone", "--quick", "--out", str(out), "--work", str(work),
-                           "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                           "--threads", "1", *recipe], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     bb = B.load_backbone(str(out / "backbone"))
-    assert bb.vae_scale_factor == 4
+    assert bb.vae_scale_factor == 4 and bb.vae.config.z_dim == 8 and bb.transformer.config.in_channels == 32
     B.load_transformer_weights(bb.transformer, out / "sft" / "transformer.safetensors", "the quick build")
+    sft_args = json.loads((work / "sft" / "args.json").read_text())
+    assert (sft_args["degradation"], sft_args["plain_fraction"], sft_args["lr_schedule"]) == ("mini", 0.5, "cosine")
+    # the backbone holds the fine-tuned decoder and the VAE stage's encoder, unchanged
+    trained = AutoencoderKLQwenImage.from_pretrained(work / "vae" / "final").state_dict()
+    shipped = bb.vae.state_dict()
+    assert all(torch.equal(shipped[k], v) for k, v in trained.items() if k.startswith(("encoder.", "quant_conv.")))
+    assert not all(torch.equal(shipped[k], v) for k, v in trained.items() if k.startswith("decoder."))
     times = json.loads((work / "times.json").read_text())
-    assert set(times) == {"data", "vae", "base", "sft", "eval"}
+    assert set(times) == {"data", "vae", "decoder", "base", "sft", "eval"}
     table = json.loads((out / "backbone_eval.json").read_text())["table"]
     assert set(table) == {"realesrgan", "plain"} and set(table["plain"]) == {"bicubic", "base", "SFT", "VAE", "HR"}
     # a second run resumes: nothing is trained again, the VAE is reused
     again = subprocess.run([sys.executable, "-m", "mini.build_backbone", "--quick", "--out", str(out), "--work", str(work),
-                            "--threads", "1", "--stage", "vae"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            "--threads", "1", "--stage", "vae", *recipe], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and json.loads((work / "times.json").read_text())["vae"] < times["vae"] + 5
 
 

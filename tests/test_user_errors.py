@@ -161,10 +161,10 @@ def test_a_mistake_is_one_line_on_stderr_with_status_2(tmp_path):
 
 def test_evaluate_refuses_to_report_nothing(tmp_path):
     sr, hr = _photos(tmp_path / "sr", ("a.png",), 32), _photos(tmp_path / "hr", ("b.png",), 32)
-    with pytest.raises(T.RunError, match="no SR image in --sr .* has an HR partner of the same file name"):
-        evaluate.main(["--sr", str(sr), "--hr-dir", str(hr), "--metrics", "PSNR", "SSIM", "--offline"])
+    with pytest.raises(T.RunError, match="no SR image in --sr-dir .* has an HR partner of the same file name"):
+        evaluate.main(["--sr-dir", str(sr), "--hr-dir", str(hr), "--metrics", "PSNR", "SSIM", "--offline"])
     with pytest.raises(T.RunError, match="nothing was evaluated: every metric is unavailable"):
-        evaluate.main(["--sr", str(sr), "--metrics", "no_such_metric", "--offline"])
+        evaluate.main(["--sr-dir", str(sr), "--metrics", "no_such_metric", "--offline"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -197,3 +197,6 @@ def test_old_flag_spellings_still_work_with_a_warning(capsys):
     assert "--output is deprecated and will be removed; use --out" in err and "--hr is deprecated" in err
     ev = sriqa.parse_dataclass_args(sriqa.EvalArgs, ["--sriqa-root", "s", "--server", "http://h", "--views", "8"])[0]
     assert (ev.reward_url, ev.reward_views) == ("http://h", 8)
+    assert T.renamed_flags(["--sr", "out/sr", "--hr-dir", "h"], {"--sr-dir", "--hr-dir"}) == ["--sr-dir", "out/sr",
+                                                                                            "--hr-dir", "h"]
+    assert "--sr is deprecated and will be removed; use --sr-dir" in capsys.readouterr().err
