@@ -784,6 +784,23 @@ def fully_shard_blocks(model: torch.nn.Module, blocks: list[torch.nn.Module], de
     fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
+@contextmanager
+def root_unsharded(model: torch.nn.Module, sharded: bool):
+    """FSDP2: keep the root's own parameters (embeddings, the vision patch embedding and merger, lm_head) gathered
+    for calls that use them outside the root's forward. transformers' `generate` encodes the images
+    (`get_image_features`, hence the patch-embedding convolution) before its first forward, where the root's
+    hooks would gather them: a sharded weight there fails ("got mixed torch.Tensor and DTensor"). The blocks,
+    sharded on their own, gather in their own forwards. Call on every rank (an all-gather)."""
+    if not sharded:
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
 def save_training_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module,
                              optimizer: torch.optim.Optimizer, dist_info: DistInfo,
                              generator: torch.Generator | None = None,

@@ -234,7 +234,9 @@ def train(args: TrainArgs) -> Path | int:
             prompt_len = batch["input_ids"].shape[1]
             torch.manual_seed(args.seed * 1_000_003 + step * 1009 + dist_info.rank)
             model.eval()
-            with torch.no_grad(), autocast:  # synced_gpus: FSDP2 ranks run forwards until the last rank's answers end
+            # synced_gpus: FSDP2 ranks run forwards until the last rank's answers end; the root gathered up front
+            # (generate encodes the images before its first forward: training.root_unsharded)
+            with torch.no_grad(), autocast, T.root_unsharded(model, sharded):
                 sequences = model.generate(**batch, do_sample=True, temperature=args.temperature, top_p=1.0, top_k=0,
                                            max_new_tokens=args.max_new_tokens, synced_gpus=sharded, **sampling)
             model.train()
