@@ -13,7 +13,7 @@ Stages (each resumable: a finished stage is skipped, a killed training stage con
     eval   held-out photographs (never trained on): the cold start, the GRPO model and bicubic in one table and
            one picture -> realsr_r1/mini/eval.{json,md,png}
 
-    python -m realsr_r1.build_mini                 # everything (about 1 h 45 min on one shared CPU thread, README)
+    python -m realsr_r1.build_mini                 # everything (about 1 h 20 min on one shared CPU thread, README)
     python -m realsr_r1.build_mini --stage sft     # one stage (and what it needs must exist)
     python -m realsr_r1.build_mini --quick         # the whole chain with a few steps each, into WORK/quick_mini
 
@@ -198,7 +198,9 @@ def stage_grpo(budget: Budget, mini: Path, work: Path) -> None:
 
 
 def stage_eval(budget: Budget, mini: Path) -> None:
-    run_stage_script(["eval", "--models", str(mini / "sft"), str(mini / "grpo"), "--crops", str(budget.eval_crops),
+    # the shipped presets by their names (the table then names them, not this machine's folders)
+    models = ["mini-sft", "mini"] if mini.resolve() == M.MINI_DIR.resolve() else [str(mini / "sft"), str(mini / "grpo")]
+    run_stage_script(["eval", "--models", *models, "--crops", str(budget.eval_crops),
                       "--crop-size", str(CROP), "--degradation", "mini", "--text-budget", "64", "--device", "cpu",
                       "--out", str(mini / "eval")])
 

@@ -346,3 +346,18 @@ def test_eval_writes_table_and_picture(tmp_path):
     report = json.loads((tmp_path / "e.json").read_text())
     assert list(report["table"]) == ["bicubic", "tiny", str(tmp_path / "s")]
     assert report["table"]["bicubic"]["lr_consistency"] > 25 and (tmp_path / "e.png").exists()
+
+
+@pytest.mark.slow
+def test_shipped_mini_presets_reproduce_their_held_out_table(tmp_path):
+    """The shipped VQ and GRPO model, evaluated as the build did (realsr_r1/build_mini.py's eval stage): the same
+    held-out means as realsr_r1/mini/eval.json (the build is deterministic at one thread)."""
+    recorded = json.loads((M.MINI_DIR / "eval.json").read_text())
+    torch.set_num_threads(1)
+    assert R.main(["eval", "--models", "mini", "--crops", str(recorded["crops"]), "--crop-size",
+                   str(recorded["crop_size"]), "--degradation", "mini", "--text-budget", "64", "--device", "cpu",
+                   "--out", str(tmp_path / "eval")]) == 0
+    again = json.loads((tmp_path / "eval.json").read_text())["table"]
+    for key in ("format", "degradation", "understanding", "lr_consistency", "ssim"):
+        assert again["mini"][key] == pytest.approx(recorded["table"]["mini"][key], abs=1e-3), key
+    assert again["bicubic"]["lr_consistency"] == pytest.approx(recorded["table"]["bicubic"]["lr_consistency"], abs=1e-3)
