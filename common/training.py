@@ -16,6 +16,7 @@ Only safetensors and JSON are read back: no pickles.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -948,15 +949,17 @@ def restore_training_checkpoint(path: str | Path, model: torch.nn.Module, optimi
 
 
 def field_docs(cls) -> dict[str, str]:
-    """{field: the docstring written under it} of a dataclass."""
+    """{field: the docstring written under it} of a dataclass, its base classes' fields included (a subclass's
+    own docstring wins)."""
     import ast
     import inspect
 
-    body = ast.parse(inspect.getsource(cls)).body[0].body
     docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
 

@@ -76,12 +76,17 @@ class Args:
     quick: bool = False
     """a few steps of every stage (tests); never writes over the shipped preset unless --out says so"""
     seed: int = 0
+    """seed of every stage (crops, noise, initial weights)"""
     threads: int = 2
+    """torch threads"""
     vae_steps: int = 16000
+    """VAE training steps"""
     vae_batch: int = 16
+    """VAE crops per step"""
     vae_crop: int = 32
     """the VAE is fully convolutional: small crops train it cheaply"""
     vae_lr: float = 1e-3
+    """VAE AdamW learning rate (warm-up, then cosine to 0)"""
     z_dim: int = 32
     """latent channels of the 4x VAE (the transformer's in/out channels follow: 4 z_dim packed, z_dim out).
     The shipped preset: 32. A smaller latent leaves a sampler fewer ways to put speckle into the decoded
@@ -98,12 +103,19 @@ class Args:
     """the decoder fine-tune's noise: half the crops decode latent + N(0, (s std_c)^2), s ~ U(0, this), std_c the
     latents' per-channel std from the VAE's config"""
     decoder_lr: float = 2e-4
+    """the decoder fine-tune's AdamW learning rate (warm-up, then cosine to 0)"""
     base_steps: int = 4500
+    """base model steps (flow matching on the task mix)"""
     base_batch: int = 16
+    """base model pairs per step"""
     base_lr: float = 5e-4
+    """base model AdamW learning rate (warm-up, then cosine to 0)"""
     sft_steps: int = 3500
+    """train_sft.py --steps"""
     sft_batch: int = 16
+    """train_sft.py --batch-size"""
     sft_lr: float = 2e-4
+    """train_sft.py --lr"""
     sft_degradation: str = "realesrgan"
     """train_sft.py --degradation: 'realesrgan' (the paper's parameters; the shipped preset) or 'mini'
     (data.MINI_DEGRADATION, sized for the 64 px crops)"""
@@ -117,9 +129,11 @@ class Args:
     hr_crops: int = 2000
     """96x96 HR crops written for train_sft.py (it takes random 64x64 crops of them)"""
     eval_crops: int = 32
+    """held-out crops of the evaluation stage"""
     eval_steps: int = 40
     """Euler steps of the evaluation (paper §5.1: 40 at inference)"""
     save_every: int = 500
+    """checkpoint every N steps of each stage"""
 
 
 # ====================================================================================================

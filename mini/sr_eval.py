@@ -57,6 +57,7 @@ class Args:
     crops: int = 32
     """64x64 crops per LR kind"""
     crop_seed: int = 100
+    """seed of the crops (and of the mini LRs' degradations)"""
     photos: bool = True
     """also the whole photos at 256x256 (LR 64x64)"""
     kinds: str = "plain,mini"
@@ -64,7 +65,9 @@ class Args:
     steps: int = 40
     """Euler steps (paper §5.1: 40)"""
     seed: int = 0
+    """sampling noise seed (as infer.py --seed)"""
     threads: int = 2
+    """torch threads"""
     out: str = "out/sr_eval"
     """folder for results.json, table.md and one PNG per set and LR kind"""
 

@@ -84,14 +84,21 @@ class RunArgs:
     """ranges of the recorded degradation (vlcot.DEGRADATION_PRESETS): 'real-esrgan' (the first-order Real-ESRGAN
     ranges) or 'mini' (milder, for 16 px LRs)"""
     out: str = "out/realsr_r1"
+    """run folder: the policy (save_pretrained), checkpoints/, tb/, losses.jsonl or rewards.jsonl"""
     batch_size: int = 16
     """LR inputs per step over all processes"""
     steps: int = 1000
+    """optimizer steps"""
     lr: float = 2e-5
+    """AdamW learning rate"""
     max_grad_norm: float = 1.0
+    """gradient clipping norm"""
     seed: int = 0
+    """seed of the data, the degradations and the sampling (per step and rank)"""
     save_every: int = 200
+    """checkpoint every N steps (and at the last)"""
     keep_last: int = 2
+    """checkpoints kept"""
     resume: str = ""
     """'latest' or a checkpoint folder"""
     overwrite: bool = False
@@ -99,6 +106,7 @@ class RunArgs:
     stop_after: int = 0
     """stop after this many steps of THIS run (a checkpoint is saved; resume with --resume latest); 0 = run to --steps"""
     device: str = "auto"
+    """'auto' (CUDA when available), 'cuda', 'cpu'"""
     bf16: str = "auto"
     """bfloat16 autocast: on | off | auto (on with CUDA)"""
     fsdp: bool = False
@@ -114,6 +122,7 @@ class SFTArgs(RunArgs):
     model: str = M.REAL_MODEL
     """the start: Lumina-mGPT (paper), a PURE folder (the public code), 'tiny', or a folder this script wrote"""
     out: str = "out/realsr_r1/sft"
+    """run folder of the cold-start model"""
     batch_size: int = 16
     """LR inputs per step over all processes (paper §4.1: 16)"""
     lr: float = 2e-5
@@ -136,6 +145,7 @@ class GRPOArgs(RunArgs):
     model: str = "out/realsr_r1/sft"
     """the cold-start policy (the folder `sft` wrote, 'mini-sft' or 'tiny'); also the KL reference"""
     out: str = "out/realsr_r1/grpo"
+    """run folder of the GRPO model"""
     batch_size: int = 8
     """LR inputs per step over all processes (paper §4.1: 8)"""
     group: int = 3
@@ -169,6 +179,7 @@ class GRPOArgs(RunArgs):
     reward_url: str = ""
     """a served COMPASS (vLLM / transformers serve) instead of the in-process one"""
     reward_model_name: str = "compass"
+    """the model name the server at --reward-url serves"""
     planted_word: str = ""
     """the word whose share of the sampled text tokens is the 'planted' reward (tests)"""
 
@@ -188,17 +199,25 @@ class EvalArgs:
     crop_size: int = 48
     """HR crop side (the mini preset's 48 px)"""
     scale: int = 4
+    """SR factor"""
     degradation: str = "mini"
+    """ranges of the recorded degradation of the held-out LRs (as sft's --degradation)"""
     plain_sigma: float = 0.8
     """blur of the plain LR (data.plain_degrade), the input of the fidelity columns"""
     temperature: float = 1.0
+    """sampling temperature (as grpo's)"""
     image_top_k: int = 2000
+    """sample image codes from the top k (as grpo's)"""
     greedy_text: bool = False
+    """greedy text tokens (as grpo's)"""
     text_budget: int = 256
+    """text tokens beyond the images (as grpo's)"""
     seed: int = 100
+    """seed of the held-out crops, their degradations and the sampling"""
     out: str = "out/realsr_r1/eval"
     """writes OUT.json, OUT.md (the table) and OUT.png (LR | bicubic | each model | HR)"""
     device: str = "auto"
+    """'auto' (CUDA when available), 'cuda', 'cpu'"""
 
 
 # =====================================================================================================

@@ -22,6 +22,8 @@ from baselines import flow_grpo
 from common import backbone as B
 from common import training as T
 from evaluation import evaluate, sriqa
+from mini import build_backbone, sr_eval
+from realsr_r1 import train_realsr_r1
 from refreward_sr import refreward, train_refreward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +174,9 @@ def test_evaluate_refuses_to_report_nothing(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 ARGUMENT_CLASSES = [rl_fr.Args, train_sft.Args, infer.Args, train_compass.TrainArgs, train_compass.AnnotateArgs,
-                    sriqa.EvalArgs, train_refreward.TrainArgs, flow_grpo.Options, refreward.Options]
+                    sriqa.EvalArgs, train_refreward.TrainArgs, flow_grpo.Options, refreward.Options,
+                    train_realsr_r1.SFTArgs, train_realsr_r1.GRPOArgs, train_realsr_r1.EvalArgs, sr_eval.Args,
+                    build_backbone.Args]
 
 
 @pytest.mark.parametrize("cls", ARGUMENT_CLASSES, ids=lambda c: f"{c.__module__}.{c.__name__}")
