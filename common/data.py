@@ -989,6 +989,13 @@ def plain_degrade(hr: torch.Tensor, sigma: float | torch.Tensor, scale: int = 4)
 # 3. Datasets
 # =====================================================================================
 
+def degrade_each(hr: torch.Tensor, cfg: DegradationConfig, seed: int) -> torch.Tensor:
+    """`degrade` of each image i of a batch with its own generator, seeded item_seed(seed, 0, i): any subset of a
+    fixed evaluation set reproduces exactly. hr (B, 3, H, W) -> (B, 3, H/4, W/4)."""
+    return torch.cat([degrade(hr[i:i + 1], cfg, torch.Generator().manual_seed(item_seed(seed, 0, i)))
+                      for i in range(len(hr))])
+
+
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for (seed, epoch, index), stable across processes and machines.
 

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from common.data import filter2d, gaussian_family_kernel, list_images, load_image
+from common.data import filter2d, gaussian_family_kernel, list_images, load_image, quantize
 from common.training import RunError, renamed_flags, run_script
 
 # bitsandbytes (pulled in by diffusers, transformers and pyiqa) logs a warning about an optional 4-bit CPU
@@ -92,12 +92,19 @@ def sharpness(images: torch.Tensor) -> torch.Tensor:
     return (gx ** 2 + gy ** 2).sqrt().mean((1, 2, 3))
 
 
+def _neighbour_steps(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """|horizontal| and |vertical| neighbour differences of the luma Y in 0-255 levels, (N,3,H,W) in [0,1] ->
+    (N,1,H,W-1), (N,1,H-1,W)."""
+    y = _luma(images.clamp(0, 1)) * 255
+    return (y[..., :, 1:] - y[..., :, :-1]).abs(), (y[..., 1:, :] - y[..., :-1, :]).abs()
+
+
 def detail_energy(images: torch.Tensor) -> torch.Tensor:
     """High-frequency energy HF (N,): mean |horizontal neighbour difference| + mean |vertical neighbour
     difference| of the luma Y in 0-255 levels, (N,3,H,W) in [0,1]. Compared with the HR's and bicubic's HF it
     tells real detail (between the two) from over-sharpening or speckle (above the HR's)."""
-    y = _luma(images.clamp(0, 1)) * 255
-    return (y[..., :, 1:] - y[..., :, :-1]).abs().mean((1, 2, 3)) + (y[..., 1:, :] - y[..., :-1, :]).abs().mean((1, 2, 3))
+    dx, dy = _neighbour_steps(images)
+    return dx.mean((1, 2, 3)) + dy.mean((1, 2, 3))
 
 
 def flat_mask(hr: torch.Tensor, max_std: float = 2.0, window: int = 5) -> torch.Tensor:
@@ -113,22 +120,22 @@ def flat_detail(sr: torch.Tensor, hr: torch.Tensor, max_std: float = 2.0) -> tor
     """Speckle (N,): `detail_energy` of the SR counted only between neighbouring pixels that are both flat in
     the HR (`flat_mask`). The HR's own value is the reference (a few levels of grain); an SR that paints
     texture onto flat regions scores far above it. 0 where the HR has no flat pixel pair."""
-    y = _luma(sr.clamp(0, 1)) * 255
+    dx, dy = _neighbour_steps(sr)
     flat = flat_mask(hr, max_std)
     total = torch.zeros(len(sr), device=sr.device)
-    for diff, both in ((y[..., :, 1:] - y[..., :, :-1], flat[..., :, 1:] & flat[..., :, :-1]),
-                       (y[..., 1:, :] - y[..., :-1, :], flat[..., 1:, :] & flat[..., :-1, :])):
-        total += (diff.abs() * both).sum((1, 2, 3)) / both.sum((1, 2, 3)).clamp_min(1)
+    for step, both in ((dx, flat[..., :, 1:] & flat[..., :, :-1]), (dy, flat[..., 1:, :] & flat[..., :-1, :])):
+        total += (step * both).sum((1, 2, 3)) / both.sum((1, 2, 3)).clamp_min(1)
     return total
 
 
-def lr_consistency(sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB (N,) between the SR downscaled to the LR's size (bicubic with antialiasing) and the LR,
-    RGB in [0,1]: does the output explain its input? A faithful 4x SR of a plain-blurred LR reaches 30+ dB;
-    an SR that moved the content scores far lower whatever its sharpness."""
+def lr_consistency(sr: torch.Tensor, lr: torch.Tensor, eight_bit: bool = False) -> torch.Tensor:
+    """PSNR in dB (N,) between the SR downscaled to the LR's size (bicubic with antialiasing; `eight_bit`:
+    quantised to 8 bits like a saved LR) and the LR, RGB in [0,1]: does the output explain its input? A
+    faithful 4x SR of a plain-blurred LR reaches 30+ dB; an SR that moved the content scores far lower
+    whatever its sharpness."""
     down = torch.nn.functional.interpolate(sr.float(), size=lr.shape[-2:], mode="bicubic", antialias=True,
-                                           align_corners=False)
-    mse = ((down.clamp(0, 1) - lr.float()) ** 2).mean((1, 2, 3))
+                                           align_corners=False).clamp(0, 1)
+    mse = ((quantize(down) if eight_bit else down) - lr.float()).pow(2).mean((1, 2, 3))
     return -10 * torch.log10(mse.clamp_min(1e-10))
 
 

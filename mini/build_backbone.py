@@ -255,8 +255,8 @@ def vae_stage(args: Args, work: Path) -> Path:
     log = open(work / "vae" / "log.jsonl", "a")
     for step in tqdm(range(start, args.vae_steps), initial=start, total=args.vae_steps, desc="VAE"):
         x = photos.random_crops(photos.TRAIN, args.vae_batch, args.vae_crop, g)
-        y = decode_unclamped(vae, noisy_latent(encode_raw(vae, x), args.vae_latent_noise, g))
-        loss = (y - x).abs().mean() + 0.1 * ((y - x) ** 2).mean()  # L1 for detail, a little MSE for PSNR
+        z = noisy_latent(encode_raw(vae, x), args.vae_latent_noise, g)
+        loss = reconstruction_loss(decode_unclamped(vae, z), x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -282,7 +282,13 @@ def vae_stage(args: Args, work: Path) -> Path:
     return final
 
 
-def noisy_latent(z: torch.Tensor, max_scale: float, g: torch.Generator, std: torch.Tensor | None = None) -> torch.Tensor:
+def reconstruction_loss(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The VAE's training loss: L1 for detail plus a little MSE for PSNR."""
+    return (y - x).abs().mean() + 0.1 * ((y - x) ** 2).mean()
+
+
+def noisy_latent(z: torch.Tensor, max_scale: float, g: torch.Generator,
+                 std: torch.Tensor | None = None) -> torch.Tensor:
     """z (B,C,1,h,w) with N(0, (s std_c)^2) added, s ~ U(0, max_scale) for a random half of the batch and 0 for
     the other half (std_c: `std`, (1,C,1,1,1), or else the batch's per-channel std). max_scale 0 returns z."""
     if max_scale <= 0:
@@ -314,8 +320,7 @@ def decoder_stage(args: Args, work: Path, vae_dir: Path) -> Path:
         x = photos.random_crops(photos.TRAIN, args.vae_batch, args.vae_crop, g)
         with torch.no_grad():
             z = encode_raw(vae, x)
-        y = decode_unclamped(vae, noisy_latent(z, args.decoder_latent_noise, g, std))
-        loss = (y - x).abs().mean() + 0.1 * ((y - x) ** 2).mean()  # the VAE stage's loss
+        loss = reconstruction_loss(decode_unclamped(vae, noisy_latent(z, args.decoder_latent_noise, g, std)), x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -481,9 +486,7 @@ def eval_set(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
     Crop i's degradation draws from its own generator (seed, i), so any subset reproduces exactly."""
     hr = photos.random_crops(photos.HELDOUT, n, HR_SIZE, torch.Generator().manual_seed(seed))
-    real = torch.cat([data.degrade(hr[i:i + 1], generator=torch.Generator().manual_seed(data.item_seed(seed, 0, i)))
-                      for i in range(n)])
-    return hr, {"realesrgan": real, "plain": plain_lr(hr)}
+    return hr, {"realesrgan": data.degrade_each(hr, data.DegradationConfig(), seed), "plain": plain_lr(hr)}
 
 
 def evaluate_methods(bb: B.Backbone, sft: str | Path, hr: torch.Tensor, lrs: dict[str, torch.Tensor],

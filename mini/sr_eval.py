@@ -87,8 +87,7 @@ def make_sets(split: str, crops: int, crop_seed: int, with_photos: bool) -> dict
 def make_lr(hr: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
     if kind == "plain":
         return data.plain_degrade(hr, 0.8)
-    return torch.cat([data.degrade(hr[i:i + 1], data.MINI_DEGRADATION,
-                                   torch.Generator().manual_seed(data.item_seed(seed, 0, i))) for i in range(len(hr))])
+    return data.degrade_each(hr, data.MINI_DEGRADATION, seed)
 
 
 def load_method(spec: str, vae: str | None) -> tuple[str, B.Backbone]:
@@ -149,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     T.atomic_write_text(json.dumps(record, indent=1), out / "results.json")
     lines = ["| set/LR | method | SSIM | PSNR | LR-cons | HF | speckle | s/img |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {key} | {name} | {r['SSIM']:.3f} | {r['PSNR']:.2f} | {r['LRcons']:.2f} | {r['HF']:.2f} | "
-              f"{r['speckle']:.2f} | {r['sec_per_image']} |" for key, rows in results.items() for name, r in rows.items()]
+              f"{r['speckle']:.2f} | {r['sec_per_image']} |"
+              for key, rows in results.items() for name, r in rows.items()]
     T.atomic_write_text("\n".join(lines) + "\n", out / "table.md")
     for key, picture in pictures.items():  # rows = images; columns = bicubic | models | HR
         data.save_image(picture, out / f"{key.replace('/', '_')}.png")

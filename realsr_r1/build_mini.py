@@ -33,6 +33,7 @@ import torch
 
 from common import data
 from common import training as T
+from evaluation import evaluate
 from mini import photos
 from realsr_r1 import model as M
 from realsr_r1 import train_realsr_r1 as R
@@ -98,7 +99,7 @@ def vq_report(vq, n: int = 64) -> dict:
     codes = M.vq_encode(vq, hr)
     rec = M.vq_decode(vq, codes)
     lr = data.plain_degrade(hr, 0.8)
-    return {"psnr": float(R.psnr(rec, hr).mean()), "lr_consistency": float(V.lr_consistency(rec, lr).mean()),
+    return {"psnr": float(R.psnr(rec, hr).mean()), "lr_consistency": float(evaluate.lr_consistency(rec, lr, eight_bit=True).mean()),
             "codes_used": int(codes.unique().numel())}
 
 

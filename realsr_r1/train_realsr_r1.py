@@ -50,7 +50,7 @@ from baselines import flow_grpo
 from common import data
 from common import training as T
 from common.vl_model import build_compass
-from evaluation.evaluate import create_metric
+from evaluation.evaluate import create_metric, lr_consistency
 from mini import photos
 from realsr_r1 import model as M
 from realsr_r1 import vlcot as V
@@ -904,9 +904,10 @@ def fidelity_row(sr: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> dict:
     the colour fix of the diffusion SR line (vlcot.colour_fix, sigma = the SR factor in HR px)."""
     ssim = create_metric("SSIM")  # Y-channel SSIM, weights-free
     scale = sr.shape[-1] // lr.shape[-1]
-    return {"lr_consistency": float(V.lr_consistency(sr, lr).mean()), "psnr": float(psnr(sr, hr).mean()),
+    consistency = lambda x: float(lr_consistency(x, lr, eight_bit=True).mean())  # noqa: E731
+    return {"lr_consistency": consistency(sr), "psnr": float(psnr(sr, hr).mean()),
             "ssim": float(ssim(sr, hr).reshape(-1).mean()),
-            "lr_consistency_colour_fix": float(V.lr_consistency(V.colour_fix(sr, lr, scale), lr).mean())}
+            "lr_consistency_colour_fix": consistency(V.colour_fix(sr, lr, scale))}
 
 
 def heldout_examples(args: EvalArgs) -> tuple[list[V.Example], list[V.Example]]:

@@ -472,14 +472,6 @@ def downscale(hr: torch.Tensor, factor: int) -> torch.Tensor:
     return hr if factor == 1 else F.interpolate(hr, scale_factor=1 / factor, mode="area")
 
 
-def lr_consistency(sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-    """PSNR (dB) of the SR bicubic-downscaled (with antialias) to the LR's size against the LR: does the output
-    keep the picture? sr (B, 3, H, W), lr (B, 3, h, w) in [0, 1] -> (B,)."""
-    down = F.interpolate(sr.float(), size=lr.shape[-2:], mode="bicubic", antialias=True, align_corners=False)
-    mse = (data.quantize(down.clamp(0, 1)) - lr.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
-
-
 def colour_fix(sr: torch.Tensor, lr: torch.Tensor, sigma: float) -> torch.Tensor:
     """The colour correction of the diffusion SR line (StableSR's wavelet colour fix, also in SeeSR / OSEDiff
     inference; not in the RealSR-R1 paper, an evaluation option here): the SR's high frequencies on the low
