@@ -45,8 +45,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,11 +56,11 @@ from tqdm import tqdm
 from common import backbone as B
 from common import data, presets
 from common import training as T
+from common.commands import run_command
 from evaluation import evaluate
 from mini import photos
 from train_sft import flow_matching_loss
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from there
 
 
 @dataclass
@@ -447,15 +445,15 @@ def base_stage(args: Args, work: Path, out: Path, vae_dir: Path) -> Path:
 
 
 def sft_stage(args: Args, work: Path, out: Path, hr_dir: Path, base_dir: Path) -> Path:
-    cmd = [sys.executable, "train_sft.py", "--model", str(base_dir), "--hr-dir", str(hr_dir), "--crop-size",
+    cmd = ["train_sft.py", "--model", str(base_dir), "--hr-dir", str(hr_dir), "--crop-size",
            str(HR_SIZE), "--batch-size", str(args.sft_batch), "--steps", str(args.sft_steps), "--lr", str(args.sft_lr),
            "--warmup-steps", str(min(50, args.sft_steps)), "--reuse", str(args.reuse), "--seed", str(args.seed),
            "--degradation", args.sft_degradation, "--plain-fraction", str(args.sft_plain_fraction),
            "--lr-schedule", args.sft_lr_schedule,
            "--save-every", str(args.save_every), "--sample-every", str(args.save_every), "--sample-steps", "20",
            "--out", str(work / "sft"), "--resume", "latest"]
-    tqdm.write("$ " + " ".join(cmd[1:]))
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    tqdm.write("$ " + " ".join(cmd) + f"    (its output: {work / 'sft.log'})")
+    run_command(cmd, work / "sft.log")
     target = out / "sft" / "transformer.safetensors"
     save_half(work / "sft" / "transformer.safetensors", target)
     return target

@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,13 +60,13 @@ from common import compass_text as CT
 from common import data, presets
 from common import training as T
 from common import vl_model as VL
+from common.commands import run_command
 from common.data import load_image, to_pil
 from evaluation.sriqa import write_sriqa_layout
 from mini import photos
 from mini.build_backbone import gaussian_blur, plain_lr
 from train_compass import load_records
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from there
 
 # The mini architecture (VL.build_compass): ~2.6M parameters.
 MINI_COMPASS = dict(
@@ -262,12 +260,9 @@ def compass_data(folder: Path, names: tuple[str, ...], n: int, seed: int, bb: B.
 
 
 def run(args: list[str], log: Path) -> None:
-    """One command line of the project (its output in `log`); raises with the log's tail if it fails."""
+    """One command line of the project, in this process (common/commands.py), its output in `log`."""
     tqdm.write("$ " + " ".join(args))
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(args[:2])} failed; last lines of {log}:\n{log.read_text()[-3000:]}")
+    run_command(args, log)
 
 
 def annotate_command(folder: Path, out: Path, calibration: str = "rank", fidelity: str = "ssim") -> list[str]:

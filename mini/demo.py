@@ -1,6 +1,7 @@
 """The whole OARS pipeline end to end on the trained mini presets, on a CPU, in a few minutes (`make demo`).
 
-Every stage runs as a user would run it: the real command lines in subprocesses, nothing private.
+Every stage runs as a user would run it: the real command lines (run in this process by common/commands.py,
+which pays the libraries' imports once), nothing private; the reward server is a process of its own.
 
     0. data      photographs that ship inside installed packages (photos.py): HR crops of the training
                  photos (cold start, FR RL), LR inputs made by data.py's Real-ESRGAN degradation ("real LQ"
@@ -26,21 +27,21 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
+from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
 import reward
 from common import backbone as B
 from common import presets
+from common.commands import run_command
 from common.data import degrade, item_seed, list_images, load_image, save_image
 from evaluation.sriqa import write_sriqa_layout
 from mini import photos, serving
@@ -48,26 +49,19 @@ from mini.build_compass import GENERATIVE, annotate_command, compass_data
 from mini.miniature import HeldOut, evaluate_policy, policy
 from train_compass import load_records
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from there
-PY = sys.executable
-# No hub access is assumed: metrics whose weights are not cached are reported unavailable at once.
-# The stages' logs are files: no progress bars in them (their carriage returns and escape codes make a log
-# unreadable), neither the project's (tqdm) nor the libraries' loading bars.
-STAGE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
-             "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error"}
+# No hub access is assumed: metrics whose weights are not cached are reported unavailable at once. The
+# libraries' own warnings and loading bars stay quiet (their handlers write to the terminal, not the logs).
+STAGE_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def run(cmd: list[str], log: Path, title: str) -> None:
-    """Run one stage's command line; its output goes to `log`; fail with the log's tail."""
+    """Run one stage's command line (`python ...`); its output goes to `log`; fail with the log's tail."""
     tqdm.write(f"  $ {' '.join(cmd)}")
-    t = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.run([PY, *cmd[1:]] if cmd[0] == "python" else cmd, cwd=ROOT, stdout=f,
-                              stderr=subprocess.STDOUT, env=STAGE_ENV)
-    if proc.returncode != 0:
-        raise SystemExit(f"{title} failed (exit {proc.returncode}); last lines of {log}:\n"
-                         + log.read_text()[-3000:])
-    tqdm.write(f"    done in {time.time() - t:.0f} s (log: {log})")
+    try:
+        seconds = run_command(cmd[1:], log, env=STAGE_ENV)
+    except SystemExit as err:
+        raise SystemExit(f"{title}: {err}") from None
+    tqdm.write(f"    done in {seconds:.0f} s (log: {log})")
 
 
 # ====================================================================================================
@@ -223,6 +217,9 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--eval-views", type=int, default=presets.MINI_COMPASS_VIEWS,
                    help="the same for the evaluations (stages 2 and 6); 8 = the shipped evaluation's reading")
     a = p.parse_args(argv)
+    for library in (transformers.logging, diffusers_logging):  # see STAGE_ENV
+        library.set_verbosity_error()
+        library.disable_progress_bar()
     out = Path(a.out)
     if out.exists():
         shutil.rmtree(out)

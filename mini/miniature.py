@@ -29,8 +29,6 @@ import argparse
 import hashlib
 import json
 import math
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +41,12 @@ import reward
 from common import backbone as B
 from common import data, presets
 from common import training as T
+from common.commands import run_command
 from evaluation import evaluate
 from infer import load_policy
 from mini import photos
 from mini.build_backbone import eval_set
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from there
 
 # The held-out evaluation: crops of photos.HELDOUT (never trained on), LR by data.py's degradation.
 EVAL_SEED = 500
@@ -147,16 +145,6 @@ def make_training_data(folder: Path, n: int) -> tuple[Path, Path]:
     return hr_dir, lq_dir
 
 
-def run(cmd: list[str], log: Path) -> float:
-    """One command line of the project; returns its wall time. Raises with the log's tail on failure."""
-    t = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise SystemExit(f"{cmd[0]} failed; last lines of {log}:\n{log.read_text()[-3000:]}")
-    return time.time() - t
-
-
 @dataclass
 class Row:
     name: str
@@ -204,7 +192,7 @@ def run_rows(out: Path, s: Settings, hr_dir: Path, lq_dir: Path, tables: set[str
             lora = runs_dir / f"{key}_s{seed}.safetensors"
             if lora.exists():
                 return lora, json.loads((runs_dir / f"{key}_s{seed}.time").read_text())
-            seconds = run([script, *s.common(seed), *args, "--out", str(lora)], runs_dir / f"{key}_s{seed}.log")
+            seconds = run_command([script, *s.common(seed), *args, "--out", str(lora)], runs_dir / f"{key}_s{seed}.log")
             (runs_dir / f"{key}_s{seed}.time").write_text(json.dumps(seconds))
             return lora, seconds
 
