@@ -4,27 +4,27 @@ import json
 import math
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from common.commands import run_command
 
 
-def _run_script(*args: str) -> str:
-    """python SCRIPT ARGS... in the repository, as a user would; returns its stdout, fails with the end of
-    its output."""
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc.stdout
+
+def _run_script(tmp_path: Path, *args: str) -> str:
+    """`python ARGS...` in the repository, run in this process as the mini builds run their stages
+    (common/commands.py: the libraries are already imported); returns its output, fails with its end."""
+    log = tmp_path / "output.log"
+    run_command(list(args), log)
+    return log.read_text()
 
 
 @pytest.mark.slow
 def test_demo_quick_writes_a_complete_report(tmp_path):
     out = tmp_path / "demo"
-    stdout = _run_script("-m", "mini.demo", "--quick", "--out", str(out), "--reward-views", "2", "--eval-views", "3")
+    stdout = _run_script(tmp_path, "-m", "mini.demo", "--quick", "--out", str(out), "--reward-views", "2", "--eval-views", "3")
     report = (out / "report.md").read_text()
     # the RL stages (FR in-process, NR served) read 2 views, the evaluations 3
     assert "2 in the RL stages (--reward-views), 3 in the evaluations" in report
@@ -65,7 +65,7 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
 @pytest.mark.slow
 def test_miniature_quick_runs_every_table(tmp_path):
     out = tmp_path / "mini"
-    _run_script("-m", "mini.miniature", "--quick", "--out", str(out))
+    _run_script(tmp_path, "-m", "mini.miniature", "--quick", "--out", str(out))
     report = (out / "report.md").read_text()
     for title in ("Table 5", "Table 8", "Table 7", "Does the paper's sign reproduce?"):
         assert title in report, title
@@ -95,7 +95,7 @@ def test_miniature_reuses_runs_only_when_settings_and_weights_match(tmp_path):
 
 @pytest.mark.slow
 def test_bench_quick_prints_every_ratio(tmp_path):
-    stdout = _run_script("-m", "scale.bench", "--quick", "--json", str(tmp_path / "bench.json"))
+    stdout = _run_script(tmp_path, "-m", "scale.bench", "--quick", "--json", str(tmp_path / "bench.json"))
     for line in ("1. infer / stock pipeline time ratio", "2. batched vs one-by-one rollouts",
                  "3. RL step / SFT step peak RSS", "4. RL step share outside model compute",
                  "5. remote scoring", "6. Flow-GRPO / NFT", "7. FSDP2 loading"):

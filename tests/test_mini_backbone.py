@@ -2,9 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +11,10 @@ from common import backbone as B
 from common import presets
 from common import training as T
 from common.byte_tokenizer import build_byte_tokenizer, word_merges
+from common.commands import run_command
 from evaluation import evaluate
 from mini import build_backbone as build
 from mini import photos, sr_eval
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -218,9 +214,8 @@ def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
     # the options of the measured recipe (mini/README.md) on a smaller latent: they reach the models and train_sft
     recipe = ["--z-dim", "8", "--decoder-steps", "2", "--sft-degradation", "mini", "--sft-plain-fraction", "0.5",
               "--sft-lr-schedule", "cosine"]
-    proc = subprocess.run([sys.executable, "-m", "mini.build_backbone", "--quick", "--out", str(out), "--work", str(work),
-                           "--threads", "1", *recipe], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    build = ["-m", "mini.build_backbone", "--quick", "--out", str(out), "--work", str(work), "--threads", "1"]
+    run_command([*build, *recipe], tmp_path / "build.log")  # in this process (common/commands.py)
     bb = B.load_backbone(str(out / "backbone"))
     assert bb.vae_scale_factor == 4 and bb.vae.config.z_dim == 8 and bb.transformer.config.in_channels == 32
     B.load_transformer_weights(bb.transformer, out / "sft" / "transformer.safetensors", "the quick build")
@@ -236,9 +231,8 @@ def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
     table = json.loads((out / "backbone_eval.json").read_text())["table"]
     assert set(table) == {"realesrgan", "plain"} and set(table["plain"]) == {"bicubic", "base", "SFT", "VAE", "HR"}
     # a second run resumes: nothing is trained again, the VAE is reused
-    again = subprocess.run([sys.executable, "-m", "mini.build_backbone", "--quick", "--out", str(out), "--work", str(work),
-                            "--threads", "1", "--stage", "vae", *recipe], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and json.loads((work / "times.json").read_text())["vae"] < times["vae"] + 5
+    run_command([*build, "--stage", "vae", *recipe], tmp_path / "again.log")
+    assert json.loads((work / "times.json").read_text())["vae"] < times["vae"] + 5
 
 
 def test_sr_eval_rows_are_the_metrics_of_the_images_it_made(tmp_path):

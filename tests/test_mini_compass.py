@@ -3,9 +3,6 @@ the issue's bars as recorded, and the build script runs every stage."""
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +12,9 @@ import reward
 from common import compass_text as CT
 from common import presets
 from common import vl_model as VL
+from common.commands import run_command
 from mini import build_compass as build
 from mini import photos
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_numpy_arrays_work_in_every_reward_form():
@@ -208,11 +204,9 @@ def test_shipped_mini_compass_reproduces_its_held_out_agreement(tmp_path):
 @pytest.mark.slow
 def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.run([sys.executable, "-m", "mini.build_compass", "--quick", "--out", str(out), "--work", str(work),
-                           "--threads", "1", "--pretrain-foreign", "1", "--text-layers", "2", "--views", "2"], cwd=ROOT,
-                          capture_output=True, text=True,
-                          timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    log = tmp_path / "build.log"  # run in this process (common/commands.py), as the build runs its stages
+    run_command(["-m", "mini.build_compass", "--quick", "--out", str(out), "--work", str(work), "--threads", "1",
+                 "--pretrain-foreign", "1", "--text-layers", "2", "--views", "2"], log)
     first = sorted(p.name for p in (work / "pretrain" / "sr").iterdir() if (p / "p00000.png").exists())
     assert "foreign_0" in first and len(first) == 8, first  # hr, bicubic, 5 operators, 1 foreign detail
     model, _ = VL.load_compass(str(out / "compass"))
@@ -224,7 +218,7 @@ def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
     assert {"main", "gamma_5", "gamma_9", "gamma_inf", "calibrated_noF", "absolute_noF"} <= set(result["tables"])
     assert result["agreement_check"]["groups"] == 2 and result["agreement_check"]["pairs"] == 24
     assert result["views"] == 2 and "means over 2 flips/rotations" in (out / "compass_eval.md").read_text()
-    assert proc.stdout.count("--reward-views 2") == 3  # the COMPASS and both Table 3 models' evaluations
+    assert log.read_text().count("--reward-views 2") == 3  # the COMPASS and both Table 3 models' evaluations
     assert set(json.loads((work / "times.json").read_text())) == {"pretrain", "data", "annotate", "train", "eval",
                                                                   "refreward"}
     assert (out / "refreward" / "config.json").exists() and (out / "refreward_eval.json").exists()
