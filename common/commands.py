@@ -21,6 +21,7 @@ import runpy
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: the stages run from there
@@ -57,7 +58,10 @@ def run_command(cmd: list[str], log: Path, env: dict[str, str] | None = None) ->
             contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         try:
             if module:
-                runpy.run_module(target, run_name="__main__", alter_sys=True)
+                with warnings.catch_warnings():  # runpy warns when the module was imported before (the demo
+                    # imports helpers from mini.build_compass): it still runs afresh as __main__, as `python -m` would
+                    warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+                    runpy.run_module(target, run_name="__main__", alter_sys=True)
             else:
                 runpy.run_path(target, run_name="__main__")
         except SystemExit as exit_:  # what `sys.exit(...)` / `raise SystemExit("message")` would do in a shell

@@ -263,7 +263,7 @@ def vae_stage(args: Args, work: Path) -> Path:
         if done % 250 == 0 or done == args.vae_steps:
             with torch.no_grad():
                 p = float(psnr(decode_unclamped(vae, encode_raw(vae, monitor)), monitor).mean())
-            log.write(json.dumps({"step": done, "loss": float(loss), "monitor_psnr": p}) + "\n")
+            log.write(json.dumps({"step": done, "loss": loss.item(), "monitor_psnr": p}) + "\n")
             log.flush()
         if done % args.save_every == 0 or done == args.vae_steps:
             checkpoint(work / "vae" / "checkpoints", done, vae, opt, g, sched)
