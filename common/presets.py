@@ -34,6 +34,10 @@ MINI_COMPASS_VIEWS = 8
 # The output size (px) the mini backbone was trained on: it returns a uniform mosaic at larger token grids (its
 # RoPE positions and attention never saw them), so infer.py tiles at this size for --model mini.
 MINI_TRAINED_SIZE = 64
+# infer.py --back-projection for --model mini (the real model's default is 0, the paper's output): the mini SFT
+# loses part of the coarse content of its input, which back-projection onto the LR gives back (mini/README.md,
+# "A mini SFT that keeps the picture": chosen on the 'val' split of mini/sr_eval.py, training photos).
+MINI_BACK_PROJECTION = 4
 REBUILD_BACKBONE = "python -m mini.build_backbone"
 REBUILD_COMPASS = "python -m mini.build_compass"
 REBUILD_COMPASS_BASE = "python -m mini.build_compass --stage pretrain"
