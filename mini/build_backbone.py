@@ -27,11 +27,13 @@ word of the fixed texts the model reads (byte_tokenizer.word_merges), so prompts
     python -m mini.build_backbone --stage eval      # one part: data | vae | base | sft | eval
     python -m mini.build_backbone --quick --out /tmp/mini --work /tmp/mini_work   # a few steps (tests)
 
-The shipped preset was built with the defaults. The recipe measured for a mini SFT that keeps the picture
-(mini/README.md, "A mini SFT that keeps the picture") changes the SFT's data and schedule:
+The shipped preset was built with the defaults: the recipe measured for a mini SFT that keeps the picture
+(mini/README.md, "A mini SFT that keeps the picture"): an 8-channel latent, the SFT on the mini degradation
+mixed half and half with plain LR, cosine schedule, 2000 steps. The earlier preset (z_dim 32, Real-ESRGAN
+LR at the paper's parameters, constant lr, 3500 steps) lost the picture:
 
-    python -m mini.build_backbone --sft-degradation mini --sft-plain-fraction 0.5 --sft-lr-schedule cosine \
-        --sft-steps 2000 --decoder-steps 1500
+    python -m mini.build_backbone --z-dim 32 --sft-degradation realesrgan --sft-plain-fraction 0 \
+        --sft-lr-schedule constant --sft-steps 3500
 
 On this CPU the frozen text encoder and VAE cost more than the transformer's step, so base and SFT train
 on each encoded pair 4 times on average (--reuse, training.ReusePool): twice the transformer steps per hour.
@@ -85,18 +87,18 @@ class Args:
     """the VAE is fully convolutional: small crops train it cheaply"""
     vae_lr: float = 1e-3
     """VAE AdamW learning rate (warm-up, then cosine to 0)"""
-    z_dim: int = 32
+    z_dim: int = 8
     """latent channels of the 4x VAE (the transformer's in/out channels follow: 4 z_dim packed, z_dim out).
-    The shipped preset: 32. A smaller latent leaves a sampler fewer ways to put speckle into the decoded
-    picture, at some cost in reconstruction (the mini README compares them)"""
+    The shipped preset: 8. A smaller latent leaves a sampler fewer ways to put speckle into the decoded
+    picture, at some cost in reconstruction (the mini README compares 8 and 32)"""
     vae_latent_noise: float = 0.0
     """decoder robustness: half the VAE training crops decode their latent plus N(0, (s std_c)^2), s ~
     U(0, this), std_c the batch's per-channel latent std; the decoder then turns small latent errors (a
     sampler's) into blur instead of speckle. 0 = off (the shipped preset)"""
     decoder_steps: int = 0
     """after the VAE stage, fine-tune only its decoder this many steps on noisy latents (--decoder-latent-noise;
-    the encoder, the latents and their normalisation stay as they are). 0 = off (the shipped preset); the
-    measured recipe: 1500 (mini/README.md, "A mini SFT that keeps the picture")"""
+    the encoder, the latents and their normalisation stay as they are). 0 = off (the shipped preset: at z_dim
+    8, 1500 steps changed none of the SR bars; at z_dim 32 they cut speckle, mini/README.md)"""
     decoder_latent_noise: float = 1.0
     """the decoder fine-tune's noise: half the crops decode latent + N(0, (s std_c)^2), s ~ U(0, this), std_c the
     latents' per-channel std from the VAE's config"""
@@ -108,18 +110,18 @@ class Args:
     """base model pairs per step"""
     base_lr: float = 5e-4
     """base model AdamW learning rate (warm-up, then cosine to 0)"""
-    sft_steps: int = 3500
+    sft_steps: int = 2000
     """train_sft.py --steps"""
     sft_batch: int = 16
     """train_sft.py --batch-size"""
     sft_lr: float = 2e-4
     """train_sft.py --lr"""
-    sft_degradation: str = "realesrgan"
-    """train_sft.py --degradation: 'realesrgan' (the paper's parameters; the shipped preset) or 'mini'
-    (data.MINI_DEGRADATION, sized for the 64 px crops)"""
-    sft_plain_fraction: float = 0.0
+    sft_degradation: str = "mini"
+    """train_sft.py --degradation: 'realesrgan' (the paper's parameters, sized for 256 px crops) or 'mini'
+    (data.MINI_DEGRADATION, sized for the 64 px crops; the shipped preset)"""
+    sft_plain_fraction: float = 0.5
     """train_sft.py --plain-fraction: the share of SFT pairs whose LR is a plain blur + bicubic downscale"""
-    sft_lr_schedule: str = "constant"
+    sft_lr_schedule: str = "cosine"
     """train_sft.py --lr-schedule: constant or cosine"""
     reuse: int = 4
     """base and SFT train on each encoded pair this many times on average (training.ReusePool; on this CPU
