@@ -144,6 +144,9 @@ def test_shipped_mini_loads_everywhere_and_is_deterministic():
 
     bb = B.load_backbone("mini")
     assert bb.vae_scale_factor == 4 and bb.transformer.config.in_channels == 4 * bb.vae.config.z_dim
+    # the build script's defaults are the shipped preset's configs (`python -m mini.build_backbone` rebuilds it)
+    for config, built in ((build.MINI_VAE, bb.vae.config), (build.MINI_TRANSFORMER, bb.transformer.config)):
+        assert {k: built[k] for k in config} == json.loads(json.dumps(config))  # tuples are saved as lists
     pipe = QwenImageEditPlusPipeline.from_pretrained(str(presets.MINI_BACKBONE))
     assert pipe.vae_scale_factor == 4 and pipe.latent_channels == bb.vae.config.z_dim
     lr = photos.random_crops(photos.HELDOUT, 1, 16, torch.Generator().manual_seed(5))[0]
@@ -211,16 +214,16 @@ def test_shipped_mini_sft_beats_bicubic_in_ssim():
 @pytest.mark.slow
 def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    # the options of the measured recipe (mini/README.md) on a smaller latent: they reach the models and train_sft
-    recipe = ["--z-dim", "8", "--decoder-steps", "2", "--sft-degradation", "mini", "--sft-plain-fraction", "0.5",
-              "--sft-lr-schedule", "cosine"]
+    # options other than the shipped recipe's defaults (mini/README.md): they reach the models and train_sft
+    recipe = ["--z-dim", "16", "--decoder-steps", "2", "--sft-degradation", "realesrgan", "--sft-plain-fraction", "0.25",
+              "--sft-lr-schedule", "constant"]
     build = ["-m", "mini.build_backbone", "--quick", "--out", str(out), "--work", str(work), "--threads", "1"]
     run_command([*build, *recipe], tmp_path / "build.log")  # in this process (common/commands.py)
     bb = B.load_backbone(str(out / "backbone"))
-    assert bb.vae_scale_factor == 4 and bb.vae.config.z_dim == 8 and bb.transformer.config.in_channels == 32
+    assert bb.vae_scale_factor == 4 and bb.vae.config.z_dim == 16 and bb.transformer.config.in_channels == 64
     B.load_transformer_weights(bb.transformer, out / "sft" / "transformer.safetensors", "the quick build")
     sft_args = json.loads((work / "sft" / "args.json").read_text())
-    assert (sft_args["degradation"], sft_args["plain_fraction"], sft_args["lr_schedule"]) == ("mini", 0.5, "cosine")
+    assert (sft_args["degradation"], sft_args["plain_fraction"], sft_args["lr_schedule"]) == ("realesrgan", 0.25, "constant")
     # the backbone holds the fine-tuned decoder and the VAE stage's encoder, unchanged
     trained = AutoencoderKLQwenImage.from_pretrained(work / "vae" / "final").state_dict()
     shipped = bb.vae.state_dict()
