@@ -162,14 +162,14 @@ COLOR_FIXES = {"adain": adain_color_fix, "wavelet": wavelet_color_fix, "none": l
 
 
 def back_project(sr: torch.Tensor, lr: torch.Tensor, iterations: int) -> torch.Tensor:
-    """Iterative back-projection: sr (B,3,H,W) <- sr + up(lr - down(sr)), `iterations` times, with down the
-    antialiased bicubic downscale to the LR's size (evaluate.lr_consistency's) and up the bicubic upscale. Each
-    pass moves down(sr) towards lr; what it adds is an upscaled LR-size image, so the detail above the LR's
-    resolution is the model's. lr: (B,3,h,w), H/h = W/w = the scale."""
+    """Iterative back-projection: sr (B,3,H,W) <- sr + up(lr - down(sr)), `iterations` times, with down
+    evaluate.bicubic_down (the downscale of evaluate.lr_consistency) and up the bicubic upscale (unclamped: the
+    residual is signed). Each pass moves down(sr) towards lr; what it adds is an upscaled LR-size image, so the
+    detail above the LR's resolution is the model's. lr: (B,3,h,w), H/h = W/w = the scale."""
     scale = sr.shape[-1] // lr.shape[-1]
     for _ in range(iterations):
-        down = F.interpolate(sr, size=lr.shape[-2:], mode="bicubic", antialias=True, align_corners=False)
-        sr = sr + F.interpolate(lr - down, scale_factor=scale, mode="bicubic", align_corners=False)
+        residual = lr - evaluate.bicubic_down(sr, lr.shape[-2:])
+        sr = sr + F.interpolate(residual, scale_factor=scale, mode="bicubic", align_corners=False)
     return sr.clamp(0, 1)
 
 
@@ -236,9 +236,10 @@ def super_resolve_image(bb: B.Backbone, lr: torch.Tensor, args: Args, generator:
             out[:, :, y:y + th, x0:x0 + tw] += sr * win
             weight[:, :, y:y + th, x0:x0 + tw] += win
     out = out / weight
-    out = COLOR_FIXES[args.color_fix](out, B.upscale(x[None].float(), s))
+    padded_lr = x[None].float()
+    out = COLOR_FIXES[args.color_fix](out, B.upscale(padded_lr, s))
     if args.back_projection:  # parse_args resolves its default (None: 0, or MINI_BACK_PROJECTION for mini)
-        out = back_project(out, x[None].float(), args.back_projection)
+        out = back_project(out, padded_lr, args.back_projection)
     return out[0, :, :h * s, :w * s]
 
 

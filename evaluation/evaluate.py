@@ -128,13 +128,17 @@ def flat_detail(sr: torch.Tensor, hr: torch.Tensor, max_std: float = 2.0) -> tor
     return total
 
 
+def bicubic_down(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N,3,H,W) -> (N,3,*size): bicubic with antialiasing, the downscale an SR is checked against its LR with
+    (`lr_consistency`; infer.back_project corrects towards it). Not clamped."""
+    return torch.nn.functional.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
+
+
 def lr_consistency(sr: torch.Tensor, lr: torch.Tensor, eight_bit: bool = False) -> torch.Tensor:
-    """PSNR in dB (N,) between the SR downscaled to the LR's size (bicubic with antialiasing; `eight_bit`:
-    quantised to 8 bits like a saved LR) and the LR, RGB in [0,1]: does the output explain its input? A
-    faithful 4x SR of a plain-blurred LR reaches 30+ dB; an SR that moved the content scores far lower
-    whatever its sharpness."""
-    down = torch.nn.functional.interpolate(sr.float(), size=lr.shape[-2:], mode="bicubic", antialias=True,
-                                           align_corners=False).clamp(0, 1)
+    """PSNR in dB (N,) between the SR downscaled to the LR's size (`bicubic_down`; `eight_bit`: quantised to 8
+    bits like a saved LR) and the LR, RGB in [0,1]: does the output explain its input? A faithful 4x SR of a
+    plain-blurred LR reaches 30+ dB; an SR that moved the content scores far lower whatever its sharpness."""
+    down = bicubic_down(sr.float(), lr.shape[-2:]).clamp(0, 1)
     mse = ((quantize(down) if eight_bit else down) - lr.float()).pow(2).mean((1, 2, 3))
     return -10 * torch.log10(mse.clamp_min(1e-10))
 

@@ -64,7 +64,6 @@ from mini import photos
 from train_sft import flow_matching_loss
 
 
-
 @dataclass
 class Args:
     out: str = str(presets.ROOT)
@@ -143,7 +142,6 @@ class Args:
 def mini_vae_config(z_dim: int) -> dict:
     """4x spatial VAE (three levels, two downsamples), `z_dim` latent channels; ~2M parameters."""
     return dict(base_dim=16, z_dim=z_dim, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True])
-
 
 
 # MMDiT: 4 double-stream blocks of width 192 (3 heads x 64); in_channels = 4 z_dim (2x2 packing) = 128.
