@@ -201,7 +201,8 @@ class _Share:
         self.bar, self.fraction = bar, fraction
 
     def update(self, n: int = 1) -> None:
-        self.bar.update(n * self.fraction)
+        # the shares' float sum may pass the total by a rounding step (tqdm then warns): never past it
+        self.bar.update(min(n * self.fraction, self.bar.total - self.bar.n))
 
 
 @torch.no_grad()

@@ -116,6 +116,18 @@ def test_color_fixes_match_reference_statistics():
     assert abs(wave.mean() - ref.mean()) < abs(sr.mean() - ref.mean()) / 4
 
 
+def test_progress_shares_never_pass_the_bar_total():
+    import io
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=1, file=io.StringIO())
+    share = infer._Share(bar, 0.1)
+    for _ in range(11):  # 1.1 of the image: the bar stops at its total
+        share.update(1)
+    assert bar.n == pytest.approx(1, abs=1e-12) and bar.n <= 1
+
+
 def test_back_projection_makes_the_output_explain_its_lr_and_keeps_the_detail():
     # hand-worked: a flat 0.2 output of a flat 0.5 LR; bicubic keeps constants, so one pass gives 0.5 exactly
     flat = infer.back_project(torch.full((1, 3, 16, 16), 0.2), torch.full((1, 3, 4, 4), 0.5), 1)
