@@ -251,18 +251,19 @@ def test_a_stage_without_model_flags_means_the_papers_models():
     assert train_refreward.TrainArgs().model == "Qwen/Qwen3-VL-8B-Instruct"
 
 
-def test_missing_checkpoints_are_one_line_naming_them(data, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "infer.py", "--input", str(data / "lq"), "--out", str(tmp_path / "o")],
-                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "--model Qwen/Qwen-Image-Edit-2509: no such folder, and not in the local Hugging Face cache" in proc.stderr
-    assert "--model mini" in proc.stderr
-    proc = subprocess.run([sys.executable, "rl_nr.py", "--model", "tiny", "--lr-dir", str(data / "lq"), "--out",
-                           str(tmp_path / "nr.safetensors")], cwd=ROOT, capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "error: COMPASS checkpoint out/compass: no such folder" in proc.stderr
+def test_missing_checkpoints_are_one_line_naming_them(data, tmp_path, monkeypatch):
+    """In the process (T.run_script prints a RunError as its one line and exits with 2: tests/test_user_errors.py)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(T.RunError) as err:
+        infer.main(["--input", str(data / "lq"), "--out", str(tmp_path / "o")])
+    assert "\n" not in str(err.value)
+    assert "--model Qwen/Qwen-Image-Edit-2509: no such folder, and not in the local Hugging Face cache" in str(err.value)
+    assert "--model mini" in str(err.value)
+    with pytest.raises(T.RunError) as err:
+        rl_nr.main(["--model", "tiny", "--lr-dir", str(data / "lq"), "--out", str(tmp_path / "nr.safetensors")])
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith("COMPASS checkpoint out/compass: no such folder")
+    assert not list((tmp_path / "o").glob("*")) and not (tmp_path / "nr.safetensors").exists()  # before any work
 
 
 # ---------------------------------------------------------------------------------------------------
