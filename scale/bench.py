@@ -112,28 +112,32 @@ def run_and_measure(cmd: list[str]) -> tuple[int, float]:
     return proc.returncode, usage.ru_maxrss / 1024
 
 
-def bench_rl_vs_sft(tmp: Path, k: int, steps: int) -> dict:
-    """Peak RSS of short SFT and RL runs at the same batch (K samples), and the RL step's time split."""
-    from skimage import data as skdata
-
-
+def training_crops(tmp: Path) -> Path:
+    """8 crops of 64x64 from the mini training photos: the HR folder of every RL and SFT run below."""
     hr = tmp / "hr"
-    hr.mkdir()
-    for name in ("astronaut", "coffee", "chelsea", "rocket"):  # K images: an SFT batch of K, one RL group of K
-        img = torch.from_numpy(getattr(skdata, name)()).permute(2, 0, 1).float() / 255
-        save_image(torch.nn.functional.interpolate(img[None], size=(128, 128), mode="area")[0], hr / f"{name}.png")
-    py = sys.executable
-    _, sft_mb = run_and_measure([py, "train_sft.py", "--model", "tiny", "--hr-dir", str(hr), "--crop-size", "64",
-                                 "--batch-size", str(k), "--steps", str(steps), "--sample-every", "0",
-                                 "--out", str(tmp / "sft")])
-    _, rl_mb = run_and_measure([py, "rl_fr.py", "--model", "tiny", "--reward-model", "tiny", "--hr-dir", str(hr), "--crop-size", "64",
-                                "--group-size", str(k), "--rollout-batch", str(k), "--train-batch", str(k),
-                                "--steps", str(steps), "--fidelity", "ssim", "--sample-every", "0",
-                                "--out", str(tmp / "fr.safetensors")])
-    log = [json.loads(x) for x in (tmp / "fr" / "rewards.jsonl").read_text().splitlines()][1:]  # skip warm-up
+    hr.mkdir(exist_ok=True)
+    for i, crop in enumerate(photos.random_crops(photos.TRAIN, 8, 64, torch.Generator().manual_seed(0))):
+        save_image(crop, hr / f"{i}.png")
+    return hr
+
+
+def rl_args(model: str, hr: Path, k: int) -> list[str]:
+    """rl_fr.py's flags shared by every RL run of the bench: one group of K per step, 6 rollout steps."""
+    return ["--model", model, "--hr-dir", str(hr), "--crop-size", "64", "--group-size", str(k), "--rollout-batch",
+            str(k), "--train-batch", str(k), "--rollout-steps", "6", "--fidelity", "ssim", "--sample-every", "0",
+            "--save-every", "1000", "--lr", "1e-3", "--reward-model", "mini" if model == "mini" else "tiny"]
+
+
+def bench_rl_vs_sft(tmp: Path, hr: Path, k: int, steps: int, rl: dict) -> dict:
+    """Peak RSS of a short SFT run at batch K against the NFT run `rl` (tiny, one group of K: `rl_run`), and the
+    RL step's time split from its log."""
+    _, sft_mb = run_and_measure([sys.executable, "train_sft.py", "--model", "tiny", "--hr-dir", str(hr),
+                                 "--crop-size", "64", "--batch-size", str(k), "--steps", str(steps),
+                                 "--sample-every", "0", "--out", str(tmp / "sft")])
+    log = rl["log"][1:]  # skip warm-up
     other = sorted(e["other_time_share"] for e in log)[len(log) // 2]
     policy = sorted(e["policy_time_share"] for e in log)[len(log) // 2]
-    return {"sft_peak_rss_mb": sft_mb, "rl_peak_rss_mb": rl_mb, "rss_ratio": rl_mb / sft_mb,
+    return {"sft_peak_rss_mb": sft_mb, "rl_peak_rss_mb": rl["peak_rss_mb"], "rss_ratio": rl["peak_rss_mb"] / sft_mb,
             "rl_outside_model_share": other, "rl_policy_share": policy,
             "rl_reward_share": 1 - other - policy}
 
@@ -182,30 +186,26 @@ def rl_run(tmp: Path, name: str, args: list[str]) -> dict:
     _, rss = run_and_measure([sys.executable, "rl_fr.py", *args, "--out", str(out)])
     log = [json.loads(x) for x in (tmp / name / "rewards.jsonl").read_text().splitlines()]
     times = sorted(e["step_time"] for e in log[1:] or log)
-    return {"peak_rss_mb": rss, "step_s": times[len(times) // 2], "lora": str(out), "steps": len(log)}
+    return {"peak_rss_mb": rss, "step_s": times[len(times) // 2], "lora": str(out), "steps": len(log), "log": log}
 
 
-def bench_objectives(tmp: Path, model: str, k: int, steps: int, equal_time_steps: int = 0) -> dict:
-    """Flow-GRPO vs NFT in rl_fr.py on the same preset, K and steps; with `equal_time_steps`, NFT trains that
-    many steps, Flow-GRPO as many as fit in NFT's wall time, and both are evaluated on the held-out set."""
-    hr = tmp / "hr"
-    hr.mkdir(exist_ok=True)
-
-    for i, crop in enumerate(photos.random_crops(photos.TRAIN, 8, 64, torch.Generator().manual_seed(0))):
-        save_image(crop, hr / f"{i}.png")
-    common = ["--model", model, "--hr-dir", str(hr), "--crop-size", "64", "--group-size", str(k), "--rollout-batch",
-              str(k), "--train-batch", str(k), "--rollout-steps", "6", "--fidelity", "ssim", "--sample-every", "0",
-              "--save-every", "1000", "--lr", "1e-3", "--reward-model", "mini" if model == "mini" else "tiny"]
-    runs = {obj: rl_run(tmp, obj, [*common, "--objective", obj, "--steps", str(steps)]) for obj in ("nft", "flow_grpo")}
+def bench_objectives(tmp: Path, hr: Path, model: str, k: int, steps: int, equal_time_steps: int = 0,
+                     nft: dict | None = None) -> dict:
+    """Flow-GRPO vs NFT in rl_fr.py on the same preset, K and steps (`nft`: that NFT run when the caller has it
+    already); with `equal_time_steps`, NFT trains that many steps, Flow-GRPO as many as fit in NFT's wall time,
+    and both are evaluated on the held-out set."""
+    common = rl_args(model, hr, k)
+    runs = {"nft": nft or rl_run(tmp, "nft", [*common, "--objective", "nft", "--steps", str(steps)]),
+            "flow_grpo": rl_run(tmp, "flow_grpo", [*common, "--objective", "flow_grpo", "--steps", str(steps)])}
     bb = B.load_backbone(model)
     tokens, channels = (64 // bb.size_multiple) ** 2, 4 * bb.vae.config.z_dim
     trained = int(6 * 0.99)  # flow_grpo.train_step_indices(6): all steps but the last
-    result = {"model": model, "K": k, "nft": runs["nft"], "flow_grpo": runs["flow_grpo"],
+    result = {"model": model, "K": k, **{name: {key: v for key, v in run.items() if key != "log"}
+                                          for name, run in runs.items()},
               "step_time_ratio": runs["flow_grpo"]["step_s"] / runs["nft"]["step_s"],
               "rss_ratio": runs["flow_grpo"]["peak_rss_mb"] / runs["nft"]["peak_rss_mb"],
               "trajectory_mb": k * (trained + 1) * tokens * channels * 4 / 2**20}
     if equal_time_steps:
-
         budget = equal_time_steps * runs["nft"]["step_s"]
         grpo_steps = max(1, round(budget / runs["flow_grpo"]["step_s"]))
         nft = rl_run(tmp, "nft_eq", [*common, "--objective", "nft", "--steps", str(equal_time_steps)])
@@ -281,13 +281,16 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         results["infer_vs_stock"] = bench_infer_vs_stock(bb, 64 if a.quick else 128, 4 if a.quick else 10, repeats)
         results["batched_rollouts"] = bench_batched_rollouts(bb, 8, 64, 4 if a.quick else 6, repeats)
+    steps, objectives_model = (3, "tiny") if a.quick else (6, "mini")
     with tempfile.TemporaryDirectory() as tmp:
-        results["rl_vs_sft"] = bench_rl_vs_sft(Path(tmp), 4, 3 if a.quick else 6)
+        hr = training_crops(Path(tmp))
+        # one tiny NFT run at K=4 is item 3's RL side and, in --quick, item 6's NFT run too (one start fewer)
+        nft = rl_run(Path(tmp), "nft", [*rl_args("tiny", hr, 4), "--objective", "nft", "--steps", str(steps)])
+        results["rl_vs_sft"] = bench_rl_vs_sft(Path(tmp), hr, 4, steps, nft)
+        results["objectives"] = bench_objectives(Path(tmp) / "objectives", hr, objectives_model, 4 if a.quick else 8,
+                                                 steps, 0 if a.quick else 24, nft if a.quick else None)
     with tempfile.TemporaryDirectory() as tmp:
         results["remote_scoring"] = bench_remote_scoring(Path(tmp), 8 if a.quick else 24, 8)
-    with tempfile.TemporaryDirectory() as tmp:
-        results["objectives"] = bench_objectives(Path(tmp), "tiny" if a.quick else "mini", 4 if a.quick else 8,
-                                                 3 if a.quick else 6, 0 if a.quick else 24)
     with tempfile.TemporaryDirectory() as tmp:
         results["fsdp_loading"] = bench_fsdp_loading(Path(tmp), 1024 if a.quick else 2048)
     r = results
