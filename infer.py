@@ -67,6 +67,11 @@ class Args:
     """iterations of back-projection after sampling (not in the paper; Irani & Peleg 1991): the output's low
     frequencies are corrected until its bicubic downscale matches the LR; the detail generated above the LR's
     resolution stays. 0 = the model's own output. Default: 0 for the real model, 4 for --model mini"""
+    flat_gate: float | None = None
+    """LR-guided flat-region gate after back-projection (not in the paper): where the LR's bicubic upscale is
+    locally flat (5x5 std of its Y below TAU levels of 255), the output's detail over that upscale is scaled by
+    std / TAU, so sky and skin get no grain the LR does not show. 0 = off. Default: 0 for the real model, 4 for
+    --model mini"""
     dtype: str = "auto"
     """'fp32' | 'bf16' | 'auto' (bf16 on a GPU, fp32 on the CPU)"""
     device: str = "auto"
@@ -89,6 +94,10 @@ def parse_args(argv: list[str] | None = None) -> Args:
         args.back_projection = presets.MINI_BACK_PROJECTION if args.model == "mini" else 0
     if args.back_projection < 0:
         p.error(f"--back-projection {args.back_projection}: must be >= 0 (0 = off)")
+    if args.flat_gate is None:
+        args.flat_gate = presets.MINI_FLAT_GATE if args.model == "mini" else 0.0
+    if args.flat_gate < 0:
+        p.error(f"--flat-gate {args.flat_gate}: must be >= 0 (0 = off)")
     if args.steps < 2:
         p.error(f"--steps {args.steps}: at least 2 (the paper uses 40 at inference)")
     trained = presets.MINI_TRAINED_SIZE if args.model == "mini" else None
@@ -173,6 +182,16 @@ def back_project(sr: torch.Tensor, lr: torch.Tensor, iterations: int) -> torch.T
     return sr.clamp(0, 1)
 
 
+def flat_gate(sr: torch.Tensor, lr: torch.Tensor, tau: float, window: int = 5) -> torch.Tensor:
+    """LR-guided flat-region gate: sr (B,3,H,W) <- up + (sr - up) * min(1, std / tau), up the bicubic upscale
+    of lr (B,3,h,w) and std its `evaluate.local_std` (Y, 0-255, window x window). Where the LR shows texture
+    (std >= tau) the output is unchanged; where it is flat (sky, skin, walls) the output's detail over the
+    upscale fades out, because a generator's grain there is noise the LR does not support. Not in the paper."""
+    up = B.upscale(lr.float(), sr.shape[-1] // lr.shape[-1])
+    keep = (evaluate.local_std(up, window) / tau).clamp(0, 1)
+    return (up + (sr - up) * keep).clamp(0, 1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # One image: pad to the backbone's size multiple at the output, tile if large, crop back to scale x input
 # ----------------------------------------------------------------------------------------------------
@@ -241,6 +260,8 @@ def super_resolve_image(bb: B.Backbone, lr: torch.Tensor, args: Args, generator:
     out = COLOR_FIXES[args.color_fix](out, B.upscale(padded_lr, s))
     if args.back_projection:  # parse_args resolves its default (None: 0, or MINI_BACK_PROJECTION for mini)
         out = back_project(out, padded_lr, args.back_projection)
+    if args.flat_gate:  # likewise (0, or MINI_FLAT_GATE for mini)
+        out = flat_gate(out, padded_lr, args.flat_gate)
     return out[0, :, :h * s, :w * s]
 
 

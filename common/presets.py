@@ -38,6 +38,11 @@ MINI_TRAINED_SIZE = 64
 # loses part of the coarse content of its input, which back-projection onto the LR gives back (mini/README.md,
 # "A mini SFT that keeps the picture": chosen on the 'val' split of mini/sr_eval.py, training photos).
 MINI_BACK_PROJECTION = 4
+# infer.py --flat-gate for --model mini (the real model's default is 0): after back-projection, the output's detail
+# over the LR's bicubic upscale fades out where that upscale is flat (5x5 std of Y below 4 levels), which takes the
+# mini SFT's grain off sky and skin (mini/README.md; the largest threshold that keeps the detail at least halfway
+# from bicubic's to the HR's on both 'val' sets of mini/sr_eval.py).
+MINI_FLAT_GATE = 4.0
 REBUILD_BACKBONE = "python -m mini.build_backbone"
 REBUILD_COMPASS = "python -m mini.build_compass"
 REBUILD_COMPASS_BASE = "python -m mini.build_compass --stage pretrain"

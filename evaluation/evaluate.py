@@ -107,13 +107,19 @@ def detail_energy(images: torch.Tensor) -> torch.Tensor:
     return dx.mean((1, 2, 3)) + dy.mean((1, 2, 3))
 
 
-def flat_mask(hr: torch.Tensor, max_std: float = 2.0, window: int = 5) -> torch.Tensor:
-    """(N,1,H,W) bool: where the HR is flat, i.e. the standard deviation of its Y (0-255) in a window x window
-    neighbourhood (edges replicated) is below `max_std` levels: sky, walls, skin, still water."""
-    y = torch.nn.functional.pad(_luma(hr.clamp(0, 1)) * 255, (window // 2,) * 4, mode="replicate")
+def local_std(images: torch.Tensor, window: int = 5) -> torch.Tensor:
+    """(N,3,H,W) in [0,1] -> (N,1,H,W): standard deviation of the luma Y (0-255 levels) in the window x window
+    neighbourhood of each pixel (edges replicated). Low where the image is flat."""
+    y = torch.nn.functional.pad(_luma(images.clamp(0, 1)) * 255, (window // 2,) * 4, mode="replicate")
     mean = torch.nn.functional.avg_pool2d(y, window, 1)
     var = torch.nn.functional.avg_pool2d(y * y, window, 1) - mean * mean
-    return var.clamp_min(0).sqrt() < max_std
+    return var.clamp_min(0).sqrt()
+
+
+def flat_mask(hr: torch.Tensor, max_std: float = 2.0, window: int = 5) -> torch.Tensor:
+    """(N,1,H,W) bool: where the HR is flat, i.e. its `local_std` is below `max_std` levels: sky, walls, skin,
+    still water."""
+    return local_std(hr, window) < max_std
 
 
 def flat_detail(sr: torch.Tensor, hr: torch.Tensor, max_std: float = 2.0) -> torch.Tensor:

@@ -69,6 +69,9 @@ class Args:
     back_projection: int | None = None
     """as infer.py --back-projection (iterations of back-projection onto the LR after sampling; 0 = off);
     default: infer.py's for --model mini"""
+    flat_gate: float | None = None
+    """as infer.py --flat-gate (LR-guided flat-region gate after back-projection; 0 = off); default: infer.py's
+    for --model mini"""
     threads: int = 2
     """torch threads"""
     out: str = "out/sr_eval"
@@ -104,11 +107,12 @@ def load_method(spec: str, vae: str | None) -> tuple[str, B.Backbone]:
     return name, bb
 
 
-def run_model(bb: B.Backbone, lr: torch.Tensor, steps: int, seed: int, back_projection: int | None = None
-              ) -> tuple[torch.Tensor, float]:
+def run_model(bb: B.Backbone, lr: torch.Tensor, steps: int, seed: int, back_projection: int | None = None,
+              flat_gate: float | None = None) -> tuple[torch.Tensor, float]:
     """Each LR as infer.py runs it with default flags for --model mini; (SR, seconds per image)."""
-    bp = [] if back_projection is None else ["--back-projection", str(back_projection)]
-    args = infer.parse_args(["--input", "-", "--model", "mini", "--steps", str(steps), "--seed", str(seed), *bp])
+    flags = [] if back_projection is None else ["--back-projection", str(back_projection)]
+    flags += [] if flat_gate is None else ["--flat-gate", str(flat_gate)]
+    args = infer.parse_args(["--input", "-", "--model", "mini", "--steps", str(steps), "--seed", str(seed), *flags])
     t0 = time.time()
     out = torch.stack([infer.super_resolve_image(bb, x, args, torch.Generator().manual_seed(seed)) for x in lr])
     return out, (time.time() - t0) / len(lr)
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
             lr = make_lr(hr, kind, args.crop_seed + 7)
             srs = {"bicubic": (B.upscale(lr).clamp(0, 1), 0.0), "VAE": (recon, 0.0), "HR": (hr, 0.0)}
             for name, bb in models:
-                srs[name] = run_model(bb, lr, args.steps, args.seed, args.back_projection)
+                srs[name] = run_model(bb, lr, args.steps, args.seed, args.back_projection, args.flat_gate)
             key = f"{set_name}/{kind}"
             results[key] = {name: {"SSIM": float(ssim(sr, hr).mean()), "PSNR": float(psnr(sr, hr).mean()),
                                    "LRcons": float(evaluate.lr_consistency(sr, lr).mean()),

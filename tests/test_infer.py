@@ -151,6 +151,30 @@ def test_back_projection_makes_the_output_explain_its_lr_and_keeps_the_detail():
         infer.parse_args(["--input", "x", "--back-projection", "-1"])
 
 
+def test_flat_gate_takes_the_detail_off_flat_lr_regions_only():
+    # an LR whose left half is flat grey and whose right half is a checkerboard of 0.2 / 0.8
+    lr = torch.full((1, 3, 8, 16), 0.5)
+    lr[..., 8:] = 0.2 + 0.6 * ((torch.arange(8)[:, None] + torch.arange(8)[None]) % 2).float()
+    up = B.upscale(lr)
+    grain = 0.05 * torch.randn(1, 3, 32, 64, generator=torch.Generator().manual_seed(0))
+    gated = infer.flat_gate(up + grain, lr, 4.0)
+    # hand-worked: where the upscale is constant its local std is 0, so the output is the upscale exactly
+    assert torch.allclose(gated[..., :, :24], up[..., :, :24], atol=1e-6)
+    # where it is textured (std far above 4 levels) the output keeps all its detail
+    assert torch.allclose(gated[..., :, 40:], (up + grain)[..., :, 40:].clamp(0, 1), atol=1e-6)
+    # between (the edge of the flat half): the detail is scaled by std / tau
+    std = evaluate.local_std(up)
+    between = (std > 0.01) & (std < 4)
+    assert between.sum() >= 32
+    expected = (up + grain * std / 4).clamp(0, 1)
+    assert torch.allclose(gated[between.expand_as(gated)], expected[between.expand_as(gated)], atol=1e-5)
+    # on by default only for the mini preset; the real model's output is the paper's
+    assert infer.parse_args(["--input", "x", "--model", "mini"]).flat_gate == presets.MINI_FLAT_GATE > 0
+    assert infer.parse_args(["--input", "x"]).flat_gate == 0
+    with pytest.raises(SystemExit):
+        infer.parse_args(["--input", "x", "--flat-gate", "-1"])
+
+
 def test_lora_and_sft_weights_change_output(tmp_path):
     """--sft loads weights, --lora PATH:SCALE merges; scale 0 gives back the unmerged policy."""
     bb = B.load_backbone("tiny")
