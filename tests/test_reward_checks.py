@@ -1,0 +1,50 @@
+"""mini/reward_checks.py: the unambiguous pairs it builds and how it counts right, wrong and invalid."""
+
+import json
+
+import pytest
+import torch
+
+from common import backbone as B
+from mini import reward_checks as RC
+
+
+def test_the_damaged_image_of_every_pair_is_damaged_as_named():
+    g = torch.Generator().manual_seed(0)
+    hr = torch.rand(2, 3, 16, 16, generator=g)
+    lr = torch.rand(2, 3, 4, 4, generator=g)
+    sft = torch.full((2, 3, 16, 16), 0.5)
+    pairs = RC.make_pairs(hr, lr, sft, seed=1)
+    assert tuple(pairs) == RC.KINDS
+    assert all(better.shape == worse.shape == (2, 3, 16, 16) for better, worse in pairs.values())
+    # hand-worked: the pattern brightens every 4th row and column of a flat 0.5 by 0.1, nothing else
+    grid = pairs["sft>pattern"][1]
+    assert float(grid[0, 0, 0, 1]) == pytest.approx(0.6) and float(grid[0, 0, 4, 4]) == pytest.approx(0.6)
+    assert float(grid[0, 0, 1, 1]) == pytest.approx(0.5) and float(grid[0, 0, 5, 6]) == pytest.approx(0.5)
+    assert torch.allclose(pairs["sft>blur"][1], sft, atol=1e-6)  # blur keeps a flat image flat ...
+    assert RC.blur(hr).std() < hr.std() / 2  # ... and smooths a noisy one
+    # nearest: 4x4 blocks of the LR's pixels; bicubic: the model's condition image
+    assert torch.equal(pairs["hr>nearest"][1][:, :, 4:8, 8:12], lr[:, :, 1:2, 2:3].expand(2, 3, 4, 4))
+    assert torch.equal(pairs["bicubic>nearest"][0], B.upscale(lr))
+    assert float((pairs["hr>noise"][1] - hr).std()) == pytest.approx(0.1, abs=0.02)
+    assert set(RC.make_pairs(hr, lr, None, seed=1)) == set(RC.KINDS[:5])
+
+
+def test_invalid_readings_are_counted_and_excluded_never_wrong_or_right():
+    assert RC.accuracy([True, False, None, True]) == {"right": 2, "counted": 3, "invalid": 1,
+                                                      "accuracy": pytest.approx(2 / 3)}
+
+
+def test_the_check_runs_both_judges_and_writes_its_table(tmp_path):
+    results = RC.main(["--compass", "tiny", "--refreward", "tiny", "--crops", "2", "--views", "1", "--no-sft",
+                       "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert saved == json.loads(json.dumps(results))
+    for judge in ("COMPASS", "RefReward-SR"):
+        rows = saved[judge]
+        assert set(rows) == {*RC.KINDS[:5], "all"}
+        assert all(r["counted"] + r["invalid"] == 2 for k, r in rows.items() if k != "all")
+        assert rows["all"]["right"] == sum(r["right"] for k, r in rows.items() if k != "all")
+    assert saved["RefReward-SR"]["all"]["invalid"] == 0  # a pairwise verdict is right or wrong
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| COMPASS |") and table[3].startswith("| RefReward-SR |")
