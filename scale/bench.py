@@ -100,16 +100,34 @@ def bench_batched_rollouts(bb: B.Backbone, k: int, size: int, steps: int, repeat
             "goal_speedup": 0.5 * k}
 
 
+# Runs a script as `python SCRIPT ARGS` would and writes its peak RSS (VmHWM, kB) to a file at the end. The
+# child's own ru_maxrss (os.wait4) cannot be used: Linux carries the forking parent's high-water mark into the
+# child across exec, so every child of this process (1.2 GB after items 1-2) read the same peak.
+_PEAK_RSS_WRAPPER = """
+import runpy, sys
+out = sys.argv.pop(1)
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    with open("/proc/self/status") as f:
+        peak = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    with open(out, "w") as f:
+        f.write(peak)
+"""
+
+
 def run_and_measure(cmd: list[str]) -> tuple[int, float]:
-    """Run a command, return (exit code, peak RSS in MB of that process alone, via wait4)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode()[-2000:]
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{err}")
-    return proc.returncode, usage.ru_maxrss / 1024
+    """Run `python SCRIPT ARGS...` (cmd = [python, SCRIPT, ARGS...]); return (exit code, peak RSS in MB of that
+    process alone: its VmHWM, Linux)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak_kb"
+        proc = subprocess.run([cmd[0], "-c", _PEAK_RSS_WRAPPER, str(peak_file), *cmd[1:]], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "2"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{proc.stderr[-2000:]}")
+        return proc.returncode, int(peak_file.read_text()) / 1024
 
 
 def training_crops(tmp: Path) -> Path:

@@ -4,6 +4,7 @@ import json
 import math
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,24 @@ def test_bench_quick_prints_every_ratio(tmp_path):
     assert r["infer_vs_stock"]["max_abs_diff"] < 1e-4  # same condition and noise: same image
     assert r["fsdp_loading"]["rank1_ratio"] < 1  # rank 1 never holds the full model
     assert r["objectives"]["trajectory_mb"] > 0 and r["objectives"]["flow_grpo"]["steps"] == 3
+
+
+def test_bench_measures_the_peak_memory_of_the_child_alone(tmp_path):
+    """Items 3 and 6 compare the peak RSS of two script runs. A child's ru_maxrss carries its parent's
+    high-water mark across fork and exec, so a 1.2 GB bench read 1216.5 MB for both its SFT and RL runs;
+    the child's own VmHWM does not."""
+    from scale import bench
+
+    parent = torch.ones(300 * 2**20 // 4)  # this process holds 300 MB more than any child below
+    (tmp_path / "small.py").write_text("print('nothing')\n")
+    (tmp_path / "big.py").write_text("import numpy as np\nx = np.ones(200 * 2**20 // 8)\nx += 1\n")
+    _, small = bench.run_and_measure([sys.executable, str(tmp_path / "small.py")])
+    _, big = bench.run_and_measure([sys.executable, str(tmp_path / "big.py")])
+    assert small < 100 < 200 < big < 300 + small, (small, big)
+    (tmp_path / "bad.py").write_text("raise SystemExit('no input')\n")
+    with pytest.raises(RuntimeError, match="no input"):
+        bench.run_and_measure([sys.executable, str(tmp_path / "bad.py")])
+    del parent
 
 
 def test_bench_fsdp_item_names_a_failed_worker_by_the_ranks_own_message(tmp_path, monkeypatch):
