@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         sft = torch.stack([infer.super_resolve_image(policy, x, flags, torch.Generator().manual_seed(args.seed + i))
                            for i, x in enumerate(lr)])
     pairs = make_pairs(hr, lr, sft, args.seed + 1)
-    judges = {}
+    judges, rr = {}, None
     if args.compass:
         scorer = reward.make_scorer(args.compass, views=args.views)
         judges["COMPASS"] = lambda lr_, b, w: compass_right(scorer, lr_, b, w)
@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"args": {k: getattr(args, k) for k in Args.__dataclass_fields__}, "results": results}
+    if rr is not None:  # answers, invalid answers, position-inconsistent pairs (the verdict followed A/B)
+        record["refreward_stats"] = dict(rr.stats)
+        print(f"RefReward-SR answers: {dict(rr.stats)}", flush=True)
     T.atomic_write_text(json.dumps(record, indent=1), out / "results.json")
     kinds = [*pairs, "all"]
     lines = ["| judge | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
