@@ -509,7 +509,8 @@ def summary_writer(folder: str | Path, start_step: int):
         # TensorBoard reads a folder's event files in name order, and a name starts with the second the file was
         # created (events.out.tfevents.<seconds>.<host>.<pid>...): a writer created in the same second as the
         # killed run's file may be read first, and the purge then drops the wrong steps. Start a second later.
-        newest = max((int(p.name.split(".")[3]) for p in Path(folder).glob("events.out.tfevents.*")), default=0)
+        seconds = [p.name.split(".")[3] for p in Path(folder).glob("events.out.tfevents.*")]
+        newest = max((int(t) for t in seconds if t.isdigit()), default=0)
         while time.time() < newest + 1:
             time.sleep(0.05)
     return SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)

@@ -134,6 +134,26 @@ def flat_detail(sr: torch.Tensor, hr: torch.Tensor, max_std: float = 2.0) -> tor
     return total
 
 
+def spectral_peak(images: torch.Tensor, exclude: int = 2, window: int = 5) -> torch.Tensor:
+    """Periodic-artefact score (N,) of (N,3,H,W) images: the largest magnitude of the luma's 2-D spectrum over
+    the mean magnitude of its window x window neighbours (the spectrum wraps around), frequencies with |k| <=
+    `exclude` cycles per image in both axes (the picture's layout) left out. A repeated pattern (a grid, a
+    checkerboard, a seam every tile) puts its energy into isolated frequencies and scores far above a
+    photograph, whose edges spread theirs along lines and whose texture fills whole regions of the spectrum;
+    compare a policy's value with its SFT's."""
+    y = _luma(images.float())[:, :1]
+    mag = torch.fft.fft2(y - y.mean((-2, -1), keepdim=True)).abs()
+    h, w = y.shape[-2:]
+    pad = window // 2
+    around = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(mag, (pad,) * 4, mode="circular"), window, 1)
+    around = (around * window**2 - mag) / (window**2 - 1)  # the neighbours without the frequency itself
+    # floored at the spectrum of 8-bit rounding noise (std 1/sqrt(12) levels), so a smooth image's empty high
+    # frequencies do not turn float noise into peaks
+    ratio = mag / around.clamp_min((h * w / 12) ** 0.5 / 255)
+    low = ((torch.fft.fftfreq(h) * h).abs()[:, None] <= exclude) & ((torch.fft.fftfreq(w) * w).abs()[None] <= exclude)
+    return ratio[:, 0].masked_fill(low, 0).flatten(1).max(1).values
+
+
 def bicubic_down(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(N,3,H,W) -> (N,3,*size): bicubic with antialiasing, the downscale an SR is checked against its LR with
     (`lr_consistency`; infer.back_project corrects towards it). Not clamped."""

@@ -133,7 +133,7 @@ def comparison_grid(lr_dir: Path, columns: list[Path], hr_dir: Path, path: Path)
 
 def policy_table(before_after: dict[str, dict[str, list[float]]]) -> list[str]:
     """Markdown: the policies on the held-out set (mean over the crops), and the change against SFT."""
-    cols = ("R", "F", "Q_SR", "SNB", "PIQE", "SSIM", "PSNR", "sharpness")
+    cols = ("R", "F", "Q_SR", "SNB", "PIQE", "SSIM", "PSNR", "sharpness", "LRcons", "peak")
     means = {name: {c: float(np.nanmean(m[c])) for c in cols} for name, m in before_after.items()}
     lines = ["| policy | " + " | ".join(c + (" ↓" if c == "PIQE" else "") for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
@@ -142,7 +142,9 @@ def policy_table(before_after: dict[str, dict[str, list[float]]]) -> list[str]:
     sft, final = means["SFT"], means[list(means)[-1]]
     lines += ["", f"Final policy (SFT + NR LoRA) against SFT: COMPASS reward {final['R'] - sft['R']:+.4f}, SNB "
               f"{final['SNB'] - sft['SNB']:+.4f}, PIQE {final['PIQE'] - sft['PIQE']:+.2f} (lower is better), SSIM "
-              f"{final['SSIM'] - sft['SSIM']:+.4f}, PSNR {final['PSNR'] - sft['PSNR']:+.2f} dB."]
+              f"{final['SSIM'] - sft['SSIM']:+.4f}, PSNR {final['PSNR'] - sft['PSNR']:+.2f} dB, LR consistency "
+              f"{final['LRcons'] - sft['LRcons']:+.2f} dB, spectral peak x{final['peak'] / sft['peak']:.2f} "
+              "(a periodic artefact raises it: evaluate.spectral_peak)."]
     return lines
 
 

@@ -83,6 +83,8 @@ def evaluate_policy(bb: B.Backbone, held_out: HeldOut, scorer, steps: int = 40, 
     out = {name: [float(v) for v in evaluate.create_metric(name)(sr, held_out.hr).flatten()]
            for name in ("PSNR", "SSIM")}
     out["sharpness"] = evaluate.sharpness(sr).tolist()
+    out["LRcons"] = evaluate.lr_consistency(sr, held_out.lr).tolist()  # does it still explain its input? (dB)
+    out["peak"] = evaluate.spectral_peak(sr).tolist()  # a periodic artefact (a grid the reward pays for)?
     out["SNB"] = evaluate.snb_quality(sr).tolist()
     out["PIQE"] = [float(v) for v in evaluate.create_metric("piqe")(sr).flatten()]
     scores = scorer.score([data.to_pil(x) for x in held_out.lr], [data.to_pil(x) for x in sr])

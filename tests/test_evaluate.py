@@ -176,3 +176,20 @@ def test_detail_energy_flat_detail_and_lr_consistency_by_hand():
     # the LR explained to 0.1 per pixel: MSE 0.01 -> 20 dB
     sr, lr = torch.full((1, 3, 32, 32), 0.5), torch.full((1, 3, 8, 8), 0.6)
     assert float(evaluate.lr_consistency(sr, lr)) == pytest.approx(20.0, abs=1e-4)
+
+
+def test_spectral_peak_finds_a_periodic_pattern_and_not_a_photographs_edges():
+    from mini import photos
+    from mini import reward_checks as RC
+
+    # hand-worked: a cosine of 16 cycles across a 64 px image is two isolated frequencies; its neighbours hold
+    # nothing, so the score is the line's magnitude over the 8-bit noise floor
+    x = torch.arange(64).float()
+    wave = (0.5 + 0.2 * torch.cos(2 * torch.pi * 16 * x / 64))[None, None, None].expand(1, 3, 64, 64)
+    expected = 0.2 * 64 * 64 / 2 / ((64 * 64 / 12) ** 0.5 / 255)
+    assert float(evaluate.spectral_peak(wave)) == pytest.approx(expected, rel=1e-3)
+    hr = photos.random_crops(photos.HELDOUT, 8, 64, torch.Generator().manual_seed(5))
+    photo, grid = evaluate.spectral_peak(hr), evaluate.spectral_peak(RC.pattern(hr, amplitude=0.03))
+    blurred = evaluate.spectral_peak(RC.blur(hr))
+    assert float(photo.max()) < 6 and float(blurred.max()) < 6  # edges and smoothness are not peaks
+    assert float(grid.min()) > float(photo.max()) and float(grid.mean()) > 3 * float(photo.mean())  # a faint grid is
