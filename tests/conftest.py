@@ -2,6 +2,8 @@
 import os
 import sys
 
+import pytest
+
 # No hub access on CI machines: fail fast instead of retrying downloads.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -24,3 +26,14 @@ def pytest_collection_modifyitems(items):
     the `xdist_group` units first, largest first, then the other tests in this order: the long ones start early
     and the short ones fill the tail, instead of one long test running alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that runs a script's main() in the worker (which may call torch.set_num_threads, e.g. --threads 2)
+    must not leave the worker on more threads than its share of the cores for every test after it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

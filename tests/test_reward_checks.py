@@ -37,7 +37,7 @@ def test_invalid_readings_are_counted_and_excluded_never_wrong_or_right():
 
 def test_the_check_runs_both_judges_and_writes_its_table(tmp_path):
     results = RC.main(["--compass", "tiny", "--refreward", "tiny", "--crops", "2", "--views", "1", "--no-sft",
-                       "--out", str(tmp_path)])
+                       "--threads", "1", "--out", str(tmp_path)])
     record = json.loads((tmp_path / "results.json").read_text())
     saved = record["results"]
     assert record["refreward_stats"]["pairs"] == 10 and record["refreward_stats"]["answers"] == 20  # both orders
