@@ -414,22 +414,31 @@ def measure(names: list[str], depths: tuple[int, ...] | None = None) -> dict[str
 
     Each FSDP2 command first runs once at depth 1, unmeasured: the first FSDP2 step of a model in a process fills
     DTensor's sharding-propagation caches by running its ops on full-size fake tensors once, which a GPU never
-    holds (it would read ~8 GB too high)."""
+    holds (it would read ~8 GB too high).
+
+    The fake process group the FSDP2 commands need is ended before returning: left behind, it makes any later
+    training in this process believe it runs on 8 ranks (its logged loss, an all-reduce mean over a group that
+    sums nothing, read 1/8 of the true one in the test suite)."""
+    had_group = dist.is_initialized()
     results = {}
-    for name in names:
-        command, gpus, fn = COMMANDS[name]
-        if name in FSDP_COMMANDS:
-            fn(1)  # warm-up (see above)
-        t0 = time.time()
-        if depths:
-            shallow, deep = fn(depths[0]), fn(depths[1])
-            step = extrapolate(shallow, deep, depths, full_depths(name, shallow))
-        else:
-            step = fn(None)
-        results[name] = {"command": command, "gpus": gpus, "peak_gb": round(step.peak, 1),
-                         "phases": {k: round(v, 1) for k, v in step.phases.items()}, "notes": step.notes,
-                         "seconds": round(time.time() - t0, 1)}
-        print(f"[estimate] {name}: peak {step.peak:.1f} GB per GPU ({time.time() - t0:.0f} s)", flush=True)
+    try:
+        for name in names:
+            command, gpus, fn = COMMANDS[name]
+            if name in FSDP_COMMANDS:
+                fn(1)  # warm-up (see above)
+            t0 = time.time()
+            if depths:
+                shallow, deep = fn(depths[0]), fn(depths[1])
+                step = extrapolate(shallow, deep, depths, full_depths(name, shallow))
+            else:
+                step = fn(None)
+            results[name] = {"command": command, "gpus": gpus, "peak_gb": round(step.peak, 1),
+                             "phases": {k: round(v, 1) for k, v in step.phases.items()}, "notes": step.notes,
+                             "seconds": round(time.time() - t0, 1)}
+            print(f"[estimate] {name}: peak {step.peak:.1f} GB per GPU ({time.time() - t0:.0f} s)", flush=True)
+    finally:
+        if dist.is_initialized() and not had_group:
+            dist.destroy_process_group()
     return results
 
 

@@ -37,3 +37,17 @@ def _torch_threads_restored():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left():
+    """A test that leaves a (fake) process group initialized makes every later in-process training in its worker
+    believe it is distributed: the tiny SFT then logged 1/8 of its loss (an 8-rank fake group's all-reduce mean).
+    The test that leaves one errors here, and the group is ended so the tests after it run as they would alone."""
+    import torch.distributed as dist
+
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        pytest.fail("the test left a torch.distributed process group initialized (end it in a finally)")
