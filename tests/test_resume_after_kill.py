@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from common import training as T
+from common.commands import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,11 +29,24 @@ def tensorboard_steps(folder: Path, tag: str) -> list[int]:
     return [e.step for e in acc.Scalars(tag)]
 
 
+def in_process(cmd: list[str], log: Path) -> None:
+    """`python <cmd>` in this process, on one torch thread as the killed subprocess runs (so the runs agree to the
+    bit): no second start of the libraries for the uninterrupted and the resumed runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_command(cmd, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_killed_then_resumed(cmd: list[str], logged_steps, checkpoint: Path, min_steps: int) -> None:
-    """Start `cmd`; SIGKILL it once `checkpoint` exists and `logged_steps()` reaches `min_steps`, so the
-    killed run has logged steps after its last checkpoint; then run `cmd --resume latest` to the end."""
+    """Start `python <cmd>`; SIGKILL it once `checkpoint` exists and `logged_steps()` reaches `min_steps`, so
+    the killed run has logged steps after its last checkpoint; then run `cmd --resume latest` to the end (in this
+    process)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         if checkpoint.exists() and logged_steps() >= min_steps:
@@ -42,9 +56,7 @@ def run_killed_then_resumed(cmd: list[str], logged_steps, checkpoint: Path, min_
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
     assert logged_steps() >= min_steps  # the killed run logged steps that the resumed run trains again
-    resumed = subprocess.run([*cmd, "--resume", "latest"], cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    in_process([*cmd, "--resume", "latest"], checkpoint.parents[2] / "resumed.log")
 
 
 @pytest.mark.slow
@@ -54,11 +66,10 @@ def test_rl_run_killed_after_a_checkpoint_resumes_with_exact_logs(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(2):
         Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(hr / f"{i}.png")
-    common = [sys.executable, "rl_fr.py", "--model", "tiny", "--reward-model", "tiny", "--hr-dir", str(hr), "--crop-size", "64",
+    common = ["rl_fr.py", "--model", "tiny", "--reward-model", "tiny", "--hr-dir", str(hr), "--crop-size", "64",
               "--group-size", "4", "--rollout-batch", "4", "--rollout-steps", "3", "--sample-every", "0",
               "--lr", "1e-2", "--fidelity", "ssim", "--steps", "9", "--save-every", "4"]
-    subprocess.run([*common, "--out", str(tmp_path / "a.safetensors")], cwd=ROOT, check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    in_process([*common, "--out", str(tmp_path / "a.safetensors")], tmp_path / "a.log")
     b = tmp_path / "b"
     log = b / "rewards.jsonl"
     run_killed_then_resumed([*common, "--out", str(tmp_path / "b.safetensors")],
@@ -83,11 +94,10 @@ def test_sft_run_killed_after_a_checkpoint_resumes_with_exact_logs(tmp_path):
     rng = np.random.default_rng(1)
     for i in range(4):
         Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(hr / f"{i}.png")
-    common = [sys.executable, "train_sft.py", "--model", "tiny", "--hr-dir", str(hr), "--crop-size", "64",
+    common = ["train_sft.py", "--model", "tiny", "--hr-dir", str(hr), "--crop-size", "64",
               "--batch-size", "2", "--lr", "1e-3", "--warmup-steps", "1", "--sample-every", "0", "--log-every", "1",
               "--steps", "12", "--save-every", "4"]
-    subprocess.run([*common, "--out", str(tmp_path / "a")], cwd=ROOT, check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    in_process([*common, "--out", str(tmp_path / "a")], tmp_path / "a.log")
 
     def tensorboard_losses() -> int:  # the SFT loss log is written at the end; TensorBoard at every step
         try:
@@ -101,7 +111,8 @@ def test_sft_run_killed_after_a_checkpoint_resumes_with_exact_logs(tmp_path):
     la = json.loads((tmp_path / "a" / "train_log.json").read_text())["losses"]
     lb = json.loads((b / "train_log.json").read_text())["losses"]
     assert len(la) == 12 and lb == la  # the full history, each step once
-    assert tensorboard_steps(b / "tb", "train/loss") == list(range(1, 13))
+    steps = tensorboard_steps(b / "tb", "train/loss")
+    assert steps == list(range(1, 13)), (steps, sorted(p.name for p in (b / "tb").iterdir()))
     from safetensors.torch import load_file
 
     wa, wb = load_file(str(tmp_path / "a" / "transformer.safetensors")), load_file(str(b / "transformer.safetensors"))
