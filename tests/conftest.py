@@ -39,7 +39,6 @@ def _torch_threads_restored():
     torch.set_num_threads(threads)
 
 
-
 @pytest.fixture(autouse=True)
 def _no_process_group_left():
     """A test that leaves a (fake) process group initialized makes every later in-process training in its worker
