@@ -89,6 +89,11 @@ class Args:
     """the backbone whose BASE and SFT samples are candidates ('mini' = the shipped preset, or a folder)"""
     sft: str = "mini"
     """its SFT weights ('mini' = shipped)"""
+    lr_degradation: str = "mini"
+    """data stage: the degradation of 3 in 4 COMPASS LRs (a data.DEGRADATIONS name; the rest are plain blur +
+    bicubic). 'mini' (data.MINI_DEGRADATION, scaled to 64 -> 16 px crops) is the world the mini backbone runs in;
+    'realesrgan' (the paper's ranges, sized for 256 px crops; they leave a 16 px LR no 8-16 px content) built the
+    COMPASS shipped before the z_dim 8 backbone"""
     stage: str = "all"
     """all | pretrain | data | annotate | train | eval | refreward"""
     quick: bool = False
@@ -185,11 +190,12 @@ def degraded(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
     raise ValueError(kind)
 
 
-def make_lr(hr: torch.Tensor, g: torch.Generator, seed: int) -> torch.Tensor:
-    """(1,3,64,64) -> (1,3,16,16): data.py's Real-ESRGAN degradation (3 in 4) or a plain blur + bicubic."""
+def make_lr(hr: torch.Tensor, g: torch.Generator, seed: int, degradation: str = "realesrgan") -> torch.Tensor:
+    """(1,3,64,64) -> (1,3,16,16): data.py's degradation `degradation` (a data.DEGRADATIONS name; 3 in 4) or a
+    plain blur + bicubic."""
     if float(torch.rand((), generator=g)) < 0.25:
         return plain_lr(hr)
-    return data.degrade(hr, generator=torch.Generator().manual_seed(seed))
+    return data.degrade(hr, data.DEGRADATIONS[degradation], generator=torch.Generator().manual_seed(seed))
 
 
 def write_group(root: Path, name: str, hr: torch.Tensor, lr: torch.Tensor, srs: dict[str, torch.Tensor]) -> None:
@@ -230,11 +236,11 @@ def pretrain_data(folder: Path, n: int, seed: int, foreign: int = 0) -> None:
 
 
 def compass_data(folder: Path, names: tuple[str, ...], n: int, seed: int, bb: B.Backbone, sft: str,
-                 chunk: int = 32) -> None:
+                 chunk: int = 32, degradation: str = "realesrgan") -> None:
     """COMPASS-20K in miniature: n groups of 12 methods from crops of the named photos."""
     g = torch.Generator().manual_seed(seed)
     hr = data.quantize(photos.random_crops(names, n, 64, g))
-    lr = torch.cat([make_lr(hr[i:i + 1], g, data.item_seed(seed, 2, i)) for i in range(n)])
+    lr = torch.cat([make_lr(hr[i:i + 1], g, data.item_seed(seed, 2, i), degradation) for i in range(n)])
     up = B.upscale(lr)
     methods = {"HR": hr, "bicubic": up, "nearest": F.interpolate(lr, scale_factor=4, mode="nearest")}
     for kind in ("blur", "sharpen", "noise", "jpeg"):
@@ -328,12 +334,12 @@ CHECK_GROUPS = 6  # the small held-out set that the build records and the tests 
 
 
 def agreement_check(folder: Path, groups: int, seed: int, backbone: str, sft: str, model: str,
-                    fidelity: str = "ssim", views: int = 1) -> dict:
+                    fidelity: str = "ssim", views: int = 1, degradation: str = "realesrgan") -> dict:
     """label_agreement on `groups` held-out groups rebuilt from seeds (candidates, `annotate`, scoring):
     the build records it in compass_eval.json and the tests recompute it from the shipped weights."""
     if folder.exists():
         shutil.rmtree(folder)
-    compass_data(folder, photos.HELDOUT, groups, seed + 22, B.load_backbone(backbone), sft)
+    compass_data(folder, photos.HELDOUT, groups, seed + 22, B.load_backbone(backbone), sft, degradation=degradation)
     annotate(folder, folder / "check.jsonl", folder / "annotate.log", fidelity=fidelity)
     return {"groups": groups, **label_agreement(model, load_records(folder / "check.jsonl", folder), folder, views)}
 
@@ -352,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--stage {args.stage}: choose all, pretrain, data, annotate, train, eval or refreward")
     if args.fidelity not in reward.WEIGHTS_FREE_FIDELITY:  # dists / lpips need downloaded weights
         parser.error(f"--fidelity {args.fidelity}: choose {' / '.join(reward.WEIGHTS_FREE_FIDELITY)}")
+    if args.lr_degradation not in data.DEGRADATIONS:
+        parser.error(f"--lr-degradation {args.lr_degradation}: choose one of {', '.join(data.DEGRADATIONS)}")
     if args.pretrained and args.stage == "pretrain":
         parser.error("--stage pretrain with --pretrained: the pretrained model is given, nothing to pretrain")
     if args.quick:
@@ -401,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
         for split, names, n, seed in (("train", photos.TRAIN, args.train_groups, args.seed + 21),
                                       ("heldout", photos.HELDOUT, args.heldout_groups, args.seed + 22)):
             if not (work / split / "lr").exists():
-                compass_data(work / split, names, n, seed, bb, args.sft)
+                compass_data(work / split, names, n, seed, bb, args.sft, degradation=args.lr_degradation)
 
     def annotate_all() -> None:
         for split in ("train", "heldout"):
@@ -451,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
                 accuracy(name, work / f"ablation_{name}", "--real-prompt", "--baselines")
         agreement = label_agreement(str(out / "compass"), records, work / "heldout", args.views)
         check = agreement_check(work / "check", min(CHECK_GROUPS, args.heldout_groups), args.seed, args.backbone,
-                                args.sft, str(out / "compass"), args.fidelity, args.views)
+                                args.sft, str(out / "compass"), args.fidelity, args.views, args.lr_degradation)
         result = {"tables": rows, "agreement": agreement, "agreement_check": check, "views": args.views,
                   "heldout_groups": args.heldout_groups, "train_groups": args.train_groups}
         T.atomic_write_text(json.dumps(result, indent=1), out / "compass_eval.json")
