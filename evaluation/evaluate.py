@@ -122,16 +122,28 @@ def flat_mask(hr: torch.Tensor, max_std: float = 2.0, window: int = 5) -> torch.
     return local_std(hr, window) < max_std
 
 
-def flat_detail(sr: torch.Tensor, hr: torch.Tensor, max_std: float = 2.0) -> torch.Tensor:
-    """Speckle (N,): `detail_energy` of the SR counted only between neighbouring pixels that are both flat in
-    the HR (`flat_mask`). The HR's own value is the reference (a few levels of grain); an SR that paints
-    texture onto flat regions scores far above it. 0 where the HR has no flat pixel pair."""
+def _flat_step_sums(sr: torch.Tensor, hr: torch.Tensor, max_std: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per direction (horizontal, vertical): the sum of the SR's |neighbour differences| of Y over the pixel
+    pairs that are both flat in the HR (`flat_mask`), and the number of such pairs, each (N,)."""
     dx, dy = _neighbour_steps(sr)
     flat = flat_mask(hr, max_std)
-    total = torch.zeros(len(sr), device=sr.device)
-    for step, both in ((dx, flat[..., :, 1:] & flat[..., :, :-1]), (dy, flat[..., 1:, :] & flat[..., :-1, :])):
-        total += (step * both).sum((1, 2, 3)) / both.sum((1, 2, 3)).clamp_min(1)
-    return total
+    pairs = ((dx, flat[..., :, 1:] & flat[..., :, :-1]), (dy, flat[..., 1:, :] & flat[..., :-1, :]))
+    return [((step * both).sum((1, 2, 3)), both.sum((1, 2, 3)).float()) for step, both in pairs]
+
+
+def flat_detail(sr: torch.Tensor, hr: torch.Tensor, max_std: float = 2.0) -> torch.Tensor:
+    """Speckle per image (N,): `detail_energy` of the SR counted only between neighbouring pixels that are both
+    flat in the HR (`flat_mask`). The HR's own value is the reference (a few levels of grain); an SR that paints
+    texture onto flat regions scores far above it. 0 where the HR has no flat pixel pair. A crop whose few flat
+    pixels are islands between textures weighs as much here as a crop of sky: `flat_detail_pooled` does not."""
+    return sum(total / count.clamp_min(1) for total, count in _flat_step_sums(sr, hr, max_std))
+
+
+def flat_detail_pooled(sr: torch.Tensor, hr: torch.Tensor, max_std: float = 2.0) -> torch.Tensor:
+    """Speckle of a set (a scalar): like `flat_detail`, but every flat pixel pair of the whole set counts once,
+    wherever it lies, so the set's flat REGIONS (sky, skin, walls) decide it, not a crop with a handful of flat
+    pixels between textures (whose HR value alone ranges 0.8-3.3 levels on the mini held-out crops)."""
+    return sum(total.sum() / count.sum().clamp_min(1) for total, count in _flat_step_sums(sr, hr, max_std))
 
 
 def spectral_peak(images: torch.Tensor, exclude: int = 2, window: int = 5) -> torch.Tensor:

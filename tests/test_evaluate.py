@@ -170,6 +170,13 @@ def test_detail_energy_flat_detail_and_lr_consistency_by_hand():
     assert float(evaluate.flat_detail(grey, grey)) == 0.0
     # a textured HR has no flat pixel: nothing is counted
     assert not evaluate.flat_mask(stripes).any() and float(evaluate.flat_detail(stripes, stripes)) == 0.0
+    # pooled over a set, each flat pair counts once: the textured second HR adds no pair, so the set's speckle
+    # is the first image's 127.5, where the per-image mean halves it
+    srs, hrs = torch.cat([stripes, stripes]), torch.cat([grey, stripes])
+    assert evaluate.flat_detail(srs, hrs).tolist() == pytest.approx([127.5, 0.0])
+    assert float(evaluate.flat_detail_pooled(srs, hrs)) == pytest.approx(127.5)
+    # two fully flat HRs (the same pair counts): pooled = the mean of the two images' values
+    assert float(evaluate.flat_detail_pooled(torch.cat([stripes, grey]), torch.cat([grey, grey]))) == pytest.approx(63.75)
     half = torch.cat([grey[..., :4], stripes[..., 4:]], -1)  # flat left half, far from the texture
     mask = evaluate.flat_mask(half)
     assert mask[..., :2].all() and not mask[..., 5:].any()

@@ -248,7 +248,8 @@ def test_sr_eval_rows_are_the_metrics_of_the_images_it_made(tmp_path):
     row = res["crops/plain"]["bicubic"]
     assert row["LRcons"] == pytest.approx(float(evaluate.lr_consistency(bic, lr).mean()), abs=1e-4)
     assert row["HF"] == pytest.approx(float(evaluate.detail_energy(bic).mean()), abs=1e-4)
-    assert res["crops/plain"]["HR"]["speckle"] == pytest.approx(float(evaluate.flat_detail(hr, hr).mean()), abs=1e-4)
+    assert res["crops/plain"]["HR"]["speckle"] == pytest.approx(float(evaluate.flat_detail_pooled(hr, hr)), abs=1e-4)
+    assert res["crops/plain"]["HR"]["speckle_img"] == pytest.approx(float(evaluate.flat_detail(hr, hr).mean()), abs=1e-4)
     assert res["crops/plain"]["sft"]["sec_per_image"] > 0
     table = (tmp_path / "table.md").read_text().splitlines()
     assert len(table) == 2 + 4 and table[-1].startswith("| crops/plain | sft |")
