@@ -152,7 +152,10 @@ class Args:
     ablations: bool = True
     """also train the Table 3 models (absolute labels, no F) with the same budget"""
     refreward_warmup: int = 100
-    """RefReward-SR: format warm-up steps (random verdicts) before GRPO"""
+    """RefReward-SR: warm-up steps before GRPO (`train_refreward.py train --warmup-steps`)"""
+    refreward_warmup_verdicts: str = "labelled"
+    """RefReward-SR: the warm-up's verdicts (`--warmup-verdicts`): 'labelled' (a supervised judge first) or
+    'random' (a format warm-up, as the mini RefReward-SR shipped before, which answered by position)"""
     refreward_steps: int = 150
     """RefReward-SR: GRPO steps (--refreward-prompts pairs x --refreward-group answers each)"""
     refreward_prompts: int = 8
@@ -474,7 +477,8 @@ def main(argv: list[str] | None = None) -> None:
                  str(work / split / "pairs.jsonl")], work / f"pairs_{split}.log")
         run(["-m", "refreward_sr.train_refreward", "train", "--model", str(pretrained), "--data",
              str(work / "train" / "pairs.jsonl"), "--out", str(work / "refreward"), "--warmup-steps",
-             str(args.refreward_warmup), "--steps", str(args.refreward_steps), "--prompts",
+             str(args.refreward_warmup), "--warmup-verdicts", args.refreward_warmup_verdicts,
+             "--steps", str(args.refreward_steps), "--prompts",
              str(args.refreward_prompts), "--group", str(args.refreward_group),
              "--lr", str(args.refreward_lr), "--warmup-lr", "1e-3", "--max-new-tokens", "40", "--device", "cpu",
              "--resume", "latest"], work / "train_refreward.log")

@@ -5,8 +5,9 @@ script does it with this project's model doors, data I/O and logging. Three subc
 
     pairs   a COMPASS annotation JSONL (train_compass.py annotate) -> a pairs JSONL: SRs of one LR whose label
             rewards (Eq.4) differ by at least --margin, the better one preferred, A/B drawn at random
-    train   (optional) format warm-up: a few supervised steps on `<think></think><answer>X</answer>` with a
-            RANDOM verdict X, so a small model learns the answer format but nothing about preference; then GRPO:
+    train   (optional) warm-up: supervised steps on `<think></think><answer>X</answer>`, X a RANDOM verdict (a
+            format warm-up: the form, nothing about preference) or with --warmup-verdicts labelled the correct
+            one (a supervised judge, not in the seed paper); then GRPO:
               1. per step and process, `--prompts` pairs, each shown in a random A/B order;
               2. G answers sampled per prompt (temperature --temperature) from the current model;
               3. rule rewards: 1 for the correct verdict + 0.2 for a well-formed answer (refreward.rule_reward);
@@ -64,7 +65,11 @@ class TrainArgs:
     steps: int = 200
     """GRPO steps (after the warm-up)"""
     warmup_steps: int = 0
-    """format warm-up steps first: supervised `<think></think><answer>X</answer>` with a random X"""
+    """warm-up steps first: supervised `<think></think><answer>X</answer>` (X by --warmup-verdicts)"""
+    warmup_verdicts: str = "random"
+    """the warm-up's X: 'random' (a format warm-up: the answer's form, nothing about preference; the seed paper
+    trains the judge by GRPO alone) or 'labelled' (the pair's correct verdict in the order shown: a supervised
+    judge before GRPO, for a model too small to sample correct answers often enough for GRPO to start from)"""
     prompts: int = 4
     """pairs per step and process"""
     group: int = 8
@@ -215,8 +220,9 @@ def train(args: TrainArgs) -> Path | int:
                 T.barrier()
             weights = load_file(str(reference_file)) if dist_info.is_main or not sharded else {}
             T.restore_full_state(reference, None, weights, {}, sharded)
-        if step < args.warmup_steps:  # format warm-up: teacher-forced answer with a random verdict
-            answers = [RR.format_verdict(rng.choice("AB")) + "<|im_end|>" for _ in prompts]
+        if step < args.warmup_steps:  # warm-up: teacher-forced answer, a random or the correct verdict
+            verdicts = [truth if args.warmup_verdicts == "labelled" else rng.choice("AB") for _, truth in prompts]
+            answers = [RR.format_verdict(v) + "<|im_end|>" for v in verdicts]
             batch = processor.apply_chat_template([m for m, _ in prompts], add_generation_prompt=True, tokenize=True,
                                                   return_dict=True, return_tensors="pt",
                                                   processor_kwargs={"padding": True, "padding_side": "left"}).to(device)
@@ -357,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "train":
         if not ns["data"]:
             parser.error("train: --data is required")
+        if ns["warmup_verdicts"] not in ("random", "labelled"):
+            parser.error(f"train: --warmup-verdicts {ns['warmup_verdicts']}: choose random or labelled")
         result = train(TrainArgs(**ns))
         if isinstance(result, int):
             return result
