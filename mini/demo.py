@@ -4,8 +4,9 @@ Every stage runs as a user would run it: the real command lines (run in this pro
 which pays the libraries' imports once), nothing private; the reward server is a process of its own.
 
     0. data      photographs that ship inside installed packages (photos.py): HR crops of the training
-                 photos (cold start, FR RL), LR inputs made by data.py's Real-ESRGAN degradation ("real LQ"
-                 for the NR RL), and a held-out test set from the held-out photos
+                 photos (cold start, FR RL), LR inputs made by data.py's Real-ESRGAN pipeline at the mini ranges
+                 ("real LQ" for the NR RL; miniature.LQ_DEGRADATION), and a held-out test set from the held-out
+                 photos (plain LR: miniature.HELDOUT_LR)
     1. cold start      train_sft.py on the mini BASE (Eq.5) for a few steps: the loss falls. The shipped
                        mini SFT (`--sft mini`) is this same command run for 3500 steps by
                        mini/build_backbone.py; the stages below use it
@@ -46,7 +47,7 @@ from common.data import degrade, item_seed, list_images, load_image, save_image
 from evaluation.sriqa import write_sriqa_layout
 from mini import photos, serving
 from mini.build_compass import GENERATIVE, annotate_command, compass_data
-from mini.miniature import HeldOut, evaluate_policy, policy
+from mini.miniature import LQ_DEGRADATION, HeldOut, evaluate_policy, policy
 from train_compass import load_records
 
 # No hub access is assumed: metrics whose weights are not cached are reported unavailable at once. The
@@ -76,7 +77,7 @@ def make_data(root: Path, n_train: int, n_lq: int, n_test: int) -> dict[str, Pat
     for i, crop in enumerate(photos.random_crops(photos.TRAIN, n_train, 96, g)):
         save_image(crop, dirs["hr_train"] / f"train{i:03d}.png")
     for i, crop in enumerate(photos.random_crops(photos.TRAIN, n_lq, 64, g)):  # "real LQ": no HR is kept
-        lq = degrade(crop[None], generator=torch.Generator().manual_seed(item_seed(12, 0, i)))[0]
+        lq = degrade(crop[None], LQ_DEGRADATION, generator=torch.Generator().manual_seed(item_seed(12, 0, i)))[0]
         save_image(lq, dirs["lq"] / f"lq{i:03d}.png")
     test = HeldOut.make(n_test)
     for i in range(n_test):

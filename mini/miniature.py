@@ -12,7 +12,7 @@ for every row of a table and several seeds per row:
 
 Every RL run is the project's own command line (rl_fr.py, rl_nr.py). Every policy (the SFT weights with
 the RL LoRA merged, paper §4) is evaluated on a FIXED held-out set with FIXED noise (`evaluate_policy`):
-24 crops of the held-out photos, LR by data.py's degradation, 40 Euler steps. Columns: PSNR and SSIM (Y)
+24 crops of the held-out photos, plain LR (HELDOUT_LR), 40 Euler steps. Columns: PSNR and SSIM (Y)
 and sharpness against the HR; the mini COMPASS's F, Q_SR and Eq.4 reward (it never sees the HR); two
 weights-free no-reference metrics, SNB (evaluate.snb_quality, the annotation anchor COMPASS learned from)
 and PIQE (pyiqa, independent of it); wall time. Mean +- std over seeds; the report says row by row
@@ -45,11 +45,19 @@ from common.commands import run_command
 from evaluation import evaluate
 from infer import load_policy
 from mini import photos
-from mini.build_backbone import eval_set
+from mini.sr_eval import make_lr
 
 
-# The held-out evaluation: crops of photos.HELDOUT (never trained on), LR by data.py's degradation.
+# The held-out evaluation: crops of photos.HELDOUT (never trained on).
 EVAL_SEED = 500
+HELDOUT_LR = "plain"
+"""The held-out LRs (mini.sr_eval.make_lr): 'plain' = Gaussian blur 0.8 + bicubic 4x down, the LR on which the
+mini SR bars are set (LR consistency >= 30 dB among them); 'mini' or 'realesrgan' (the paper's ranges, sized for
+256 px crops: they leave a 16 px LR none of its 8-16 px content, so a policy cannot keep the picture; the tables
+before the z_dim 8 backbone used them)."""
+LQ_DEGRADATION = data.MINI_DEGRADATION
+"""The NR stage's "real LQ" inputs: data.py's Real-ESRGAN pipeline with every stage, at the ranges scaled to the
+mini crops (data.MINI_DEGRADATION; the SFT trained on it)."""
 METRICS = ("PSNR", "SSIM", "sharpness", "F", "Q_SR", "R", "SNB", "PIQE")
 LOWER_BETTER = {"PIQE"}
 
@@ -66,9 +74,9 @@ class HeldOut:
     lr: torch.Tensor
 
     @classmethod
-    def make(cls, n: int, seed: int = EVAL_SEED) -> "HeldOut":
-        hr, lrs = eval_set(n, seed)
-        return cls(hr, lrs["realesrgan"])
+    def make(cls, n: int, seed: int = EVAL_SEED, lr_kind: str = HELDOUT_LR) -> "HeldOut":
+        hr = photos.random_crops(photos.HELDOUT, n, 64, torch.Generator().manual_seed(seed))
+        return cls(hr, make_lr(hr, lr_kind, seed))
 
 
 def evaluate_policy(bb: B.Backbone, held_out: HeldOut, scorer, steps: int = 40, seed: int = 0,
@@ -142,7 +150,8 @@ def make_training_data(folder: Path, n: int) -> tuple[Path, Path]:
             data.save_image(x, hr_dir / f"{i:04d}.png")
         lq_hr = photos.random_crops(photos.TRAIN, n, 64, torch.Generator().manual_seed(302))
         for i in range(n):
-            lq = data.degrade(lq_hr[i:i + 1], generator=torch.Generator().manual_seed(data.item_seed(302, 0, i)))
+            lq = data.degrade(lq_hr[i:i + 1], LQ_DEGRADATION,
+                              generator=torch.Generator().manual_seed(data.item_seed(302, 0, i)))
             data.save_image(lq[0], lq_dir / f"{i:04d}.png")
     return hr_dir, lq_dir
 

@@ -94,9 +94,11 @@ def make_sets(split: str, crops: int, crop_seed: int, with_photos: bool) -> dict
 
 
 def make_lr(hr: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
+    """The LR of each HR crop: 'plain' (Gaussian blur 0.8 + bicubic 4x down) or a data.DEGRADATIONS name ('mini':
+    data.MINI_DEGRADATION, 'realesrgan': the paper's ranges), one generator per image from `seed`."""
     if kind == "plain":
         return data.plain_degrade(hr, 0.8)
-    return data.degrade_each(hr, data.MINI_DEGRADATION, seed)
+    return data.degrade_each(hr, data.DEGRADATIONS[kind], seed)
 
 
 def load_method(spec: str, vae: str | None) -> tuple[str, B.Backbone]:

@@ -79,6 +79,27 @@ def test_miniature_quick_runs_every_table(tmp_path):
     assert stamp["settings"]["fr_steps"] == 3 and "compass/model.safetensors" in stamp["weights"]
 
 
+def test_the_held_out_set_is_plain_lr_and_the_nr_inputs_keep_their_content(tmp_path):
+    """The demo's and miniature's held-out LRs are the plain LR of the SR bars (blur 0.8 + bicubic), crop i the
+    same in any set size; the NR stage's "real LQ" keeps the coarse picture (the paper's ranges would not)."""
+    from common import data
+    from mini import miniature
+
+    held = miniature.HeldOut.make(3)
+    assert torch.equal(held.lr, data.plain_degrade(held.hr, 0.8))
+    assert torch.equal(miniature.HeldOut.make(2).hr, held.hr[:2])
+    paper = miniature.HeldOut.make(3, lr_kind="realesrgan")
+    assert torch.equal(paper.hr, held.hr) and not torch.equal(paper.lr, held.lr)
+    hr_dir, lq_dir = miniature.make_training_data(tmp_path, 4)
+    lq_hr = miniature.photos.random_crops(miniature.photos.TRAIN, 4, 64, torch.Generator().manual_seed(302))
+    lq = torch.stack([data.load_image(lq_dir / f"{i:04d}.png") for i in range(4)])
+    # the LQ explains its HR's 4x4 block means far better than the paper's degradation of the same crops does
+    blocks = lambda x: torch.nn.functional.avg_pool2d(x, 4)  # noqa: E731
+    paper_lq = torch.cat([data.degrade(lq_hr[i:i + 1], generator=torch.Generator().manual_seed(data.item_seed(302, 0, i)))
+                          for i in range(4)])
+    assert (lq - blocks(lq_hr)).abs().mean() < 0.5 * (paper_lq - blocks(lq_hr)).abs().mean()
+
+
 def test_miniature_reuses_runs_only_when_settings_and_weights_match(tmp_path):
     from mini import miniature
 
