@@ -344,7 +344,8 @@ def agreement_check(folder: Path, groups: int, seed: int, backbone: str, sft: st
         shutil.rmtree(folder)
     compass_data(folder, photos.HELDOUT, groups, seed + 22, B.load_backbone(backbone), sft, degradation=degradation)
     annotate(folder, folder / "check.jsonl", folder / "annotate.log", fidelity=fidelity)
-    return {"groups": groups, **label_agreement(model, load_records(folder / "check.jsonl", folder), folder, views)}
+    return {"groups": groups, "lr_degradation": degradation,
+            **label_agreement(model, load_records(folder / "check.jsonl", folder), folder, views)}
 
 
 # ====================================================================================================

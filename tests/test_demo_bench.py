@@ -60,6 +60,8 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
     assert list(before_after) == ["SFT", "SFT + FR LoRA", "SFT + NR LoRA"]
     for metrics in before_after.values():
         assert all(math.isfinite(v) for v in metrics["R"] + metrics["SSIM"] + metrics["SNB"])
+        # the delivered outputs (back-projection towards the LR) explain their LR better than the raw samples
+        assert all(out_ > raw + 3 for out_, raw in zip(metrics["LRcons_out"], metrics["LRcons"]))
     assert (out / "sr_nr" / "metrics.csv").exists()
 
 

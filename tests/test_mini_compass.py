@@ -195,7 +195,8 @@ def test_shipped_mini_compass_reproduces_its_held_out_agreement(tmp_path):
     result = json.loads((presets.ROOT / "compass_eval.json").read_text())
     recorded = result["agreement_check"]
     again = build.agreement_check(tmp_path / "check", recorded["groups"], build.Args().seed, "mini", "mini", "mini",
-                                  build.Args().fidelity, result.get("views", 1))
+                                  build.Args().fidelity, result.get("views", 1),
+                                  recorded.get("lr_degradation", "realesrgan"))  # the builds before it was recorded
     assert again["parse_rate"] == recorded["parse_rate"] == 1.0
     for key in ("spearman_F", "spearman_q_sr", "spearman_q_lr"):
         assert again[key] == pytest.approx(recorded[key], abs=0.03), key
