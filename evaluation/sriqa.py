@@ -29,7 +29,7 @@ import torch
 import reward
 from common.data import load_image, to_pil
 from common.training import atomic_write_text, parse_dataclass_args, run_script
-from evaluation.evaluate import METRIC_SPECS, create_metric, short_reason
+from evaluation.evaluate import METRIC_SPECS, create_metric, short_reason, snb_quality
 from refreward_sr import refreward
 from train_compass import Record, record_score
 
@@ -257,6 +257,12 @@ def pyiqa_score_fn(metric) -> ScoreFn:
     return score
 
 
+def snb_score_fn(lr: Path, hr: Path | None, srs: list[Path]) -> np.ndarray:
+    """The weights-free no-reference SNB score (evaluate.snb_quality, the annotation's stage-1 anchor) of each SR
+    alone: a GT-free baseline that needs no download."""
+    return snb_quality(torch.stack([load_image(p) for p in srs])).numpy()
+
+
 def accuracy_table(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
     """Write the Table 1 layout as CSV and markdown. rows: {"type", "method", "Reg", "Gen", "All",
     "pairs", "note"} with accuracies in % (NaN = unavailable)."""
@@ -307,7 +313,8 @@ class EvalArgs:
     """also rank with a RefReward-SR model ('tiny', 'mini', folder): each SR scored by its win rate over the
     group's other SRs (refreward.py; every pair asked in both orders)"""
     baselines: list[str] = field(default_factory=lambda: ["PSNR", "SSIM", "LPIPS", "DISTS"])
-    """pyiqa metrics (Table 1's GT-Ref rows; NR names such as piqe or musiq give GT-Free rows)"""
+    """pyiqa metrics (Table 1's GT-Ref rows; NR names such as piqe or musiq give GT-Free rows) and SNB
+    (evaluate.snb_quality: weights-free, GT-free)"""
     gt_ties: str = "count"
     """ground-truth ties: count | skip"""
     device: str = "auto"
@@ -339,6 +346,9 @@ def run_eval(args: EvalArgs, extra: dict[str, tuple[str, ScoreFn]] | None = None
         scorers.append(("GT-Free", "RefReward-SR", lambda lr, hr, srs: judge.group_rewards(
             to_pil(load_image(lr)), [to_pil(load_image(p)) for p in srs]).numpy(), "pairwise win rate, both orders"))
     for name in args.baselines:
+        if name == "SNB":  # not a pyiqa metric
+            scorers.append(("GT-Free", name, snb_score_fn, "weights-free, the SR alone"))
+            continue
         try:
             metric = create_metric(name, device)
             kind = "GT-Ref" if metric.metric_mode == "FR" else "GT-Free"

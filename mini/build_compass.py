@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def accuracy(name: str, model: Path, *extra: str) -> None:
             run(["-m", "evaluation.sriqa", "--reward-model", str(model), "--sriqa-root", str(sriqa), "--out",
-                 str(work / f"eval_{name}"), "--baselines", "PSNR", "SSIM", "--device", "cpu", "--reward-views",
+                 str(work / f"eval_{name}"), "--baselines", "PSNR", "SSIM", "piqe", "SNB", "--device", "cpu", "--reward-views",
                  str(args.views), *extra],
                 work / f"eval_{name}.log")
             import csv
@@ -465,7 +465,8 @@ def main(argv: list[str] | None = None) -> None:
         check = agreement_check(work / "check", min(CHECK_GROUPS, args.heldout_groups), args.seed, args.backbone,
                                 args.sft, str(out / "compass"), args.fidelity, args.views, args.lr_degradation)
         result = {"tables": rows, "agreement": agreement, "agreement_check": check, "views": args.views,
-                  "heldout_groups": args.heldout_groups, "train_groups": args.train_groups}
+                  "heldout_groups": args.heldout_groups, "train_groups": args.train_groups,
+                  "ablations": args.ablations}
         T.atomic_write_text(json.dumps(result, indent=1), out / "compass_eval.json")
         T.atomic_write_text(eval_markdown(result), out / "compass_eval.md")
         print(eval_markdown(result))

@@ -164,9 +164,13 @@ def _shipped_eval() -> dict:
 
 
 def test_shipped_evaluation_parses_and_agrees_with_the_labels():
-    """Every Table 3 case is recorded; parse rate 100 %; Spearman of predicted Q_SR with its labels >= 0.6."""
+    """Every Table 3 case is recorded (cases 1-2, the models trained without F, when the build trained them:
+    `--ablations`); parse rate 100 %; Spearman of predicted Q_SR with its labels >= 0.6."""
     shipped = _shipped_eval()
-    assert {"main", "gamma_5", "gamma_9", "gamma_inf", "calibrated_noF", "absolute_noF"} <= set(shipped["tables"])
+    cases = {"main", "gamma_5", "gamma_9", "gamma_inf"}
+    if shipped.get("ablations", True):
+        cases |= {"calibrated_noF", "absolute_noF"}
+    assert cases <= set(shipped["tables"])
     agreement = shipped["agreement"]
     assert agreement["parse_rate"] == 1.0
     assert agreement["spearman_q_sr"] >= 0.6, agreement

@@ -17,7 +17,7 @@ import reward
 import train_compass as tc
 from common import compass_text as CT
 from common import vl_model as VL
-from common.data import save_image
+from common.data import load_image, save_image
 from evaluation import sriqa
 
 # one pytest-xdist worker runs this file: its module fixtures (the tiny COMPASS runs) are built once
@@ -326,7 +326,7 @@ def test_eval_command_table_with_baselines(tmp_path, monkeypatch):
     mos = make_sriqa(tmp_path / "bench", n_groups=2)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # empty cache: DISTS has no weights
     args = sriqa.EvalArgs(sriqa_root=str(tmp_path / "bench"), out=str(tmp_path / "out"),
-                       baselines=["PSNR", "SSIM", "DISTS"], device="cpu")
+                       baselines=["PSNR", "SSIM", "DISTS", "SNB"], device="cpu")
     oracle = lambda lr, hr, srs: np.array([mos[p.name] for p in srs])
     rows = sriqa.run_eval(args, extra={"oracle": ("GT-Free", oracle)})
     by = {r["method"]: r for r in rows}
@@ -337,7 +337,13 @@ def test_eval_command_table_with_baselines(tmp_path, monkeypatch):
     assert "| GT-Ref | PSNR | 100.0 | 100.0 | 100.0 | 12 |" in md and "| DISTS | n/a | n/a | n/a |" in md
     with open(tmp_path / "out" / "sriqa_accuracy.csv") as f:
         table = list(csv.DictReader(f))
-    assert [r["method"] for r in table] == ["PSNR", "SSIM", "DISTS", "oracle"]
+    assert [r["method"] for r in table] == ["PSNR", "SSIM", "DISTS", "SNB", "oracle"]
+    # SNB: the weights-free score of each SR alone, a GT-free row (its accuracy = ranking by snb_quality)
+    from evaluation.evaluate import snb_quality
+
+    snb = sriqa.evaluate_sriqa(sriqa.load_sriqa(tmp_path / "bench"), lambda lr, hr, srs: snb_quality(
+        torch.stack([load_image(p) for p in srs])).numpy())
+    assert by["SNB"]["type"] == "GT-Free" and by["SNB"]["All"] == snb["All"]["acc"] and by["SNB"]["pairs"] == 12
 
 
 def test_extra_gammas_share_one_answer_per_group(tmp_path, monkeypatch):
