@@ -35,7 +35,7 @@ import reward
 from common import backbone as B
 from common import data
 from common import training as T
-from mini import photos
+from mini import photos, sr_eval
 from refreward_sr import refreward
 
 KINDS = ("hr>blur", "hr>noise", "hr>jpeg", "hr>nearest", "bicubic>nearest", "sft>blur", "sft>noise", "sft>pattern")
@@ -126,11 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     hr = photos.random_crops(photos.HELDOUT, args.crops, 64, torch.Generator().manual_seed(args.seed))
     lr = data.plain_degrade(hr, 0.8)
     sft = None
-    if args.sft:
-        policy = infer.load_policy("mini", "mini")
-        flags = infer.parse_args(["--input", "-", "--model", "mini"])
-        sft = torch.stack([infer.super_resolve_image(policy, x, flags, torch.Generator().manual_seed(args.seed + i))
-                           for i, x in enumerate(lr)])
+    if args.sft:  # as the SR tables sample it: infer.py's defaults for --model mini, one seed for every crop
+        sft = sr_eval.run_model(infer.load_policy("mini", "mini"), lr, 40, args.seed)[0]
     pairs = make_pairs(hr, lr, sft, args.seed + 1)
     judges, rr = {}, None
     if args.compass:
