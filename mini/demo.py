@@ -47,6 +47,7 @@ from common.data import degrade, item_seed, list_images, load_image, save_image
 from evaluation.sriqa import write_sriqa_layout
 from mini import photos, serving
 from mini.build_compass import GENERATIVE, annotate_command, compass_data
+from mini.build_compass import Args as BuildArgs
 from mini.miniature import LQ_DEGRADATION, HeldOut, evaluate_policy, policy
 from train_compass import load_records
 
@@ -259,7 +260,8 @@ def main(argv: list[str] | None = None) -> Path:
     stage("2. COMPASS reward model")
 
     groups = out / "data" / "compass_heldout"
-    compass_data(groups, photos.HELDOUT, n["groups"], 13, B.load_backbone("mini"), "mini")
+    compass_data(groups, photos.HELDOUT, n["groups"], 13, B.load_backbone("mini"), "mini",
+                 degradation=BuildArgs.lr_degradation)  # the LRs the shipped mini COMPASS was built on
     run(["python", *annotate_command(groups, groups / "heldout.jsonl")], out / "annotate.log", "annotation")
     write_sriqa_layout(load_records(groups / "heldout.jsonl", groups), groups, out / "data" / "sriqa_heldout",
                        generative=lambda method: method in GENERATIVE)
