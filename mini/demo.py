@@ -47,7 +47,7 @@ from common.data import degrade, item_seed, list_images, load_image, save_image
 from evaluation.sriqa import write_sriqa_layout
 from mini import photos, serving
 from mini.build_compass import GENERATIVE, annotate_command, compass_data
-from mini.build_compass import Args as BuildArgs
+from mini.build_compass import Args as BuildArgs  # its defaults: how the shipped COMPASS was built
 from mini.miniature import LQ_DEGRADATION, HeldOut, evaluate_policy, policy
 from train_compass import load_records
 
