@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     groups = out / "data" / "compass_heldout"
     compass_data(groups, photos.HELDOUT, n["groups"], 13, B.load_backbone("mini"), "mini",
-                 degradation=BuildArgs.lr_degradation)  # the LRs the shipped mini COMPASS was built on
+                 degradation=BuildArgs.lr_degradation)  # the LRs of the COMPASS build's groups
     run(["python", *annotate_command(groups, groups / "heldout.jsonl")], out / "annotate.log", "annotation")
     write_sriqa_layout(load_records(groups / "heldout.jsonl", groups), groups, out / "data" / "sriqa_heldout",
                        generative=lambda method: method in GENERATIVE)
