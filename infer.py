@@ -192,6 +192,16 @@ def flat_gate(sr: torch.Tensor, lr: torch.Tensor, tau: float, window: int = 5) -
     return (up + (sr - up) * keep).clamp(0, 1)
 
 
+def post_process(sr: torch.Tensor, lr: torch.Tensor, back_projection: int, gate: float) -> torch.Tensor:
+    """The steps after sampling, neither in the paper (0 = off): `back_project` with that many iterations, then
+    `flat_gate` with tau `gate`. sr (B,3,H,W), lr (B,3,h,w)."""
+    if back_projection:
+        sr = back_project(sr, lr, back_projection)
+    if gate:
+        sr = flat_gate(sr, lr, gate)
+    return sr
+
+
 # ----------------------------------------------------------------------------------------------------
 # One image: pad to the backbone's size multiple at the output, tile if large, crop back to scale x input
 # ----------------------------------------------------------------------------------------------------
@@ -258,10 +268,8 @@ def super_resolve_image(bb: B.Backbone, lr: torch.Tensor, args: Args, generator:
     out = out / weight
     padded_lr = x[None].float()
     out = COLOR_FIXES[args.color_fix](out, B.upscale(padded_lr, s))
-    if args.back_projection:  # parse_args resolves its default (None: 0, or MINI_BACK_PROJECTION for mini)
-        out = back_project(out, padded_lr, args.back_projection)
-    if args.flat_gate:  # likewise (0, or MINI_FLAT_GATE for mini)
-        out = flat_gate(out, padded_lr, args.flat_gate)
+    # parse_args resolves both defaults (None: 0, or MINI_BACK_PROJECTION / MINI_FLAT_GATE for mini)
+    out = post_process(out, padded_lr, args.back_projection, args.flat_gate)
     return out[0, :, :h * s, :w * s]
 
 

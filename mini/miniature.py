@@ -43,7 +43,7 @@ from common import data, presets
 from common import training as T
 from common.commands import run_command
 from evaluation import evaluate
-from infer import back_project, flat_gate, load_policy
+from infer import load_policy, post_process
 from mini import photos
 from mini.sr_eval import make_lr
 
@@ -88,14 +88,15 @@ def evaluate_policy(bb: B.Backbone, held_out: HeldOut, scorer, steps: int = 40, 
     R = Eq.4 with `gamma`. Every metric reads the policy's own samples; LRcons_out and SSIM_out read them as
     `infer.py --model mini` delivers them (back-projection and flat gate at the mini defaults)."""
     sr = B.super_resolve_many(bb, held_out.lr, steps, seed)
-    out = {name: [float(v) for v in evaluate.create_metric(name)(sr, held_out.hr).flatten()]
-           for name in ("PSNR", "SSIM")}
+    ssim = evaluate.create_metric("SSIM")
+    out = {name: [float(v) for v in metric(sr, held_out.hr).flatten()]
+           for name, metric in (("PSNR", evaluate.create_metric("PSNR")), ("SSIM", ssim))}
     out["sharpness"] = evaluate.sharpness(sr).tolist()
     out["LRcons"] = evaluate.lr_consistency(sr, held_out.lr).tolist()  # does it still explain its input? (dB)
     # ... and as `infer.py --model mini` delivers it (back-projection, then the flat gate: neither in the paper)
-    delivered = flat_gate(back_project(sr, held_out.lr, presets.MINI_BACK_PROJECTION), held_out.lr, presets.MINI_FLAT_GATE)
+    delivered = post_process(sr, held_out.lr, presets.MINI_BACK_PROJECTION, presets.MINI_FLAT_GATE)
     out["LRcons_out"] = evaluate.lr_consistency(delivered, held_out.lr).tolist()
-    out["SSIM_out"] = [float(v) for v in evaluate.create_metric("SSIM")(delivered, held_out.hr).flatten()]
+    out["SSIM_out"] = [float(v) for v in ssim(delivered, held_out.hr).flatten()]
     out["peak"] = evaluate.spectral_peak(sr).tolist()  # a periodic artefact (a grid the reward pays for)?
     out["SNB"] = evaluate.snb_quality(sr).tolist()
     out["PIQE"] = [float(v) for v in evaluate.create_metric("piqe")(sr).flatten()]
