@@ -44,9 +44,10 @@ real prompt is kept and costs ~110 tokens instead of ~390.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import infer
 import reward
 from common import backbone as B
 from common import compass_text as CT
@@ -149,6 +151,15 @@ class Args:
     eval --views`, reward.LocalScorer views) in every table and Spearman; recorded in compass_eval.json. 8
     (the shipped evaluation's) lifted the held-out Spearman of F above 0.6 for every model measured, 1 is the
     paper's single reading (README "The mini presets")"""
+    failure_candidates: bool = True
+    """data stage: add FAILURES to the training groups (damaged HRs; the SFT sample with a periodic pattern,
+    a colour cast or speckle): the artefacts RL found in the mini COMPASS, as labelled candidates. The
+    held-out groups keep the 12 methods, so every round's table reads the same pairs; the failures are
+    measured on held-out photos by mini/reward_checks.py"""
+    policy_loras: list[str] = field(default_factory=list)
+    """data stage: RL LoRA files (rl_nr.py / rl_fr.py outputs) whose rollouts' samples (BASE + LoRA, 6 steps)
+    join the training groups as candidates rl_<file stem>: one hack round = RL against a COMPASS, its
+    outputs labelled by `annotate`, COMPASS retrained (README "The mini presets")"""
     ablations: bool = True
     """also train the Table 3 models (absolute labels, no F) with the same budget"""
     refreward_warmup: int = 100
@@ -263,6 +274,88 @@ def compass_data(folder: Path, names: tuple[str, ...], n: int, seed: int, bb: B.
         write_group(folder, f"g{seed}_{i:05d}", hr[i], lr[i], {m: v[i] for m, v in methods.items()})
 
 
+# The failures a reward model must not pay for, as candidates of the training groups (--failure-candidates):
+# damaged HRs (a clean image beats itself damaged) and the SFT sample with the artefacts RL policies found in
+# the mini COMPASS (a periodic grid with a colour cast, speckle); over-sharpening is mini_sft_sharpened.
+FAILURES = ("hr_blur", "hr_noise", "hr_jpeg", "mini_sft_pattern", "mini_sft_cast", "mini_sft_speckle")
+
+
+def periodic_pattern(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A periodic artefact of random period (2-8 px), phase, orientation and amplitude (0.03-0.12) on (1,3,H,W):
+    a sinusoidal grating or a lattice of brightened (or darkened) rows and columns, in one colour."""
+    h, w = x.shape[-2:]
+    period = int(torch.randint(2, 9, (), generator=g))
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    phase = int(torch.randint(period, (), generator=g))
+    if float(torch.rand((), generator=g)) < 0.5:  # lattice
+        wave = (((yy + phase) % period == 0) | ((xx + phase) % period == 0)).float()
+    else:  # grating at a random angle
+        angle = uniform(g, 0, math.pi)
+        wave = torch.cos(2 * math.pi * (xx * math.cos(angle) + yy * math.sin(angle)) / period + phase)
+    colour = 0.5 + torch.rand(3, generator=g)  # a tint, not grey
+    sign = 1 if float(torch.rand((), generator=g)) < 0.7 else -1
+    return (x + sign * uniform(g, 0.03, 0.12) * colour[:, None, None] * wave).clamp(0, 1)
+
+
+def colour_cast(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A colour cast on (1,3,H,W): per-channel gain (+-15%) and offset (+-0.08)."""
+    gain = 1 + 0.15 * (2 * torch.rand(3, generator=g) - 1)
+    offset = 0.08 * (2 * torch.rand(3, generator=g) - 1)
+    return (x * gain[:, None, None] + offset[:, None, None]).clamp(0, 1)
+
+
+def failure_candidates(hr: torch.Tensor, sft: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """FAILURES of one group, from its HR and its mini_sft sample (1,3,64,64), random strengths."""
+    speckle = data.add_gaussian_noise(sft, torch.tensor([uniform(g, 0.02, 0.08)]), torch.tensor([False]), g)
+    return {"hr_blur": degraded(hr, "blur", g), "hr_noise": degraded(hr, "noise", g),
+            "hr_jpeg": degraded(hr, "jpeg", g), "mini_sft_pattern": periodic_pattern(sft, g),
+            "mini_sft_cast": colour_cast(sft, g), "mini_sft_speckle": speckle.clamp(0, 1)}
+
+
+def policy_method(lora: str) -> str:
+    """The candidate name of an RL policy's samples: rl_<file stem>."""
+    return "rl_" + Path(lora).stem
+
+
+def write_method(folder: Path, method: str, names: list[str], images: torch.Tensor) -> None:
+    """sr/<method>/NAME.png of every group, whole or absent: written aside, then moved into place."""
+    partial = folder / "partial" / method
+    for name, img in zip(names, images):
+        data.save_image(img, partial / f"{name}.png")
+    partial.rename(folder / "sr" / method)
+
+
+def add_candidates(folder: Path, seed: int, failures: bool, loras: tuple[str, ...], backbone: str,
+                   chunk: int = 32) -> None:
+    """Add candidates to every group of a `compass_data` folder (resumable: a method already there is kept):
+    FAILURES (with `failures`) and the samples of RL policies as their rollouts drew them (the BASE + each
+    LoRA of `loras`, 6 steps: rl_fr.py / rl_nr.py train the LoRA on the base), i.e. the outputs an RL round
+    against a COMPASS was paid for, labelled by `annotate` like the rest."""
+    names = sorted(p.stem for p in (folder / "lr").glob("*.png"))
+    if (folder / "partial").exists():  # an interrupted earlier run
+        shutil.rmtree(folder / "partial")
+    if failures and not all((folder / "sr" / m).exists() for m in FAILURES):
+        g = torch.Generator().manual_seed(seed)
+        made = {m: [] for m in FAILURES}
+        for name in tqdm(names, desc="failure candidates"):
+            hr, sft_sample = (load_image(folder / d / f"{name}.png")[None] for d in ("gt", "sr/mini_sft"))
+            for method, img in failure_candidates(hr, sft_sample, g).items():
+                made[method].append(data.quantize(img[0]))
+        for method, images in made.items():
+            if not (folder / "sr" / method).exists():
+                write_method(folder, method, names, images)
+    for k, lora in enumerate(loras):
+        if (folder / "sr" / policy_method(lora)).exists():
+            continue
+        bb = infer.load_policy(backbone, None, (lora,))
+        lr = torch.stack([load_image(folder / "lr" / f"{name}.png") for name in names])
+        samples = torch.cat([B.super_resolve_many(bb, lr[i:i + chunk], 6, seed * 1000 + 7_000 * (k + 1) + i)
+                             for i in tqdm(range(0, len(names), chunk), desc=policy_method(lora))])
+        write_method(folder, policy_method(lora), names, samples)
+    if (folder / "partial").exists():
+        (folder / "partial").rmdir()  # empty: every method moved into sr/
+
+
 # ====================================================================================================
 # the project's commands
 # ====================================================================================================
@@ -364,6 +457,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--fidelity {args.fidelity}: choose {' / '.join(reward.WEIGHTS_FREE_FIDELITY)}")
     if args.lr_degradation not in data.DEGRADATIONS:
         parser.error(f"--lr-degradation {args.lr_degradation}: choose one of {', '.join(data.DEGRADATIONS)}")
+    for lora in args.policy_loras:
+        if not Path(lora).is_file():
+            parser.error(f"--policy-loras {lora}: no such file (an rl_fr.py / rl_nr.py LoRA output)")
     if args.pretrained and args.stage == "pretrain":
         parser.error("--stage pretrain with --pretrained: the pretrained model is given, nothing to pretrain")
     if args.quick:
@@ -414,6 +510,8 @@ def main(argv: list[str] | None = None) -> None:
                                       ("heldout", photos.HELDOUT, args.heldout_groups, args.seed + 22)):
             if not (work / split / "lr").exists():
                 compass_data(work / split, names, n, seed, bb, args.sft, degradation=args.lr_degradation)
+        add_candidates(work / "train", args.seed + 23, args.failure_candidates, tuple(args.policy_loras),
+                       args.backbone)
 
     def annotate_all() -> None:
         for split in ("train", "heldout"):
@@ -466,7 +564,8 @@ def main(argv: list[str] | None = None) -> None:
                                 args.sft, str(out / "compass"), args.fidelity, args.views, args.lr_degradation)
         result = {"tables": rows, "agreement": agreement, "agreement_check": check, "views": args.views,
                   "heldout_groups": args.heldout_groups, "train_groups": args.train_groups,
-                  "ablations": args.ablations}
+                  "ablations": args.ablations, "failure_candidates": args.failure_candidates,
+                  "policy_loras": [policy_method(x) for x in args.policy_loras]}
         T.atomic_write_text(json.dumps(result, indent=1), out / "compass_eval.json")
         T.atomic_write_text(eval_markdown(result), out / "compass_eval.md")
         print(eval_markdown(result))

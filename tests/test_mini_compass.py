@@ -46,6 +46,43 @@ def test_foreign_detail_keeps_the_coarse_image_and_adds_only_the_other_crops_det
     assert float(ssim(textured, hr[:1])) < float(ssim(out, hr[:1])) < 1
 
 
+def test_failure_and_policy_candidates_join_every_group_once(tmp_path):
+    """add_candidates writes every FAILURES method and an RL policy's 6-step rollout samples (BASE + LoRA,
+    seeded) for every group; the damage is there (a periodic pattern raises the spectral peak, the damaged HRs
+    differ from the HR); a second call changes no file."""
+    from common import backbone as B
+    from common import data
+    from evaluation import evaluate
+
+    folder, names = tmp_path / "groups", ["g0", "g1"]
+    hr = photos.random_crops(photos.TRAIN, 2, 64, torch.Generator().manual_seed(5))
+    lr = data.plain_degrade(hr, 0.8)
+    for i, name in enumerate(names):
+        build.write_group(folder, name, hr[i], lr[i], {"mini_sft": hr[i]})
+    bb = B.load_backbone("tiny")
+    B.add_lora(bb.transformer, rank=4, alpha=8, adapter_name="default")
+    with torch.no_grad():  # peft initialises B to zero: perturb it so the LoRA does something
+        for key, p in bb.transformer.named_parameters():
+            if "lora_B" in key:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+    lora = tmp_path / "nr_round.safetensors"
+    B.save_lora(bb.transformer, lora)
+    build.add_candidates(folder, 4, True, (str(lora),), "tiny")
+    methods = sorted(p.name for p in (folder / "sr").iterdir())
+    assert methods == sorted([*build.FAILURES, "mini_sft", "rl_nr_round"]) and not (folder / "partial").exists()
+    read = lambda m: torch.stack([data.load_image(folder / "sr" / m / f"{n}.png") for n in names])  # noqa: E731
+    assert float(evaluate.spectral_peak(read("mini_sft_pattern")).min()) > float(evaluate.spectral_peak(hr).max())
+    for method in ("hr_blur", "hr_noise", "hr_jpeg", "mini_sft_cast", "mini_sft_speckle"):
+        assert (read(method) - hr).abs().mean() > 0.005, method
+    again = B.super_resolve_many(build.infer.load_policy("tiny", None, (str(lora),)), lr, 6, 4 * 1000 + 7_000)
+    plain = B.super_resolve_many(B.load_backbone("tiny"), lr, 6, 4 * 1000 + 7_000)
+    assert torch.allclose(read("rl_nr_round"), data.quantize(again), atol=1 / 255)
+    assert (read("rl_nr_round") - data.quantize(plain)).abs().mean() > 0.01  # the LoRA's policy, not the base
+    stamps = {p: p.stat().st_mtime_ns for p in (folder / "sr").rglob("*.png")}
+    build.add_candidates(folder, 4, True, (str(lora),), "tiny")
+    assert stamps == {p: p.stat().st_mtime_ns for p in (folder / "sr").rglob("*.png")}
+
+
 def test_mini_architecture_sees_64_vision_tokens_per_64px_image():
     model, processor = VL.build_compass(0, words_from=build.TEXTS, **build.MINI_COMPASS)
     from PIL import Image
