@@ -198,6 +198,7 @@ def train(args: TrainArgs) -> Path | int:
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     # the answer's generation settings (RR.answer_generation_kwargs), and the pad token never sampled
+    verdict_at = len(tok.encode(RR.format_verdict("A").split("A</answer>")[0], add_special_tokens=False))
     sampling = RR.answer_generation_kwargs(tok)
     sampling.update(suppress_tokens=[*sampling["suppress_tokens"], tok.pad_token_id], pad_token_id=tok.pad_token_id)
     from tqdm import tqdm
@@ -228,8 +229,13 @@ def train(args: TrainArgs) -> Path | int:
                                                   processor_kwargs={"padding": True, "padding_side": "left"}).to(device)
             completion = torch.tensor([tok.encode(a, add_special_tokens=False) for a in answers], device=device)
             with autocast:
-                loss = -answer_logprobs(model, batch, batch["input_ids"].shape[1], completion).mean()
-            stats = {"warmup_loss": float(loss.detach())}
+                logprobs = answer_logprobs(model, batch, batch["input_ids"].shape[1], completion)
+            loss = -logprobs.mean()
+            # the verdict is one token of the answer (of 34 with the mini byte tokenizer): the mean above
+            # falls with the format alone, so the verdict's own loss and accuracy are logged beside it
+            verdict = logprobs[:, verdict_at].detach()
+            stats = {"warmup_loss": float(loss.detach()), "warmup_verdict_nll": float(-verdict.mean()),
+                     "warmup_verdict_acc": float((verdict > math.log(0.5)).float().mean())}
         else:
             # 1-2. G sampled answers per pair (each prompt repeated G times)
             conversations = [m for m, _ in prompts for _ in range(args.group)]

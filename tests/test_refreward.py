@@ -217,6 +217,10 @@ def test_labelled_warmup_teaches_the_verdict(planted, tmp_path):
     model, processor = RR.load_refreward(str(tmp_path / "judge"))
     result = train_refreward.evaluate_pairs(RR.RefRewardScorer(model, processor), RR.load_pairs(heldout, root), root)
     assert result["accuracy_all"] >= 5 / 6, result
+    # the log shows it: the verdict token's own teacher-forced accuracy goes from a coin to right
+    log = [json.loads(x) for x in (tmp_path / "judge" / "rewards.jsonl").read_text().splitlines()]
+    acc = [e["warmup_verdict_acc"] for e in log]
+    assert len(acc) == 150 and np.mean(acc[:40]) < 0.75 and np.mean(acc[-20:]) > 0.9, (acc[:40], acc[-20:])
     with pytest.raises(SystemExit):
         train_refreward.main(["train", "--data", str(train), "--warmup-verdicts", "majority"])
 
