@@ -16,7 +16,10 @@ photographs that ship inside installed packages (photos.py; the HELDOUT photos a
                   backbone's own BASE and SFT samples at 40 steps and at the RL stages' 6 steps, an
                   over-sharpened SFT sample, and classical operators (bicubic, nearest, blur, unsharp mask,
                   noise, JPEG, the HR itself); training groups from the training photos, held-out groups
-                  from the held-out photos
+                  from the held-out photos. The training groups also get the failures a reward must not
+                  pay for (FAILURES: damaged HRs, the SFT sample with a periodic pattern, a colour cast or
+                  speckle; --no-failure-candidates leaves them out) and, with --policy-loras, the rollouts
+                  of RL policies trained against an earlier COMPASS: a hack round (below)
     3. annotate   `train_compass.py annotate`: F = SSIM to the HR (Eq.1 with a weights-free distance;
                   --fidelity texture for evaluate.texture_fidelity),
                   stage 1 anchors = SNB on the SR and on the LR as the model sees it (--lr-view sr), stage 2
@@ -35,6 +38,11 @@ layers (--text-layers; the shipped mini/compass has 4, which read out less of F)
 16 would give 4, too few to see blur or noise at this size; patch 8 gave 16, and the model then could not
 learn F: README "The mini presets"); the byte tokenizer gets one token per word of the task text, so the
 real prompt is kept and costs ~110 tokens instead of ~390.
+
+A hack round: RL against the COMPASS just built (rl_nr.py --reward-model <its folder>), then the build again
+with that LoRA as candidates, starting from that COMPASS (--pretrained <its folder> --epochs 1); the
+annotation labels the policy's outputs like every other candidate, and mini/reward_checks.py measures what
+the round changed on held-out photos.
 
     python -m mini.build_compass                      # everything, resumable (needs the mini backbone)
     python -m mini.build_compass --stage eval         # one part: pretrain | data | annotate | train | eval
@@ -517,8 +525,9 @@ def main(argv: list[str] | None = None) -> None:
         for split in ("train", "heldout"):
             annotate(work / split, work / split / f"{split}.jsonl", work / f"annotate_{split}.log",
                      fidelity=args.fidelity)
-        annotate(work / "train", work / "train" / "train_absolute.jsonl", work / "annotate_train_absolute.log",
-                 calibration="none", fidelity=args.fidelity)
+        if args.ablations:  # the absolute labels are for the Table 3 models only
+            annotate(work / "train", work / "train" / "train_absolute.jsonl", work / "annotate_train_absolute.log",
+                     calibration="none", fidelity=args.fidelity)
 
     def train_all() -> None:
         train(str(pretrained), work / "train" / "train.jsonl", work / "train", work / "compass", args.epochs,
