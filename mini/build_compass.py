@@ -453,7 +453,7 @@ def agreement_check(folder: Path, groups: int, seed: int, backbone: str, sft: st
 # main
 # ====================================================================================================
 
-QUICK = dict(pretrain_groups=3, pretrain_epochs=1, train_groups=3, heldout_groups=2, epochs=1, batch=4,
+QUICK = dict(pretrain_groups=3, pretrain_epochs=1, train_groups=2, heldout_groups=2, epochs=1, batch=4,
              refreward_warmup=2, refreward_steps=2, refreward_prompts=2, refreward_group=4)
 
 

@@ -198,7 +198,9 @@ def train(args: TrainArgs) -> Path | int:
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     # the answer's generation settings (RR.answer_generation_kwargs), and the pad token never sampled
-    verdict_at = len(tok.encode(RR.format_verdict("A").split("A</answer>")[0], add_special_tokens=False))
+    # where the warm-up answers' verdict sits: the first token at which the "A" and "B" answers differ
+    verdict_at = next(i for i, (a, b) in enumerate(zip(*(tok.encode(RR.format_verdict(v), add_special_tokens=False)
+                                                           for v in "AB"))) if a != b)
     sampling = RR.answer_generation_kwargs(tok)
     sampling.update(suppress_tokens=[*sampling["suppress_tokens"], tok.pad_token_id], pad_token_id=tok.pad_token_id)
     from tqdm import tqdm

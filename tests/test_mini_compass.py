@@ -251,6 +251,8 @@ def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
                  "--pretrain-foreign", "1", "--text-layers", "2", "--views", "2"], log)
     first = sorted(p.name for p in (work / "pretrain" / "sr").iterdir() if (p / "p00000.png").exists())
     assert "foreign_0" in first and len(first) == 8, first  # hr, bicubic, 5 operators, 1 foreign detail
+    methods = {p.name for p in (work / "train" / "sr").iterdir()}  # the 12 methods + the failures, held-out: 12
+    assert set(build.FAILURES) <= methods and len(methods) == 18 and len(list((work / "heldout" / "sr").iterdir())) == 12
     model, _ = VL.load_compass(str(out / "compass"))
     assert model.config.vision_config.patch_size == 4  # the shipped architecture (MINI_COMPASS)
     assert model.config.text_config.num_hidden_layers == 2  # --text-layers reaches the model
