@@ -314,10 +314,11 @@ def colour_cast(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def failure_candidates(hr: torch.Tensor, sft: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
     """FAILURES of one group, from its HR and its mini_sft sample (1,3,64,64), random strengths."""
-    speckle = data.add_gaussian_noise(sft, torch.tensor([uniform(g, 0.02, 0.08)]), torch.tensor([False]), g)
+    sigma = torch.tensor([uniform(g, 0.02, 0.08)])
+    speckle = data.add_gaussian_noise(sft, sigma, torch.tensor([False]), g)  # clipped to [0, 1]
     return {"hr_blur": degraded(hr, "blur", g), "hr_noise": degraded(hr, "noise", g),
             "hr_jpeg": degraded(hr, "jpeg", g), "mini_sft_pattern": periodic_pattern(sft, g),
-            "mini_sft_cast": colour_cast(sft, g), "mini_sft_speckle": speckle.clamp(0, 1)}
+            "mini_sft_cast": colour_cast(sft, g), "mini_sft_speckle": speckle}
 
 
 def policy_method(lora: str) -> str:
@@ -342,16 +343,17 @@ def add_candidates(folder: Path, seed: int, failures: bool, loras: tuple[str, ..
     names = sorted(p.stem for p in (folder / "lr").glob("*.png"))
     if (folder / "partial").exists():  # an interrupted earlier run
         shutil.rmtree(folder / "partial")
-    if failures and not all((folder / "sr" / m).exists() for m in FAILURES):
+    missing = [m for m in FAILURES if not (folder / "sr" / m).exists()] if failures else []
+    if missing:  # all drawn again from the seed (the same images), the missing ones written
         g = torch.Generator().manual_seed(seed)
-        made = {m: [] for m in FAILURES}
+        made = {m: [] for m in missing}
         for name in tqdm(names, desc="failure candidates"):
             hr, sft_sample = (load_image(folder / d / f"{name}.png")[None] for d in ("gt", "sr/mini_sft"))
             for method, img in failure_candidates(hr, sft_sample, g).items():
-                made[method].append(data.quantize(img[0]))
+                if method in made:
+                    made[method].append(data.quantize(img[0]))
         for method, images in made.items():
-            if not (folder / "sr" / method).exists():
-                write_method(folder, method, names, images)
+            write_method(folder, method, names, images)
     for k, lora in enumerate(loras):
         if (folder / "sr" / policy_method(lora)).exists():
             continue

@@ -137,13 +137,14 @@ def test_condition_rejects_sizes_not_multiple_of_16(bb):
         B.encode_condition_image(bb, _image(40, 48))
 
 
-def _perturbed_lora(bb, seed=0):
+def _perturbed_lora(bb, seed=0, scale=0.05):
+    """A rank-4 LoRA on `bb`'s transformer whose B matrices are random (peft starts them at zero, a no-op)."""
     B.add_lora(bb.transformer, rank=4, alpha=8, adapter_name="default")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # peft initialises B to zero: perturb it so the LoRA does something
         for name, p in bb.transformer.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def test_lora_file_loads_in_stock_pipeline_and_merges(tmp_path):

@@ -59,12 +59,10 @@ def test_failure_and_policy_candidates_join_every_group_once(tmp_path):
     lr = data.plain_degrade(hr, 0.8)
     for i, name in enumerate(names):
         build.write_group(folder, name, hr[i], lr[i], {"mini_sft": hr[i]})
+    from test_backbone import _perturbed_lora
+
     bb = B.load_backbone("tiny")
-    B.add_lora(bb.transformer, rank=4, alpha=8, adapter_name="default")
-    with torch.no_grad():  # peft initialises B to zero: perturb it so the LoRA does something
-        for key, p in bb.transformer.named_parameters():
-            if "lora_B" in key:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+    _perturbed_lora(bb, seed=1, scale=0.5)
     lora = tmp_path / "nr_round.safetensors"
     B.save_lora(bb.transformer, lora)
     build.add_candidates(folder, 4, True, (str(lora),), "tiny")
@@ -252,7 +250,8 @@ def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
     first = sorted(p.name for p in (work / "pretrain" / "sr").iterdir() if (p / "p00000.png").exists())
     assert "foreign_0" in first and len(first) == 8, first  # hr, bicubic, 5 operators, 1 foreign detail
     methods = {p.name for p in (work / "train" / "sr").iterdir()}  # the 12 methods + the failures, held-out: 12
-    assert set(build.FAILURES) <= methods and len(methods) == 18 and len(list((work / "heldout" / "sr").iterdir())) == 12
+    held_out = list((work / "heldout" / "sr").iterdir())
+    assert set(build.FAILURES) <= methods and len(methods) == 18 and len(held_out) == 12
     model, _ = VL.load_compass(str(out / "compass"))
     assert model.config.vision_config.patch_size == 4  # the shipped architecture (MINI_COMPASS)
     assert model.config.text_config.num_hidden_layers == 2  # --text-layers reaches the model
