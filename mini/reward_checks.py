@@ -15,11 +15,16 @@ each crop gives one pair of every kind, (better, worse):
 
 COMPASS (`reward.make_scorer`, averaged over `--views` flips/rotations): a pair is right when Eq.4's reward R of
 the better image exceeds the worse one's; a pair with an unparsable reading is counted as invalid and excluded
-(never a 0). RefReward-SR (`refreward.RefRewardScorer`): each pair is asked in both orders and is right only
-when both verdicts pick the better image; position-inconsistent or invalid answers count as wrong.
+(never a 0). Two more rows read the same readings one part at a time, to say which part fails: "COMPASS F" is
+right when the predicted fidelity F of the better image is higher, "COMPASS Q_SR" when its predicted quality
+is. RefReward-SR (`refreward.RefRewardScorer`): each pair is asked in both orders and is right only when both
+verdicts pick the better image; position-inconsistent or invalid answers count as wrong. GT-free baselines
+(`--baselines`, they see only the two candidates, as COMPASS does not see the HR): a pair is right when the
+better image scores better; a tie is wrong (the metric cannot tell them apart).
 
     python -m mini.reward_checks --out out/reward_checks            # the shipped mini COMPASS and RefReward-SR
     python -m mini.reward_checks --compass tiny --refreward tiny --crops 2 --views 1 --no-sft   # plumbing
+    python -m mini.reward_checks --compass O1/compass --refreward '' --baselines snb,piqe   # a rebuilt COMPASS
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import reward
 from common import backbone as B
 from common import data
 from common import training as T
+from evaluation.evaluate import create_metric, short_reason, snb_quality
 from mini import photos, sr_eval
 from refreward_sr import refreward
 
@@ -53,6 +59,9 @@ class Args:
     """seed of the crops and of the damage's noise (a stream of its own: not the SR tables' crops)"""
     views: int = 8
     """COMPASS readings averaged over this many flips/rotations (the shipped evaluation's 8)"""
+    baselines: str = ""
+    """comma-separated GT-free baselines judged on the same pairs: snb (evaluate.snb_quality, the annotation's Q
+    anchor), piqe, or any pyiqa no-reference metric whose weights are present ('' none)"""
     sft: bool = True
     """also the sft>... pairs (samples of the shipped mini SFT, 1 s per crop); --no-sft skips them"""
     threads: int = 2
@@ -97,13 +106,34 @@ def accuracy(right: list[bool | None]) -> dict:
             "accuracy": sum(counted) / len(counted) if counted else float("nan")}
 
 
-def compass_right(scorer, lr: torch.Tensor, better: torch.Tensor, worse: torch.Tensor) -> list[bool | None]:
-    """Per pair: R(better) > R(worse) by Eq.4 of the scorer's readings; None when either reading is invalid."""
-    right = []
+def compass_right(scorer, lr: torch.Tensor, better: torch.Tensor,
+                  worse: torch.Tensor) -> dict[str, list[bool | None]]:
+    """Per pair, from one reading of both images: {"R": R(better) > R(worse) by Eq.4, "F": F(better) > F(worse),
+    "Q_SR": Q_SR(better) > Q_SR(worse)}; None when either reading is invalid."""
+    right: dict[str, list[bool | None]] = {"R": [], "F": [], "Q_SR": []}
     for i in range(len(lr)):
         scores = scorer.score_group(B.to_pil(lr[i]), [B.to_pil(better[i]), B.to_pil(worse[i])])
-        r = scores.reward()
-        right.append(bool(r[0] > r[1]) if bool(scores.valid.all()) else None)
+        valid = bool(scores.valid.all())
+        for part, value in (("R", scores.reward()), ("F", scores.F), ("Q_SR", scores.q_sr)):
+            right[part].append(bool(value[0] > value[1]) if valid else None)
+    return right
+
+
+def baseline_judge(name: str):
+    """A GT-free no-reference metric as a judge: (lr, better, worse) -> per pair, does the better image score
+    better (strictly: a tie is wrong)? 'snb' needs no weights; a pyiqa name raises if its weights are missing."""
+    if name == "snb":
+        score, sign = snb_quality, 1.0
+    else:
+        metric = create_metric(name)
+        if metric.metric_mode != "NR":
+            raise ValueError(f"a GT-free baseline must be a no-reference metric; {name} is {metric.metric_mode}")
+        score, sign = (lambda x: metric(x).flatten()), (-1.0 if metric.lower_better else 1.0)
+
+    def right(lr: torch.Tensor, better: torch.Tensor, worse: torch.Tensor) -> list[bool]:
+        with torch.no_grad():
+            b, w = sign * score(better).flatten(), sign * score(worse).flatten()
+        return [bool(x > y) for x, y in zip(b.tolist(), w.tolist())]
     return right
 
 
@@ -116,32 +146,42 @@ def refreward_right(scorer: refreward.RefRewardScorer, lr: torch.Tensor, better:
 
 def main(argv: list[str] | None = None) -> dict:
     args, parser = T.parse_dataclass_args(Args, argv, __doc__.split("\n")[0])
-    if not (args.compass or args.refreward):
-        parser.error("--compass '' and --refreward '': nothing to check")
+    if not (args.compass or args.refreward or args.baselines):
+        parser.error("--compass '', --refreward '' and no --baselines: nothing to check")
     try:
         reward.check_views(args.views, "--views")
     except ValueError as err:
         parser.error(str(err))
     torch.set_num_threads(args.threads)
+    # every judge, built before the crops are sampled (a bad folder or metric fails at once):
+    # (lr, better, worse) -> {table row: per pair right / wrong / None (invalid)}
+    judges, rr = [], None
+    if args.compass:
+        scorer = reward.make_scorer(args.compass, views=args.views)
+        judges.append(lambda lr_, b, w: {f"COMPASS{'' if part == 'R' else ' ' + part}": r
+                                         for part, r in compass_right(scorer, lr_, b, w).items()})
+    if args.refreward:
+        rr = refreward.RefRewardScorer(*refreward.load_refreward(args.refreward))
+        judges.append(lambda lr_, b, w: {"RefReward-SR": refreward_right(rr, lr_, b, w)})
+    for name in filter(None, (n.strip() for n in args.baselines.split(","))):
+        try:
+            right_of = baseline_judge(name)
+        except Exception as err:  # pyiqa raises many types for a missing weight file or an unknown name
+            parser.error(f"--baselines {name}: {short_reason(err)}")
+        judges.append(lambda lr_, b, w, right_of=right_of, row=f"{name.upper()} (GT-free)": {row: right_of(lr_, b, w)})
     hr = photos.random_crops(photos.HELDOUT, args.crops, 64, torch.Generator().manual_seed(args.seed))
     lr = data.plain_degrade(hr, 0.8)
     sft = None
     if args.sft:  # as the SR tables sample it: infer.py's defaults for --model mini, one seed for every crop
         sft = sr_eval.run_model(infer.load_policy("mini", "mini"), lr, 40, args.seed)[0]
     pairs = make_pairs(hr, lr, sft, args.seed + 1)
-    judges, rr = {}, None
-    if args.compass:
-        scorer = reward.make_scorer(args.compass, views=args.views)
-        judges["COMPASS"] = lambda lr_, b, w: compass_right(scorer, lr_, b, w)
-    if args.refreward:
-        rr = refreward.RefRewardScorer(*refreward.load_refreward(args.refreward))
-        judges["RefReward-SR"] = lambda lr_, b, w: refreward_right(rr, lr_, b, w)
-    results = {}
-    for judge, right_of in judges.items():
+    results: dict[str, dict] = {}
+    for right_of in judges:
         per_kind = {kind: right_of(lr, better, worse) for kind, (better, worse) in pairs.items()}
-        results[judge] = {kind: accuracy(r) for kind, r in per_kind.items()}
-        results[judge]["all"] = accuracy([x for r in per_kind.values() for x in r])
-        print(f"{judge}: " + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in results[judge].items()), flush=True)
+        for row in next(iter(per_kind.values())):
+            results[row] = {kind: accuracy(rows[row]) for kind, rows in per_kind.items()}
+            results[row]["all"] = accuracy([x for rows in per_kind.values() for x in rows[row]])
+            print(f"{row}: " + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in results[row].items()), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"args": {k: getattr(args, k) for k in Args.__dataclass_fields__}, "results": results}

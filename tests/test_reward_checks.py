@@ -35,18 +35,34 @@ def test_invalid_readings_are_counted_and_excluded_never_wrong_or_right():
                                                       "accuracy": pytest.approx(2 / 3)}
 
 
+def test_a_gt_free_baseline_judges_by_its_score_and_a_tie_is_wrong():
+    g = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(0, 1, 32).expand(1, 3, 32, 32).clone()
+    noisy = RC.noise(ramp, g, 0.1)
+    snb = RC.baseline_judge("snb")
+    assert snb(None, torch.cat([ramp, noisy]), torch.cat([noisy, ramp])) == [True, False]  # noise lowers SNB
+    assert snb(None, ramp, ramp) == [False]  # the metric cannot tell them apart: not right
+    piqe = RC.baseline_judge("piqe")  # lower is better: the sign is flipped, a tie is still wrong
+    assert piqe(None, ramp, ramp) == [False]
+    with pytest.raises(ValueError, match="no-reference"):
+        RC.baseline_judge("psnr")
+
+
 def test_the_check_runs_both_judges_and_writes_its_table(tmp_path):
     results = RC.main(["--compass", "tiny", "--refreward", "tiny", "--crops", "2", "--views", "1", "--no-sft",
-                       "--threads", "1", "--out", str(tmp_path)])
+                       "--threads", "1", "--baselines", "snb", "--out", str(tmp_path)])
     record = json.loads((tmp_path / "results.json").read_text())
     saved = record["results"]
     assert record["refreward_stats"]["pairs"] == 10 and record["refreward_stats"]["answers"] == 20  # both orders
     assert saved == json.loads(json.dumps(results))
-    for judge in ("COMPASS", "RefReward-SR"):
+    assert list(saved) == ["COMPASS", "COMPASS F", "COMPASS Q_SR", "RefReward-SR", "SNB (GT-free)"]
+    for judge in saved:
         rows = saved[judge]
         assert set(rows) == {*RC.KINDS[:5], "all"}
         assert all(r["counted"] + r["invalid"] == 2 for k, r in rows.items() if k != "all")
         assert rows["all"]["right"] == sum(r["right"] for k, r in rows.items() if k != "all")
     assert saved["RefReward-SR"]["all"]["invalid"] == 0  # a pairwise verdict is right or wrong
+    # the F and Q_SR rows read the same readings as the Eq.4 row: the same pairs are invalid
+    assert all(saved[f"COMPASS {p}"][k]["invalid"] == saved["COMPASS"][k]["invalid"] for p in ("F", "Q_SR") for k in saved["COMPASS"])
     table = (tmp_path / "table.md").read_text().splitlines()
-    assert len(table) == 4 and table[2].startswith("| COMPASS |") and table[3].startswith("| RefReward-SR |")
+    assert [row.split(" |")[0] for row in table[2:]] == [f"| {judge}" for judge in saved]
