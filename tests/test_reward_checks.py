@@ -48,6 +48,29 @@ def test_a_gt_free_baseline_judges_by_its_score_and_a_tie_is_wrong():
         RC.baseline_judge("psnr")
 
 
+def test_compass_rows_read_eq4_and_each_part_of_the_same_readings():
+    import reward
+
+    class Readings:  # fixed readings per call, in the scorer's interface: (better, worse) of one pair each
+        def __init__(self, rows):
+            self.rows = iter(rows)
+
+        def score_group(self, lr, srs):
+            F, q_sr, valid = next(self.rows)
+            t = torch.tensor
+            return reward.Scores(F=t(F), q_lr=t([2.0, 2.0]), q_sr=t(q_sr), valid=t(valid), rationale=["", ""])
+
+    # hand-worked Eq.4 with Q_LR = 2, gamma = 7: R = 2F + F^(2/7) (Q_SR - 2)
+    #   pair 1: F .9 / .5, Q 2.5 / 3.5 -> R 2.285 / 2.231: R right, F right, Q_SR wrong
+    #   pair 2: F .6 / .7, Q 4.0 / 2.0 -> R 2.928 / 1.400: R right, F wrong, Q_SR right
+    #   pair 3: one reading invalid -> None in every row
+    rows = [([0.9, 0.5], [2.5, 3.5], [True, True]), ([0.6, 0.7], [4.0, 2.0], [True, True]),
+            ([0.9, 0.1], [4.0, 1.0], [True, False])]
+    x = torch.zeros(3, 3, 8, 8)
+    right = RC.compass_right(Readings(rows), torch.zeros(3, 3, 2, 2), x, x)
+    assert right == {"R": [True, True, None], "F": [True, False, None], "Q_SR": [False, True, None]}
+
+
 def test_the_check_runs_both_judges_and_writes_its_table(tmp_path):
     results = RC.main(["--compass", "tiny", "--refreward", "tiny", "--crops", "2", "--views", "1", "--no-sft",
                        "--threads", "1", "--baselines", "snb", "--out", str(tmp_path)])
