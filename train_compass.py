@@ -364,6 +364,21 @@ def calibrate_group(r: np.ndarray, q_anchor: np.ndarray, nonnegative: bool = Tru
     return float(alpha), float(beta)
 
 
+def anchors_in_rank_order(r: np.ndarray, q_anchor: np.ndarray) -> np.ndarray:
+    """Stage 3 where Eq.2's best line falls (the anchors disagree with the stage-2 order; the paper is silent):
+    the group's own anchor values, handed out in the stage-2 order (the highest to the best-ranked item, the
+    lowest to the worst; items tied in r share the mean of their values). Unlike alpha = 0 (every item the
+    same score) it keeps the intra-group ranking that §3.2 says the calibration preserves, on the group's
+    anchor scale. `annotate --against-order sorted`."""
+    r = np.asarray(r, dtype=np.float64)
+    q = np.sort(np.asarray(q_anchor, dtype=np.float64))
+    q_hat = np.empty_like(q)
+    q_hat[np.argsort(r, kind="stable")] = q
+    for value in np.unique(r):  # ties in r: one score
+        q_hat[r == value] = q_hat[r == value].mean()
+    return q_hat
+
+
 def calibrated_scores(r: np.ndarray, alpha: float, beta: float) -> tuple[np.ndarray, int]:
     """Eq.3: Q^_SR = alpha* r + beta*, clamped to [1, 5]; returns (scores (n,), number clamped)."""
     q = alpha * np.asarray(r, dtype=np.float64) + beta  # Eq.3
@@ -455,7 +470,7 @@ def annotate(groups: Sequence[Group], root: Path, *,
              mllm: Callable[[list, list], reward.Scores] | None = None,
              compare: str = "nr", fr_compare: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
              rank_method: str = "winrate", calibration: str = "rank", lr_view: str = "native",
-             log: Callable[[str], None] = print) -> list[Record]:
+             against_order: str = "flat", log: Callable[[str], None] = print) -> list[Record]:
     """Run Eq.1 + stages 1-3 on `groups` and return one Record per (LR, SR) pair.
 
     fidelity(sr, gt) -> F in [0, 1] (Eq.1), used where the group has a GT (None: no F at all).
@@ -469,9 +484,13 @@ def annotate(groups: Sequence[Group], root: Path, *,
     Table 3 case 1). lr_view "native" (paper): `nr_raw` scores the LR file as it is; "sr": the LR resized to
     its group's SR size first (CT.lr_at_sr_size, what the reward model sees), for NR metrics that mean
     little on a 16x16 image.
+    against_order: stage 3 in a group whose anchors disagree with the stage-2 order (Eq.2's slope < 0; the
+    paper is silent): "flat" = alpha 0, every item the group's mean anchor; "sorted" = the group's anchors
+    handed out in the stage-2 order (`anchors_in_rank_order`).
     """
-    if calibration not in ("rank", "none") or lr_view not in ("native", "sr"):
-        raise ValueError(f"annotate: calibration {calibration!r} (rank | none), lr_view {lr_view!r} (native | sr)")
+    if calibration not in ("rank", "none") or lr_view not in ("native", "sr") or against_order not in ("flat", "sorted"):
+        raise ValueError(f"annotate: calibration {calibration!r} (rank | none), lr_view {lr_view!r} (native | sr), "
+                         f"against_order {against_order!r} (flat | sorted)")
     pairs = [(g, m, p) for g in groups for m, p in g.srs.items()]
     # Eq.1 on the synthetic subset
     F = {}
@@ -514,7 +533,7 @@ def annotate(groups: Sequence[Group], root: Path, *,
         log(f"[annotate] stage 1: {len(q_all)} anchor scores, {n_clamped} clamped to [1, 5]")
     # stages 2 + 3 per group
     records: list[Record] = []
-    n_fallback = n_degenerate = n_clamped_cal = 0
+    n_fallback = n_degenerate = n_clamped_cal = n_sorted = 0
     for g in groups:
         methods = list(g.srs)
         anchors = np.array([q_sr_anchor[(g.name, m)] for m in methods])
@@ -529,9 +548,12 @@ def annotate(groups: Sequence[Group], root: Path, *,
                 comparator = value_comparator(anchors, higher_better=True)
             r = group_rank(len(methods), comparator, method=rank_method)
             alpha, beta = calibrate_group(r, anchors)
-            n_degenerate += alpha == 0.0
-            q_hat, c = calibrated_scores(r, alpha, beta)
-            n_clamped_cal += c
+            if alpha == 0.0 and against_order == "sorted" and calibrate_group(r, anchors, nonnegative=False)[0] < 0:
+                q_hat, n_sorted = anchors_in_rank_order(r, anchors), n_sorted + 1
+            else:
+                n_degenerate += alpha == 0.0
+                q_hat, c = calibrated_scores(r, alpha, beta)
+                n_clamped_cal += c
         for k, m in enumerate(methods):
             f = F.get((g.name, m))
             records.append(Record(
@@ -541,7 +563,8 @@ def annotate(groups: Sequence[Group], root: Path, *,
                 q_sr=round(float(q_hat[k]), 4), rationale=rationale.get((g.name, m), "")))
     log(f"[annotate] {len(groups)} groups, {len(records)} pairs, {len(F)} with F; stage 2 'fr' fell back to "
         f"'nr' in {n_fallback} groups without GT; stage 3: {n_degenerate} groups with alpha = 0 "
-        f"(one item, no order, or anchors against the order), {n_clamped_cal} scores clamped to [1, 5]")
+        f"(one item, no order, or anchors against the order), {n_sorted} groups whose anchors were handed out in "
+        f"the stage-2 order (--against-order sorted), {n_clamped_cal} scores clamped to [1, 5]")
     return records
 
 
@@ -942,6 +965,9 @@ class AnnotateArgs:
     """stage 1 on the LR: native (the file as it is, paper) | sr (resized to the SR size, as the reward model sees it)"""
     calibration: str = "rank"
     """rank (stages 2-3, paper) | none (Q_SR = the stage-1 anchor: Table 3 case 1, absolute scores)"""
+    against_order: str = "flat"
+    """stage 3 where a group's anchors disagree with its stage-2 order (the paper is silent): flat (alpha 0: one
+    score for the whole group) | sorted (the group's anchors handed out in the stage-2 order)"""
     anchor_mapping: str = "range"
     """raw -> [1, 5]: range (pyiqa's score_range) | minmax (over the data)"""
     anchor_url: str = ""
@@ -963,7 +989,10 @@ class AnnotateArgs:
 def run_annotate(args: AnnotateArgs) -> list[Record]:
     """The `annotate` command: folders -> JSONL + QC report."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    groups, counts = discover_groups(args.lr_dir, args.sr_dir, args.gt_dir or None)
+    try:
+        groups, counts = discover_groups(args.lr_dir, args.sr_dir, args.gt_dir or None)
+    except ValueError as err:  # a missing or empty folder, two files for one stem: the user's input, one line
+        raise T.RunError(f"annotate: {err}") from err
     print(f"[annotate] {len(groups)} groups; unmatched files: {counts}")
     root = Path(args.root) if args.root else Path(args.out).resolve().parent
     fidelity = None
@@ -996,7 +1025,8 @@ def run_annotate(args: AnnotateArgs) -> list[Record]:
         sign = -1.0 if m.lower_better else 1.0
         fr_compare = lambda sr, gt: sign * float(m(sr[None].to(device), gt[None].to(device)).flatten()[0])
     records = annotate(groups, root, fidelity=fidelity, compare=args.compare, fr_compare=fr_compare,
-                       rank_method=args.rank, calibration=args.calibration, lr_view=args.lr_view, **kw)
+                       rank_method=args.rank, calibration=args.calibration, lr_view=args.lr_view,
+                       against_order=args.against_order, **kw)
     write_records(records, args.out)
     qc_path = Path(args.out).with_suffix(".qc.md")
     qc_report(records, args.qc_fraction, qc_path)
@@ -1020,6 +1050,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = ns.pop("command")
     t0 = time.time()
     if command == "annotate":
+        if ns["against_order"] not in ("flat", "sorted"):
+            parser.error(f"annotate: --against-order {ns['against_order']}: choose flat or sorted")
         run_annotate(AnnotateArgs(**ns))
     else:
         if not ns["data"]:

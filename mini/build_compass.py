@@ -120,6 +120,11 @@ class Args:
     pretrain_groups: int = 800
     pretrain_epochs: int = 6
     pretrain_lr: float = 1e-3
+    against_order: str = "flat"
+    """`train_compass.py annotate --against-order`: stage 3 in a group whose SNB anchors disagree with its FSIM
+    order. flat (shipped): one Q_SR for the whole group, which happened in 40% of the training groups once the
+    failure candidates joined; sorted: the group's anchors handed out in the FSIM order, measured on 150 round-2
+    groups, not yet trained on (README "Why the round-1 model misorders the unambiguous pairs")"""
     fidelity: str = "ssim"
     """the labels' F (`train_compass.py annotate --fidelity`; the paper: DISTS, whose weights are not
     here): ssim (shipped), texture (evaluate.texture_fidelity, a weights-free DISTS analogue that does not
@@ -377,16 +382,18 @@ def run(args: list[str], log: Path) -> None:
     run_command(args, log)
 
 
-def annotate_command(folder: Path, out: Path, calibration: str = "rank", fidelity: str = "ssim") -> list[str]:
+def annotate_command(folder: Path, out: Path, calibration: str = "rank", fidelity: str = "ssim",
+                     against_order: str = "flat") -> list[str]:
     """The `train_compass.py annotate` command line of the mini annotation (module docstring, step 3)."""
     return ["train_compass.py", "annotate", "--lr-dir", str(folder / "lr"), "--sr-dir", str(folder / "sr"),
             "--gt-dir", str(folder / "gt"), "--out", str(out), "--root", str(folder), "--fidelity", fidelity,
             "--anchor", "snb", "--lr-view", "sr", "--compare", "fr", "--compare-metric", "fsim",
-            "--calibration", calibration, "--device", "cpu"]
+            "--calibration", calibration, "--against-order", against_order, "--device", "cpu"]
 
 
-def annotate(folder: Path, out: Path, log: Path, calibration: str = "rank", fidelity: str = "ssim") -> None:
-    run(annotate_command(folder, out, calibration, fidelity), log)
+def annotate(folder: Path, out: Path, log: Path, calibration: str = "rank", fidelity: str = "ssim",
+             against_order: str = "flat") -> None:
+    run(annotate_command(folder, out, calibration, fidelity, against_order), log)
 
 
 def train(model: str, data_file: Path, root: Path, out: Path, epochs: int, lr: float, batch: int, log: Path,
@@ -440,14 +447,15 @@ CHECK_GROUPS = 6  # the small held-out set that the build records and the tests 
 
 
 def agreement_check(folder: Path, groups: int, seed: int, backbone: str, sft: str, model: str,
-                    fidelity: str = "ssim", views: int = 1, degradation: str = "realesrgan") -> dict:
+                    fidelity: str = "ssim", views: int = 1, degradation: str = "realesrgan",
+                    against_order: str = "flat") -> dict:
     """label_agreement on `groups` held-out groups rebuilt from seeds (candidates, `annotate`, scoring):
     the build records it in compass_eval.json and the tests recompute it from the shipped weights."""
     if folder.exists():
         shutil.rmtree(folder)
     compass_data(folder, photos.HELDOUT, groups, seed + 22, B.load_backbone(backbone), sft, degradation=degradation)
-    annotate(folder, folder / "check.jsonl", folder / "annotate.log", fidelity=fidelity)
-    return {"groups": groups, "lr_degradation": degradation,
+    annotate(folder, folder / "check.jsonl", folder / "annotate.log", fidelity=fidelity, against_order=against_order)
+    return {"groups": groups, "lr_degradation": degradation, "against_order": against_order,
             **label_agreement(model, load_records(folder / "check.jsonl", folder), folder, views)}
 
 
@@ -467,6 +475,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--fidelity {args.fidelity}: choose {' / '.join(reward.WEIGHTS_FREE_FIDELITY)}")
     if args.lr_degradation not in data.DEGRADATIONS:
         parser.error(f"--lr-degradation {args.lr_degradation}: choose one of {', '.join(data.DEGRADATIONS)}")
+    if args.against_order not in ("flat", "sorted"):
+        parser.error(f"--against-order {args.against_order}: choose flat or sorted")
     for lora in args.policy_loras:
         if not Path(lora).is_file():
             parser.error(f"--policy-loras {lora}: no such file (an rl_fr.py / rl_nr.py LoRA output)")
@@ -526,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
     def annotate_all() -> None:
         for split in ("train", "heldout"):
             annotate(work / split, work / split / f"{split}.jsonl", work / f"annotate_{split}.log",
-                     fidelity=args.fidelity)
+                     fidelity=args.fidelity, against_order=args.against_order)
         if args.ablations:  # the absolute labels are for the Table 3 models only
             annotate(work / "train", work / "train" / "train_absolute.jsonl", work / "annotate_train_absolute.log",
                      calibration="none", fidelity=args.fidelity)
@@ -572,7 +582,8 @@ def main(argv: list[str] | None = None) -> None:
                 accuracy(name, work / f"ablation_{name}", "--real-prompt", "--baselines")
         agreement = label_agreement(str(out / "compass"), records, work / "heldout", args.views)
         check = agreement_check(work / "check", min(CHECK_GROUPS, args.heldout_groups), args.seed, args.backbone,
-                                args.sft, str(out / "compass"), args.fidelity, args.views, args.lr_degradation)
+                                args.sft, str(out / "compass"), args.fidelity, args.views, args.lr_degradation,
+                                args.against_order)
         result = {"tables": rows, "agreement": agreement, "agreement_check": check, "views": args.views,
                   "heldout_groups": args.heldout_groups, "train_groups": args.train_groups,
                   "ablations": args.ablations, "failure_candidates": args.failure_candidates,

@@ -154,8 +154,12 @@ def test_build_rejects_a_fidelity_that_needs_downloads_before_any_work(tmp_path,
     assert "--fidelity dists: choose ssim / texture / blend" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()  # nothing started
     # the option reaches the annotation command line
-    cmd = build.annotate_command(tmp_path, tmp_path / "a.jsonl", fidelity="texture")
-    assert cmd[cmd.index("--fidelity") + 1] == "texture"
+    cmd = build.annotate_command(tmp_path, tmp_path / "a.jsonl", fidelity="texture", against_order="sorted")
+    assert cmd[cmd.index("--fidelity") + 1] == "texture" and cmd[cmd.index("--against-order") + 1] == "sorted"
+    with pytest.raises(SystemExit):
+        build.main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--against-order", "isotonic"])
+    assert "--against-order isotonic: choose flat or sorted" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
 
 
 def test_build_starts_from_the_given_pretrained_model_and_names_a_broken_one(tmp_path, monkeypatch, capsys):
@@ -235,7 +239,8 @@ def test_shipped_mini_compass_reproduces_its_held_out_agreement(tmp_path):
     recorded = result["agreement_check"]
     again = build.agreement_check(tmp_path / "check", recorded["groups"], build.Args().seed, "mini", "mini", "mini",
                                   build.Args().fidelity, result.get("views", 1),
-                                  recorded.get("lr_degradation", "realesrgan"))  # the builds before it was recorded
+                                  recorded.get("lr_degradation", "realesrgan"),  # the builds before it was recorded
+                                  recorded.get("against_order", "flat"))
     assert again["parse_rate"] == recorded["parse_rate"] == 1.0
     for key in ("spearman_F", "spearman_q_sr", "spearman_q_lr"):
         assert again[key] == pytest.approx(recorded[key], abs=0.03), key

@@ -65,6 +65,15 @@ def test_calibration_degenerate_groups():
     assert clamped == 2
 
 
+def test_anchors_handed_out_in_rank_order_keep_the_ranking_and_the_anchor_values():
+    # anchors against the order: the best-ranked item gets the highest anchor, the worst the lowest
+    np.testing.assert_allclose(tc.anchors_in_rank_order(np.array([1.0, 0.5, 0.0]), np.array([2.0, 3.0, 4.0])),
+                               [4.0, 3.0, 2.0])
+    # ties in r share the mean of the values they would get: r (1, 0, 0), anchors {1, 2, 4} -> 4, 1.5, 1.5
+    np.testing.assert_allclose(tc.anchors_in_rank_order(np.array([1.0, 0.0, 0.0]), np.array([1.0, 4.0, 2.0])),
+                               [4.0, 1.5, 1.5])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Stage 2: ranking from pairwise comparisons
 # ----------------------------------------------------------------------------------------------------
@@ -219,6 +228,30 @@ def test_annotate_function_ranks_calibrates_and_counts(tmp_path):
     assert q == pytest.approx({"A": 4.0, "B": 5.0, "C": 2.0, "D": 3.0}, abs=1e-3)
     assert all(r.q_lr == pytest.approx(1.0) and r.F is None for r in recs)
     assert {r.sr for r in recs} == {f"sr/{m}/g.png" for m in levels}
+
+
+def test_annotate_against_order_flat_or_sorted(tmp_path):
+    # the NR anchors prefer brighter SRs, the stage-2 comparator darker ones: Eq.2's slope is negative
+    levels = {"A": 0.6, "B": 0.8, "C": 0.2, "D": 0.4}
+    save_image(torch.zeros(3, 16, 16), tmp_path / "lr" / "g.png")
+    save_image(torch.zeros(3, 16, 16), tmp_path / "gt" / "g.png")
+    for m, v in levels.items():
+        save_image(torch.full((3, 16, 16), v), tmp_path / "sr" / m / "g.png")
+    groups, _ = tc.discover_groups(tmp_path / "lr", tmp_path / "sr", tmp_path / "gt")
+    logs = []
+    q = {}
+    for against_order in ("flat", "sorted"):
+        recs = tc.annotate(groups, tmp_path, fidelity=None, nr_raw=lambda x: 5 * float(x.mean()), lower_better=False,
+                           score_range=(0.0, 4.0), compare="fr", fr_compare=lambda sr, gt: -float(sr.mean()),
+                           against_order=against_order, log=logs.append)
+        q[against_order] = {r.method: r.q_sr for r in recs}
+    # anchors (A, B, C, D) = (4, 5, 2, 3); stage 2 order C > D > A > B
+    assert q["flat"] == pytest.approx({m: 3.5 for m in levels}, abs=1e-3)  # one score: no order left
+    assert q["sorted"] == pytest.approx({"C": 5.0, "D": 4.0, "A": 3.0, "B": 2.0}, abs=1e-3)
+    assert "1 groups with alpha = 0" in logs[1] and "0 groups whose anchors" in logs[1]
+    assert "0 groups with alpha = 0" in logs[3] and "1 groups whose anchors" in logs[3]
+    with pytest.raises(ValueError, match="against_order"):
+        tc.annotate(groups, tmp_path, fidelity=None, nr_raw=lambda x: 0.0, against_order="isotonic", log=logs.append)
 
 
 def test_annotate_with_an_mllm_anchor_scorer(tmp_path):
@@ -615,3 +648,18 @@ def test_fsdp2_rank0_loading_equals_the_full_model_bit_for_bit(sft_data, tmp_pat
     preset = VL.build_tiny_compass()[0].state_dict()
     assert set(exported) == set(preset)
     assert all(torch.equal(exported[k], preset[k]) for k in preset)
+
+
+def test_annotate_names_a_bad_folder_or_option_in_one_line(tmp_path, capsys):
+    from common import training as T
+
+    (tmp_path / "lr").mkdir()
+    (tmp_path / "sr" / "A").mkdir(parents=True)
+    argv = ["annotate", "--lr-dir", str(tmp_path / "lr"), "--sr-dir", str(tmp_path / "sr"), "--anchor", "snb",
+            "--out", str(tmp_path / "a.jsonl")]
+    with pytest.raises(T.RunError, match=f"annotate: no images in {tmp_path / 'lr'}"):
+        tc.main(argv)
+    with pytest.raises(SystemExit):
+        tc.main([*argv, "--against-order", "isotonic"])
+    assert "--against-order isotonic: choose flat or sorted" in capsys.readouterr().err
+    assert not (tmp_path / "a.jsonl").exists()
