@@ -123,7 +123,7 @@ class Args:
     against_order: str = "flat"
     """`train_compass.py annotate --against-order`: stage 3 in a group whose SNB anchors disagree with its FSIM
     order. flat (shipped): one Q_SR for the whole group, which happened in 40% of the training groups once the
-    failure candidates joined; sorted: the group's anchors handed out in the FSIM order, measured on 150 round-2
+    failure candidates joined; sorted: the group's anchors handed out in the FSIM order, measured on 1,600 round-2
     groups, not yet trained on (README "Why the round-1 model misorders the unambiguous pairs")"""
     fidelity: str = "ssim"
     """the labels' F (`train_compass.py annotate --fidelity`; the paper: DISTS, whose weights are not
