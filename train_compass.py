@@ -488,7 +488,8 @@ def annotate(groups: Sequence[Group], root: Path, *,
     paper is silent): "flat" = alpha 0, every item the group's mean anchor; "sorted" = the group's anchors
     handed out in the stage-2 order (`anchors_in_rank_order`).
     """
-    if calibration not in ("rank", "none") or lr_view not in ("native", "sr") or against_order not in ("flat", "sorted"):
+    if (calibration not in ("rank", "none") or lr_view not in ("native", "sr")
+            or against_order not in ("flat", "sorted")):
         raise ValueError(f"annotate: calibration {calibration!r} (rank | none), lr_view {lr_view!r} (native | sr), "
                          f"against_order {against_order!r} (flat | sorted)")
     pairs = [(g, m, p) for g in groups for m, p in g.srs.items()]
