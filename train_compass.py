@@ -364,6 +364,9 @@ def calibrate_group(r: np.ndarray, q_anchor: np.ndarray, nonnegative: bool = Tru
     return float(alpha), float(beta)
 
 
+AGAINST_ORDER = ("flat", "sorted")  # stage 3 where the anchors disagree with the stage-2 order (annotate)
+
+
 def anchors_in_rank_order(r: np.ndarray, q_anchor: np.ndarray) -> np.ndarray:
     """Stage 3 where Eq.2's best line falls (the anchors disagree with the stage-2 order; the paper is silent):
     the group's own anchor values, handed out in the stage-2 order (the highest to the best-ranked item, the
@@ -489,7 +492,7 @@ def annotate(groups: Sequence[Group], root: Path, *,
     handed out in the stage-2 order (`anchors_in_rank_order`).
     """
     if (calibration not in ("rank", "none") or lr_view not in ("native", "sr")
-            or against_order not in ("flat", "sorted")):
+            or against_order not in AGAINST_ORDER):
         raise ValueError(f"annotate: calibration {calibration!r} (rank | none), lr_view {lr_view!r} (native | sr), "
                          f"against_order {against_order!r} (flat | sorted)")
     pairs = [(g, m, p) for g in groups for m, p in g.srs.items()]
@@ -1051,8 +1054,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = ns.pop("command")
     t0 = time.time()
     if command == "annotate":
-        if ns["against_order"] not in ("flat", "sorted"):
-            parser.error(f"annotate: --against-order {ns['against_order']}: choose flat or sorted")
+        if ns["against_order"] not in AGAINST_ORDER:
+            parser.error(f"annotate: --against-order {ns['against_order']}: choose {' or '.join(AGAINST_ORDER)}")
         run_annotate(AnnotateArgs(**ns))
     else:
         if not ns["data"]:

@@ -75,7 +75,7 @@ from common.data import load_image, to_pil
 from evaluation.sriqa import write_sriqa_layout
 from mini import photos
 from mini.build_backbone import gaussian_blur, plain_lr
-from train_compass import load_records
+from train_compass import AGAINST_ORDER, load_records
 
 
 # The mini architecture (VL.build_compass): ~2.6M parameters.
@@ -475,8 +475,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--fidelity {args.fidelity}: choose {' / '.join(reward.WEIGHTS_FREE_FIDELITY)}")
     if args.lr_degradation not in data.DEGRADATIONS:
         parser.error(f"--lr-degradation {args.lr_degradation}: choose one of {', '.join(data.DEGRADATIONS)}")
-    if args.against_order not in ("flat", "sorted"):
-        parser.error(f"--against-order {args.against_order}: choose flat or sorted")
+    if args.against_order not in AGAINST_ORDER:
+        parser.error(f"--against-order {args.against_order}: choose {' or '.join(AGAINST_ORDER)}")
     for lora in args.policy_loras:
         if not Path(lora).is_file():
             parser.error(f"--policy-loras {lora}: no such file (an rl_fr.py / rl_nr.py LoRA output)")
