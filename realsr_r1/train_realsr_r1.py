@@ -35,8 +35,11 @@ line per step.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -45,9 +48,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import infer
 import reward as compass
 from baselines import flow_grpo
-from common import data
+from common import data, presets
 from common import training as T
 from common.vl_model import build_compass
 from evaluation.evaluate import create_metric, lr_consistency
@@ -214,6 +218,16 @@ class EvalArgs:
     """text tokens beyond the images (as grpo's)"""
     seed: int = 100
     """seed of the held-out crops, their degradations and the sampling"""
+    oars: str = "--model mini --sft mini"
+    """an OARS policy to compare on the same plain LRs, as infer.py's flags (without --input; e.g. "--model
+    mini --sft mini --lora out/nr.safetensors"): its row runs infer.super_resolve_image with its defaults,
+    post-processing included. '' = no OARS row"""
+    back_projection: int = presets.MINI_BACK_PROJECTION
+    """each model's final images are also scored after infer.post_process (not in the paper): this many
+    back-projection iterations onto the LR ... (the mini OARS policy's default, infer.py --back-projection)"""
+    flat_gate: float = presets.MINI_FLAT_GATE
+    """... then the LR-guided flat-region gate (infer.py --flat-gate). Both 0 = no post-processed rows; the
+    paper's output is the model's own row"""
     out: str = "out/realsr_r1/eval"
     """writes OUT.json, OUT.md (the table) and OUT.png (LR | bicubic | each model | HR)"""
     device: str = "auto"
@@ -921,10 +935,37 @@ def heldout_examples(args: EvalArgs) -> tuple[list[V.Example], list[V.Example]]:
     return deg, plain
 
 
+def oars_args(flags: str) -> infer.Args | None:
+    """--oars: infer.py's flags of an OARS policy, checked by infer.py's own parser before any work (None for '').
+    A bad flag is one RunError line naming --oars and infer.py's message."""
+    if not flags.strip():
+        return None
+    message = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(message):
+            return infer.parse_args(["--input", "-", *shlex.split(flags)])
+    except SystemExit:
+        reason = (message.getvalue().strip().splitlines() or ["invalid"])[-1].partition("error: ")[2]
+        raise T.RunError(f"--oars {flags!r}: {reason or 'not infer.py flags'}") from None
+
+
+@torch.no_grad()
+def oars_finals(args: infer.Args, lr: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The OARS policy on the plain LRs (B, 3, h, w) -> (B, 3, scale h, scale w): infer.super_resolve_image per crop,
+    each from infer.py's one seed as infer.py runs a folder, in float32."""
+    bb = infer.load_policy(args.model, args.sft, args.lora, torch.float32, str(device))
+    return torch.stack([infer.super_resolve_image(bb, x, args, torch.Generator().manual_seed(args.seed)) for x in lr])
+
+
 def evaluate(args: EvalArgs) -> dict:
-    """The table (bicubic, then each model) and the picture; writes OUT.json, OUT.md, OUT.png."""
+    """The table (bicubic, each model, each model post-processed, the OARS policy) and the picture; writes OUT.json,
+    OUT.md and OUT.png."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
+    oars = oars_args(args.oars)
+    if args.back_projection < 0 or args.flat_gate < 0:
+        raise T.RunError(f"--back-projection {args.back_projection} / --flat-gate {args.flat_gate}: must be >= 0")
+    post = args.back_projection > 0 or args.flat_gate > 0
     deg, plain = heldout_examples(args)
     hr = torch.stack([e.hr for e in plain])
     lr = torch.stack([e.lr for e in plain])
@@ -935,12 +976,25 @@ def evaluate(args: EvalArgs) -> dict:
         policy = M.load_policy(name, vq=args.vq, device=device)
         result = evaluate_policy(policy, deg, plain, args)
         table[name] = result["row"]
-        columns.append(torch.stack([f if f is not None else torch.full_like(hr[0], 0.5) for f in result["finals"]]))
+        finals = torch.stack([f if f is not None else torch.full_like(hr[0], 0.5) for f in result["finals"]])
+        columns.append(finals)
+        ok = [i for i, f in enumerate(result["finals"]) if f is not None]
+        if post:  # the same steps infer.py runs after the mini OARS policy's sampling (none without a final image)
+            fixed = infer.post_process(finals[ok], lr[ok], args.back_projection, args.flat_gate) if ok else None
+            table[f"{name} + post-process"] = fidelity_row(fixed, hr[ok], lr[ok]) if ok else {}
+            columns.append(finals.index_copy(0, torch.tensor(ok), fixed) if ok else finals)
+    if oars is not None:
+        finals = oars_finals(oars, lr, device)
+        table["OARS " + args.oars.strip()] = fidelity_row(finals, hr, lr)
+        columns.append(finals)
     columns.append(hr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"crops": args.crops, "crop_size": args.crop_size, "plain_sigma": args.plain_sigma,
-              "heldout": list(photos.HELDOUT) if args.data == "heldout" else args.data, "table": table}
+              "heldout": list(photos.HELDOUT) if args.data == "heldout" else args.data,
+              "post_process": {"back_projection": args.back_projection, "flat_gate": args.flat_gate},
+              "oars": args.oars, "columns": ["nearest", "bicubic", *[k for k in table if k != "bicubic"], "HR"],
+              "table": table}
     T.atomic_write_text(json.dumps(report, indent=1), out.with_suffix(".json"))
     T.atomic_write_text(markdown(table), out.with_suffix(".md"))
     rows = min(6, len(plain))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers.models.chameleon.modeling_chameleon import (
     ChameleonForConditionalGeneration,
@@ -339,13 +340,27 @@ def test_eval_writes_table_and_picture(tmp_path):
             "--lr-size", "output", "--out", str(tmp_path / "s")])
     assert M.load_policy(str(tmp_path / "s")).meta["lr_size"] == "output"
     eval_args = ["eval", "--models", "tiny", str(tmp_path / "s"), "--crops", "2", "--text-budget", "4",
-                 "--device", "cpu", "--out", str(tmp_path / "e")]
+                 "--device", "cpu", "--out", str(tmp_path / "e"), "--oars", "--model tiny --steps 2"]
     with pytest.raises(T.RunError, match="--crop-size 48"):  # the default, the mini's: too small for the tiny 8x VQ
         R.main(eval_args)
+    with pytest.raises(T.RunError, match="--oars '--model tiny --steps 1': --steps 1: at least 2"):
+        R.main([*eval_args[:-1], "--model tiny --steps 1"])  # infer.py's own check, before any sampling
     assert R.main([*eval_args, "--crop-size", "64"]) == 0
     report = json.loads((tmp_path / "e.json").read_text())
-    assert list(report["table"]) == ["bicubic", "tiny", str(tmp_path / "s")]
-    assert report["table"]["bicubic"]["lr_consistency"] > 25 and (tmp_path / "e.png").exists()
+    table = report["table"]
+    s = str(tmp_path / "s")
+    assert list(table) == ["bicubic", "tiny", "tiny + post-process", s, f"{s} + post-process",
+                           "OARS --model tiny --steps 2"]
+    assert report["columns"] == ["nearest", *table, "HR"]
+    assert table["bicubic"]["lr_consistency"] > 25 and (tmp_path / "e.png").exists()
+    # the picture: one 64 px column per entry of "columns", 2 crops
+    assert Image.open(tmp_path / "e.png").size == (64 * len(report["columns"]), 2 * 64)
+    # infer.post_process (4 back-projections, the flat gate) moves each final image's downscale onto its LR
+    for name in ("tiny", s):
+        if "lr_consistency" in table[name]:  # a chain that broke the layout has no final image
+            assert table[f"{name} + post-process"]["lr_consistency"] > table[name]["lr_consistency"] + 3
+    # the tiny OARS backbone's own defaults (no post-processing): a random model, far from its LR
+    assert table["OARS --model tiny --steps 2"]["lr_consistency"] < table["bicubic"]["lr_consistency"]
 
 
 @pytest.mark.slow
@@ -356,8 +371,12 @@ def test_shipped_mini_presets_reproduce_their_held_out_table(tmp_path):
     torch.set_num_threads(1)
     assert R.main(["eval", "--models", "mini", "--crops", str(recorded["crops"]), "--crop-size",
                    str(recorded["crop_size"]), "--degradation", "mini", "--text-budget", "64", "--device", "cpu",
-                   "--out", str(tmp_path / "eval")]) == 0
+                   "--out", str(tmp_path / "eval"), "--oars", ""]) == 0  # the OARS row: 4 min more, not checked
     again = json.loads((tmp_path / "eval.json").read_text())["table"]
     for key in ("format", "degradation", "understanding", "lr_consistency", "ssim"):
         assert again["mini"][key] == pytest.approx(recorded["table"]["mini"][key], abs=1e-3), key
+    for key in ("lr_consistency", "ssim"):  # the same final images after infer.py's post-processing
+        assert again["mini + post-process"][key] == pytest.approx(recorded["table"]["mini + post-process"][key],
+                                                                  abs=1e-3), key
+    assert "OARS --model mini --sft mini" not in again
     assert again["bicubic"]["lr_consistency"] == pytest.approx(recorded["table"]["bicubic"]["lr_consistency"], abs=1e-3)
