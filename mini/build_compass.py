@@ -126,6 +126,8 @@ class Args:
     without it); 600 made the vision tower of the round-1 COMPASS order 94-100% of held-out clean / damaged
     pairs of every kind (README "Why the round-1 model misorders the unambiguous pairs")"""
     perception_lr: float = 5e-4
+    perception_check_crops: int = 48
+    """held-out crops of the `perception_check` the warm-up logs before and after"""
     pretrain_groups: int = 800
     pretrain_epochs: int = 6
     pretrain_lr: float = 1e-3
@@ -133,7 +135,7 @@ class Args:
     """`train_compass.py annotate --against-order`: stage 3 in a group whose SNB anchors disagree with its FSIM
     order. flat (shipped): one Q_SR for the whole group, which happened in 40% of the training groups once the
     failure candidates joined; sorted: the group's anchors handed out in the FSIM order, measured on 1,600 round-2
-    groups, not yet trained on (README "Why the round-1 model misorders the unambiguous pairs")"""
+    groups; round 2 trained on them (README "Why the round-1 model misorders the unambiguous pairs")"""
     fidelity: str = "ssim"
     """the labels' F (`train_compass.py annotate --fidelity`; the paper: DISTS, whose weights are not
     here): ssim (shipped), texture (evaluate.texture_fidelity, a weights-free DISTS analogue that does not
@@ -406,7 +408,7 @@ def perception_damage(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.T
 
 
 def perception_scores(model, processor, head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """(B,3,H,W) crops -> (B, len(PERCEPTION_KINDS)): `head` on each merged vision token (what the decoder
+    """(B,3,H,W) crops -> (B, K): the K kind scores of `head` on each merged vision token (what the decoder
     reads), averaged over the image's tokens."""
     inputs = processor.image_processor(images=[to_pil(t) for t in x], return_tensors="pt")
     tokens = model.model.visual(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
@@ -430,7 +432,7 @@ def perception_check(model, processor, head: torch.nn.Linear, kinds: tuple[str, 
 
 
 def perception_warmup(src: Path, dst: Path, steps: int, lr: float, seed: int, log: Path, batch: int = 12,
-                      kinds: tuple[str, ...] = PERCEPTION_KINDS) -> list[float]:
+                      kinds: tuple[str, ...] = PERCEPTION_KINDS, check_crops: int = 48) -> list[float]:
     """Teach the vision tower of the COMPASS model in `src` to see the damages a reward must not pay for, before
     any COMPASS training; the model (only its vision tower changed) goes to `dst`. Returns the step losses.
 
@@ -455,7 +457,11 @@ def perception_warmup(src: Path, dst: Path, steps: int, lr: float, seed: int, lo
     g = torch.Generator().manual_seed(seed)
     losses = []
     with open(log, "a") as f:
-        f.write(json.dumps({"step": 0, "heldout": perception_check(model, processor, head, kinds, seed)}) + "\n")
+        def check(step: int) -> None:
+            held_out = perception_check(model, processor, head, kinds, seed, check_crops)
+            f.write(json.dumps({"step": step, "heldout": held_out}) + "\n")
+
+        check(0)
         for step in range(steps):
             for group in opt.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / 50)
@@ -473,7 +479,7 @@ def perception_warmup(src: Path, dst: Path, steps: int, lr: float, seed: int, lo
             if (step + 1) % 50 == 0 or step + 1 == steps:
                 f.write(json.dumps({"step": step + 1, "loss": float(np.mean(losses[-50:]))}) + "\n")
                 f.flush()
-        f.write(json.dumps({"step": steps, "heldout": perception_check(model, processor, head, kinds, seed)}) + "\n")
+        check(steps)
     partial = dst.with_name(dst.name + ".partial")
     model.save_pretrained(partial)
     processor.save_pretrained(partial)
@@ -574,7 +580,8 @@ def agreement_check(folder: Path, groups: int, seed: int, backbone: str, sft: st
 # main
 # ====================================================================================================
 
-QUICK = dict(perception_steps=2, pretrain_groups=3, pretrain_epochs=1, train_groups=2, heldout_groups=2, epochs=1, batch=4,
+QUICK = dict(perception_steps=2, perception_check_crops=2, pretrain_groups=3, pretrain_epochs=1, train_groups=2,
+             heldout_groups=2, epochs=1, batch=4,
              refreward_warmup=2, refreward_steps=2, refreward_prompts=2, refreward_group=4)
 
 
@@ -661,7 +668,7 @@ def main(argv: list[str] | None = None) -> None:
             return model
         out_dir = work / f"perceived_{model.name}"
         perception_warmup(model, out_dir, args.perception_steps, args.perception_lr, args.seed + 31,
-                          work / f"perception_{model.name}.jsonl")
+                          work / f"perception_{model.name}.jsonl", check_crops=args.perception_check_crops)
         return out_dir
 
     def train_all() -> None:

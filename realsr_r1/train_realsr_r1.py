@@ -229,7 +229,7 @@ class EvalArgs:
     """... then the LR-guided flat-region gate (infer.py --flat-gate). Both 0 = no post-processed rows; the
     paper's output is the model's own row"""
     out: str = "out/realsr_r1/eval"
-    """writes OUT.json, OUT.md (the table) and OUT.png (LR | bicubic | each model | HR)"""
+    """writes OUT.json, OUT.md (the table) and OUT.png (LR | bicubic | each model, then post-processed | OARS | HR)"""
     device: str = "auto"
     """'auto' (CUDA when available), 'cuda', 'cpu'"""
 
@@ -972,6 +972,8 @@ def evaluate(args: EvalArgs) -> dict:
     bicubic = F.interpolate(lr, scale_factor=args.scale, mode="bicubic", align_corners=False).clamp(0, 1)
     table = {"bicubic": fidelity_row(bicubic, hr, lr)}
     columns = [F.interpolate(lr, scale_factor=args.scale, mode="nearest"), bicubic]
+    # the OARS policy first (a missing checkpoint fails before the chains are sampled), its row last
+    oars_sr = oars_finals(oars, lr, device) if oars is not None else None
     for name in args.models:
         policy = M.load_policy(name, vq=args.vq, device=device)
         result = evaluate_policy(policy, deg, plain, args)
@@ -983,10 +985,9 @@ def evaluate(args: EvalArgs) -> dict:
             fixed = infer.post_process(finals[ok], lr[ok], args.back_projection, args.flat_gate) if ok else None
             table[f"{name} + post-process"] = fidelity_row(fixed, hr[ok], lr[ok]) if ok else {}
             columns.append(finals.index_copy(0, torch.tensor(ok), fixed) if ok else finals)
-    if oars is not None:
-        finals = oars_finals(oars, lr, device)
-        table["OARS " + args.oars.strip()] = fidelity_row(finals, hr, lr)
-        columns.append(finals)
+    if oars_sr is not None:
+        table["OARS " + args.oars.strip()] = fidelity_row(oars_sr, hr, lr)
+        columns.append(oars_sr)
     columns.append(hr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -236,13 +236,13 @@ def test_perception_damages_change_the_crop_as_named():
         build.perception_damage(x, "sharpen", g)
 
 
-def test_build_warms_the_given_pretrained_model_once_with_perception_steps(tmp_path, monkeypatch, capsys):
+def test_build_warms_the_given_pretrained_model_with_perception_steps(tmp_path, monkeypatch, capsys):
     """--perception-steps with --pretrained: the train stage starts from WORK/perceived_<name>; a negative
     count is refused before any work."""
     commands, warmed = [], []
     monkeypatch.setattr(build, "run", lambda args, log: commands.append(args))
     monkeypatch.setattr(build, "publish", lambda *a: None)
-    monkeypatch.setattr(build, "perception_warmup", lambda src, dst, steps, *a: warmed.append((src, dst, steps)))
+    monkeypatch.setattr(build, "perception_warmup", lambda src, dst, steps, *a, **k: warmed.append((src, dst, steps)))
     work, out = tmp_path / "work", tmp_path / "out"
     build.main(["--stage", "train", "--pretrained", "mini", "--work", str(work), "--out", str(out),
                 "--perception-steps", "7", "--no-ablations"])
