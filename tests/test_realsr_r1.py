@@ -355,10 +355,12 @@ def test_eval_writes_table_and_picture(tmp_path):
     assert table["bicubic"]["lr_consistency"] > 25 and (tmp_path / "e.png").exists()
     # the picture: one 64 px column per entry of "columns", 2 crops
     assert Image.open(tmp_path / "e.png").size == (64 * len(report["columns"]), 2 * 64)
-    # infer.post_process (4 back-projections, the flat gate) moves each final image's downscale onto its LR
+    # the tiny chains break the layout (no final image): their post-processed rows are empty, not an error
     for name in ("tiny", s):
-        if "lr_consistency" in table[name]:  # a chain that broke the layout has no final image
-            assert table[f"{name} + post-process"]["lr_consistency"] > table[name]["lr_consistency"] + 3
+        if "lr_consistency" not in table[name]:
+            assert table[f"{name} + post-process"] == {}
+        else:  # infer.post_process moves each final image's downscale onto its LR
+            assert table[f"{name} + post-process"]["lr_consistency"] > table[name]["lr_consistency"]
     # the tiny OARS backbone's own defaults (no post-processing): a random model, far from its LR
     assert table["OARS --model tiny --steps 2"]["lr_consistency"] < table["bicubic"]["lr_consistency"]
 
@@ -371,7 +373,7 @@ def test_shipped_mini_presets_reproduce_their_held_out_table(tmp_path):
     torch.set_num_threads(1)
     assert R.main(["eval", "--models", "mini", "--crops", str(recorded["crops"]), "--crop-size",
                    str(recorded["crop_size"]), "--degradation", "mini", "--text-budget", "64", "--device", "cpu",
-                   "--out", str(tmp_path / "eval"), "--oars", ""]) == 0  # the OARS row: 4 min more, not checked
+                   "--out", str(tmp_path / "eval"), "--oars", ""]) == 0  # the OARS row is not checked here
     again = json.loads((tmp_path / "eval.json").read_text())["table"]
     for key in ("format", "degradation", "understanding", "lr_consistency", "ssim"):
         assert again["mini"][key] == pytest.approx(recorded["table"]["mini"][key], abs=1e-3), key
@@ -379,4 +381,6 @@ def test_shipped_mini_presets_reproduce_their_held_out_table(tmp_path):
         assert again["mini + post-process"][key] == pytest.approx(recorded["table"]["mini + post-process"][key],
                                                                   abs=1e-3), key
     assert "OARS --model mini --sft mini" not in again
+    # back-projection onto the LR: the chain's final images explain their LR (13 -> 43 dB)
+    assert again["mini + post-process"]["lr_consistency"] > again["mini"]["lr_consistency"] + 20
     assert again["bicubic"]["lr_consistency"] == pytest.approx(recorded["table"]["bicubic"]["lr_consistency"], abs=1e-3)
