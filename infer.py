@@ -312,11 +312,16 @@ def check_writable(folder: Path) -> None:
             from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def device_and_dtype(args: Args) -> tuple[str, torch.dtype]:
+    """--device and --dtype resolved: 'auto' = CUDA when available; bf16 on a GPU, float32 on the CPU."""
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.startswith("cuda"))
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    return device, torch.bfloat16 if bf16 else torch.float32
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device, dtype = device_and_dtype(args)
     out_dir = Path(args.out)
     inputs = list_inputs(Path(args.input), out_dir)  # every check before the model loads
     check_writable(out_dir)

@@ -950,11 +950,14 @@ def oars_args(flags: str) -> infer.Args | None:
 
 
 @torch.no_grad()
-def oars_finals(args: infer.Args, lr: torch.Tensor, device: torch.device) -> torch.Tensor:
+def oars_finals(args: infer.Args, lr: torch.Tensor) -> torch.Tensor:
     """The OARS policy on the plain LRs (B, 3, h, w) -> (B, 3, scale h, scale w): infer.super_resolve_image per crop,
-    each from infer.py's one seed as infer.py runs a folder, in float32."""
-    bb = infer.load_policy(args.model, args.sft, args.lora, torch.float32, str(device))
-    return torch.stack([infer.super_resolve_image(bb, x, args, torch.Generator().manual_seed(args.seed)) for x in lr])
+    each from infer.py's one seed as infer.py runs a folder, on infer.py's --device / --dtype (auto: bf16 on a GPU)."""
+    device, dtype = infer.device_and_dtype(args)
+    bb = infer.load_policy(args.model, args.sft, args.lora, dtype, device)
+    sr = [infer.super_resolve_image(bb, x, args, torch.Generator().manual_seed(args.seed)) for x in lr]
+    del bb  # the RealSR-R1 models load next
+    return torch.stack(sr)
 
 
 def evaluate(args: EvalArgs) -> dict:
@@ -973,7 +976,7 @@ def evaluate(args: EvalArgs) -> dict:
     table = {"bicubic": fidelity_row(bicubic, hr, lr)}
     columns = [F.interpolate(lr, scale_factor=args.scale, mode="nearest"), bicubic]
     # the OARS policy first (a missing checkpoint fails before the chains are sampled), its row last
-    oars_sr = oars_finals(oars, lr, device) if oars is not None else None
+    oars_sr = oars_finals(oars, lr) if oars is not None else None
     for name in args.models:
         policy = M.load_policy(name, vq=args.vq, device=device)
         result = evaluate_policy(policy, deg, plain, args)

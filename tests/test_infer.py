@@ -201,3 +201,17 @@ def test_lora_and_sft_weights_change_output(tmp_path):
     assert torch.allclose(zero, with_sft, atol=1e-6)
     assert not torch.allclose(merged, with_sft, atol=1e-4)
     assert infer.parse_lora_arg("a/b.safetensors:0.5") == (__import__("pathlib").Path("a/b.safetensors"), 0.5)
+
+
+def test_device_and_dtype_resolve_auto_as_the_docs_say(monkeypatch):
+    """--dtype auto is bf16 on a GPU and float32 on the CPU; an explicit --dtype wins; --device auto is CUDA when
+    available (infer.py and the RealSR-R1 eval's OARS row share this)."""
+    resolve = lambda *flags: infer.device_and_dtype(infer.parse_args(["--input", "x", *flags]))  # noqa: E731
+    assert resolve("--device", "cpu") == ("cpu", torch.float32)
+    assert resolve("--device", "cuda") == ("cuda", torch.bfloat16)
+    assert resolve("--device", "cpu", "--dtype", "bf16") == ("cpu", torch.bfloat16)
+    assert resolve("--device", "cuda", "--dtype", "fp32") == ("cuda", torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve() == ("cuda", torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve() == ("cpu", torch.float32)
