@@ -494,7 +494,7 @@ def annotate(groups: Sequence[Group], root: Path, *,
     if (calibration not in ("rank", "none") or lr_view not in ("native", "sr")
             or against_order not in AGAINST_ORDER):
         raise ValueError(f"annotate: calibration {calibration!r} (rank | none), lr_view {lr_view!r} (native | sr), "
-                         f"against_order {against_order!r} (flat | sorted)")
+                         f"against_order {against_order!r} ({' | '.join(AGAINST_ORDER)})")
     pairs = [(g, m, p) for g in groups for m, p in g.srs.items()]
     # Eq.1 on the synthetic subset
     F = {}

@@ -626,6 +626,15 @@ def main(argv: list[str] | None = None) -> None:
         times[name] = round(times.get(name, 0.0) + time.time() - t0, 1)
         T.atomic_write_text(json.dumps(times, indent=1), times_path)
 
+    def perceived(model: Path) -> Path:
+        """`model`, or its perception-warmed copy in WORK/perceived_<name> (made once) with --perception-steps."""
+        if not args.perception_steps:
+            return model
+        out_dir = work / f"perceived_{model.name}"
+        perception_warmup(model, out_dir, args.perception_steps, args.perception_lr, args.seed + 31,
+                          work / f"perception_{model.name}.jsonl", check_crops=args.perception_check_crops)
+        return out_dir
+
     def pretrain() -> None:
         init = work / "init"
         if not (init / "config.json").exists():  # random weights of the mini architecture
@@ -661,15 +670,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.ablations:  # the absolute labels are for the Table 3 models only
             annotate(work / "train", work / "train" / "train_absolute.jsonl", work / "annotate_train_absolute.log",
                      calibration="none", fidelity=args.fidelity)
-
-    def perceived(model: Path) -> Path:
-        """`model`, or its perception-warmed copy in WORK/perceived_<name> (made once) with --perception-steps."""
-        if not args.perception_steps:
-            return model
-        out_dir = work / f"perceived_{model.name}"
-        perception_warmup(model, out_dir, args.perception_steps, args.perception_lr, args.seed + 31,
-                          work / f"perception_{model.name}.jsonl", check_crops=args.perception_check_crops)
-        return out_dir
 
     def train_all() -> None:
         # from scratch the pretrain stage's start was warmed; a given --pretrained model is warmed here
