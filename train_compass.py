@@ -785,6 +785,10 @@ class TrainArgs:
     augment: str = "none"
     """none (paper) | flip (horizontal flip of the pair) | dihedral (one of the 8 flips/rotations of the pair,
     for labels that do not depend on orientation, like the mini build's): the same transform on LR and SR"""
+    freeze_vision: bool = False
+    """keep the vision tower (model.visual: ViT + merger) as loaded; only the language model learns (paper silent:
+    off = full-parameter SFT). What a tower already sees (a pretrained encoder, or the mini build's perception
+    warm-up) then survives the SFT; it also saves the tower's gradients and AdamW state"""
     # filled at run time
     grad_accum: int = 0
     """(filled at run time) micro-batches per optimizer step = global / (per-device x processes)"""
@@ -837,11 +841,14 @@ def train(args: TrainArgs) -> Path | int:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    if args.freeze_vision:  # before sharding: FSDP2 keeps requires_grad per parameter
+        model.model.visual.requires_grad_(False)
     if sharded:
         VL.shard_vl_model(model, dist_info, bf16)  # each rank's shards on `device`
     else:
         model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP2 swaps the Parameters
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_with_warmup(step, args.warmup_steps, args.total_steps))
 
@@ -899,7 +906,7 @@ def train(args: TrainArgs) -> Path | int:
             loss.backward()
             step_loss += loss.detach()
         # 4. clip, step AdamW, advance the cosine schedule (NaN/Inf steps are skipped and counted)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         if guard.ok(step_loss):
             optimizer.step()

@@ -147,6 +147,9 @@ class Args:
     """decoder layers of the text model: 8 (mini/compass_base). The shipped mini/compass was built with 4
     (held-out Spearman of F 0.546 at one view, 0.613 over 8); 8-layer builds reached 0.571-0.625 at one view
     (README "The mini presets")"""
+    freeze_vision: bool = False
+    """`train_compass.py train --freeze-vision` of the COMPASS stage and the Table 3 models: the vision tower
+    stays as the pretrained (or perception-warmed) model has it, only the language model learns. Off (shipped)"""
     rope_theta: float = 5e6 ** 0.25
     """the text model's RoPE base (shipped: 5e6 ** 0.25 = 47.287). The 8B's 5e6 on a 32-dim head leaves each
     image axis ONE useful frequency; the fourth root makes the head's 16 frequencies exactly the 8B's 16
@@ -514,12 +517,14 @@ def annotate(folder: Path, out: Path, log: Path, calibration: str = "rank", fide
 
 
 def train(model: str, data_file: Path, root: Path, out: Path, epochs: int, lr: float, batch: int, log: Path,
-          max_steps: int = 0, augment: str = "none", seed: int = 0, fidelity_weight: float = 1.0) -> None:
+          max_steps: int = 0, augment: str = "none", seed: int = 0, fidelity_weight: float = 1.0,
+          freeze_vision: bool = False) -> None:
     run(["train_compass.py", "train", "--model", model, "--data", str(data_file), "--root", str(root),
          "--out", str(out), "--epochs", str(epochs), "--global-batch", str(batch), "--per-device-batch",
          str(batch), "--lr", str(lr), "--warmup-steps", "100", "--device", "cpu", "--resume", "latest",
          "--augment", augment, "--seed", str(seed), "--fidelity-weight", str(fidelity_weight),
-         *(["--max-steps", str(max_steps)] if max_steps else [])], log)
+         *(["--max-steps", str(max_steps)] if max_steps else []), *(["--freeze-vision"] if freeze_vision else [])],
+        log)
 
 
 def publish(src: Path, dst: Path, *ignore: str) -> None:
@@ -676,14 +681,15 @@ def main(argv: list[str] | None = None) -> None:
         start = perceived(pretrained) if args.pretrained else pretrained
         train(str(start), work / "train" / "train.jsonl", work / "train", work / "compass", args.epochs,
               args.lr, args.batch, work / "train_compass.log", augment=args.augment, seed=args.train_seed,
-              fidelity_weight=args.fidelity_weight)
+              fidelity_weight=args.fidelity_weight, freeze_vision=args.freeze_vision)
         publish(work / "compass", out / "compass")
         if args.ablations:  # Table 3: the same budget on other labels
             for name, src in (("calibrated_noF", work / "train" / "train.jsonl"),
                               ("absolute_noF", work / "train" / "train_absolute.jsonl")):
                 records = without_fidelity(src, work / "train" / f"train_{name}.jsonl")
                 train(str(start), records, work / "train", work / f"ablation_{name}", args.epochs, args.lr,
-                      args.batch, work / f"train_{name}.log", augment=args.augment, seed=args.train_seed)
+                      args.batch, work / f"train_{name}.log", augment=args.augment, seed=args.train_seed,
+                      freeze_vision=args.freeze_vision)
 
     def evaluate_all() -> None:
         records = load_records(work / "heldout" / "heldout.jsonl", work / "heldout")

@@ -521,6 +521,26 @@ def test_fidelity_weight_weighs_the_fidelity_line_in_the_training_loss(sft_data,
     assert logged[0] == pytest.approx(expected, rel=1e-5) and expected != pytest.approx(float(plain.loss), rel=1e-3)
 
 
+def test_freeze_vision_trains_the_language_model_only(sft_data, tmp_path):
+    """--freeze-vision: the export's vision tower (ViT + merger) is the preset's bit for bit, the language model
+    moved, and the checkpoint's AdamW state holds no vision parameter (nothing was optimized there)."""
+    from safetensors.torch import load_file
+
+    path, root = sft_data
+    out = tmp_path / "frozen"
+    tc.train(tc.TrainArgs(data=str(path), root=str(root), out=str(out), model="tiny", device="cpu", epochs=2,
+                          global_batch=4, per_device_batch=4, lr=5e-3, freeze_vision=True, export_dtype="float32"))
+    exported, preset = load_file(str(out / "model.safetensors")), VL.build_tiny_compass()[0].state_dict()
+    vision = [k for k in preset if k.startswith("model.visual.")]
+    language = [k for k in preset if k.startswith("model.language_model.")]
+    assert vision and language and set(exported) == set(preset)
+    assert all(torch.equal(exported[k], preset[k]) for k in vision)
+    assert sum(not torch.equal(exported[k], preset[k]) for k in language) > len(language) // 2
+    optim = load_file(str(out / "checkpoints" / "step_000002" / "optimizer.safetensors"))
+    assert optim and not [k for k in optim if ".visual." in k]
+    assert any(".language_model." in k for k in optim)
+
+
 def _run(args, tmp_path, torchrun=False, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     from mini import serving  # a free rendezvous port: a fixed one may still be held by an earlier run
@@ -637,13 +657,14 @@ def test_torchrun_fsdp2_two_processes_match_one_process(sft_data, straight_run, 
 @pytest.mark.slow
 def test_fsdp2_rank0_loading_equals_the_full_model_bit_for_bit(sft_data, tmp_path):
     """Ranks other than 0 build the model on the meta device and receive their shards from rank 0; with
-    lr 0 (AdamW, no weight decay) the gathered export must equal the preset's weights exactly."""
+    lr 0 (AdamW, no weight decay) the gathered export must equal the preset's weights exactly. The vision
+    tower is frozen (--freeze-vision): sharded blocks without gradients go through the same steps and export."""
     from safetensors.torch import load_file
 
 
     out = tmp_path / "lr0"
-    _run(_train_args(sft_data, out, "--epochs", 1, "--per-device-batch", 1, "--lr", 0, "--export-dtype", "float32"),
-         tmp_path, torchrun=True)
+    _run(_train_args(sft_data, out, "--epochs", 1, "--per-device-batch", 1, "--lr", 0, "--export-dtype", "float32",
+                     "--freeze-vision"), tmp_path, torchrun=True)
     exported = load_file(str(out / "model.safetensors"))
     preset = VL.build_tiny_compass()[0].state_dict()
     assert set(exported) == set(preset)
