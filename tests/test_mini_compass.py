@@ -237,18 +237,21 @@ def test_perception_damages_change_the_crop_as_named():
 
 
 def test_build_warms_the_given_pretrained_model_with_perception_steps(tmp_path, monkeypatch, capsys):
-    """--perception-steps with --pretrained: the train stage starts from WORK/perceived_<name>; a negative
-    count is refused before any work."""
+    """--perception-steps with --pretrained: the train stage starts from WORK/perceived_<name> (and with
+    --freeze-vision trains it with the tower frozen; without, every parameter); a negative count is refused
+    before any work."""
     commands, warmed = [], []
     monkeypatch.setattr(build, "run", lambda args, log: commands.append(args))
     monkeypatch.setattr(build, "publish", lambda *a: None)
     monkeypatch.setattr(build, "perception_warmup", lambda src, dst, steps, *a, **k: warmed.append((src, dst, steps)))
     work, out = tmp_path / "work", tmp_path / "out"
     build.main(["--stage", "train", "--pretrained", "mini", "--work", str(work), "--out", str(out),
-                "--perception-steps", "7", "--no-ablations"])
+                "--perception-steps", "7", "--no-ablations", "--freeze-vision"])
     assert warmed == [(presets.mini_compass_base(), work / "perceived_compass_base", 7)]
     (train,) = commands
-    assert train[train.index("--model") + 1] == str(work / "perceived_compass_base")
+    assert train[train.index("--model") + 1] == str(work / "perceived_compass_base") and "--freeze-vision" in train
+    build.main(["--stage", "train", "--pretrained", "mini", "--work", str(work), "--out", str(out), "--no-ablations"])
+    assert "--freeze-vision" not in commands[-1]
     with pytest.raises(SystemExit):
         build.main(["--work", str(tmp_path / "w2"), "--out", str(out), "--perception-steps", "-1"])
     assert "--perception-steps -1: must be >= 0" in capsys.readouterr().err
