@@ -144,9 +144,9 @@ class Args:
     patch_size: int = MINI_COMPASS["patch_size"]
     """the vision tower's patch: 4 = 64 vision tokens per 64x64 image (shipped), 8 = 16"""
     text_layers: int = MINI_COMPASS["text"]["num_hidden_layers"]
-    """decoder layers of the text model: 8 (mini/compass_base). The shipped mini/compass was built with 4
-    (held-out Spearman of F 0.546 at one view, 0.613 over 8); 8-layer builds reached 0.571-0.625 at one view
-    (README "The mini presets")"""
+    """decoder layers of the text model: 8 (mini/compass_base). The shipped mini/compass has 4 (its first build:
+    held-out Spearman of F 0.546 at one view, 0.613 over 8; after the hack round it ships with, 0.633 over 8 on
+    the z_dim 8 backbone's groups); 8-layer builds reached 0.571-0.625 at one view (README "The mini presets")"""
     freeze_vision: bool = False
     """`train_compass.py train --freeze-vision` of the COMPASS stage and the Table 3 models: the vision tower
     stays as the pretrained (or perception-warmed) model has it, only the language model learns. Off (shipped)"""
