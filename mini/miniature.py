@@ -8,7 +8,8 @@ for every row of a table and several seeds per row:
               followed by the NR stage: RL on SFT should hack the reward and lose fidelity;
     Table 8   NR RL rewarded by Eq.4 ("compass"), by the gated gain F^(Q_LR/gamma) dQ ("gated") and by
               the gain dQ alone ("gain"): the gain alone should raise Q_SR most and lose most fidelity;
-    Table 7   the NR stage with NFT vs Flow-GRPO (same reward, same steps): NFT should get further.
+    Table 7   the NR stage with NFT vs Flow-GRPO (same reward; same steps, and Flow-GRPO again with the steps
+              that fit in the NFT run's wall time): NFT should get further.
 
 Every RL run is the project's own command line (rl_fr.py, rl_nr.py). Every policy (the SFT weights with
 the RL LoRA merged, paper §4) is evaluated on a FIXED held-out set with FIXED noise (`evaluate_policy`):
@@ -85,7 +86,8 @@ def evaluate_policy(bb: B.Backbone, held_out: HeldOut, scorer, steps: int = 40, 
 
     The noise of crop i is fixed (seed + i), so policies differ only by their weights. `scorer` is a
     COMPASS scorer (reward.make_scorer): F, Q_LR, Q_SR from the (LR, SR) pair with the fidelity prompt,
-    R = Eq.4 with `gamma`. Every metric reads the policy's own samples; LRcons_out and SSIM_out read them as
+    R = Eq.4 with `gamma` (the non-reference stage's reward); R_FR = Eq.4 with F = SSIM to the HR (the
+    full-reference stage's reward with `--fidelity ssim`, as the demo trains it). Every metric reads the policy's own samples; LRcons_out and SSIM_out read them as
     `infer.py --model mini` delivers them (back-projection and flat gate at the mini defaults)."""
     sr = B.super_resolve_many(bb, held_out.lr, steps, seed)
     ssim = evaluate.create_metric("SSIM")
@@ -103,6 +105,9 @@ def evaluate_policy(bb: B.Backbone, held_out: HeldOut, scorer, steps: int = 40, 
     scores = scorer.score([data.to_pil(x) for x in held_out.lr], [data.to_pil(x) for x in sr])
     out["F"], out["Q_LR"], out["Q_SR"] = scores.F.tolist(), scores.q_lr.tolist(), scores.q_sr.tolist()
     out["R"] = reward.compass_reward(scores.F, scores.q_lr, scores.q_sr, gamma).tolist()
+    # the full-reference stage's own reward (rl_fr.py --fidelity ssim): Eq.4 with F = SSIM to the HR, Q from COMPASS
+    f_ssim = reward.FidelityScorer("ssim").fidelity(sr, held_out.hr)
+    out["R_FR"] = reward.compass_reward(f_ssim, scores.q_lr, scores.q_sr, gamma).tolist()
     return out, sr
 
 
@@ -200,7 +205,8 @@ def run_rows(out: Path, s: Settings, hr_dir: Path, lq_dir: Path, tables: set[str
     rows = {name: Row(name, table, key) for name, table, key in (
         ("FR (base)", "5", "fr_base"), ("FR + NR (base)", "5", "nr_base"), ("FR (SFT)", "5", "fr_sft"),
         ("FR + NR (SFT)", "5", "nr_sft"), ("NR compass", "8", "nr_base"), ("NR gated", "8", "nr_gated"),
-        ("NR gain", "8", "nr_gain"), ("NR NFT", "7", "nr_base"), ("NR Flow-GRPO", "7", "nr_grpo"))}
+        ("NR gain", "8", "nr_gain"), ("NR NFT", "7", "nr_base"), ("NR Flow-GRPO", "7", "nr_grpo"),
+        ("NR Flow-GRPO, NFT's time", "7", "nr_grpo_time"))}
     runs_dir = out / "runs"
     claim_runs_dir(runs_dir, s)
     for seed in s.seeds:
@@ -230,6 +236,12 @@ def run_rows(out: Path, s: Settings, hr_dir: Path, lq_dir: Path, tables: set[str
         if "7" in tables:
             lora, t = stage("nr_grpo", "rl_nr.py", [*nr_args, "--lora", str(fr_base), "--objective", "flow_grpo"])
             done["nr_grpo"] = (lora, t_fr_base + t, t)
+            # equal wall time: Flow-GRPO gets the steps that fit in the NFT run's NR-stage seconds (this seed's
+            # two same-step runs give the ratio; each includes the script's loading, the same for both)
+            steps = max(1, round(s.nr_steps * done["nr_base"][2] / t))
+            lora, t = stage("nr_grpo_time", "rl_nr.py", [*nr_args[:-1], str(steps), "--lora", str(fr_base),
+                                                         "--objective", "flow_grpo"])
+            done["nr_grpo_time"] = (lora, t_fr_base + t, t)
         for row in rows.values():
             if row.claim_key in done and row.table in tables:
                 row.loras[seed], row.seconds[seed], row.last_stage_seconds[seed] = done[row.claim_key]
@@ -273,6 +285,10 @@ def claims(results: dict[str, dict]) -> list[tuple[str, str, bool, str]]:
         ("7", "an NFT run is faster than a Flow-GRPO run", ("NR NFT", "NR Flow-GRPO"),
          lambda a, b: a["stage_seconds"] < b["stage_seconds"],
          lambda a, b: f"NR stage seconds NFT {a['stage_seconds']:.0f}, Flow-GRPO {b['stage_seconds']:.0f}"),
+        ("7", "NFT reaches a higher Eq.4 reward than Flow-GRPO in the same wall time",
+         ("NR NFT", "NR Flow-GRPO, NFT's time"), lambda a, b: a["R"] > b["R"],
+         lambda a, b: f"R NFT {a['R']:.3f} ({a['stage_seconds']:.0f} s), Flow-GRPO {b['R']:.3f} "
+                      f"({b['stage_seconds']:.0f} s)"),
     ]
     return [(table, text, bool(ok(*[m[n] for n in names])), numbers(*[m[n] for n in names]))
             for table, text, names, ok, numbers in checks if all(n in m for n in names)]

@@ -25,8 +25,13 @@ def _run_script(tmp_path: Path, *args: str) -> str:
 @pytest.mark.slow
 def test_demo_quick_writes_a_complete_report(tmp_path):
     out = tmp_path / "demo"
-    stdout = _run_script(tmp_path, "-m", "mini.demo", "--quick", "--out", str(out), "--reward-views", "2", "--eval-views", "3")
+    # --served-reward: the NR stage through a local `transformers serve` (the default scores in-process, as
+    # every RL test does; this is the one test of the demo's server branch)
+    stdout = _run_script(tmp_path, "-m", "mini.demo", "--quick", "--out", str(out), "--reward-views", "2", "--eval-views",
+                         "3", "--served-reward")
     report = (out / "report.md").read_text()
+    assert json.loads((out / "nr" / "args.json").read_text())["reward_url"].startswith("http://127.0.0.1:")
+    assert "| NR (COMPASS served) |" in report
     # the RL stages (FR in-process, NR served) read 2 views, the evaluations 3
     assert "2 in the RL stages (--reward-views), 3 in the evaluations" in report
     assert re.search(r"evaluation\.sriqa .*--reward-views 3", stdout)
@@ -60,6 +65,9 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
     assert list(before_after) == ["SFT", "SFT + FR LoRA", "SFT + NR LoRA"]
     for metrics in before_after.values():
         assert all(math.isfinite(v) for v in metrics["R"] + metrics["SSIM"] + metrics["SNB"])
+        # R_FR, the FR stage's reward: Eq.4 with F = the crop's SSIM to the HR and COMPASS's Q_LR, Q_SR
+        for r_fr, f, q_lr, q_sr in zip(metrics["R_FR"], metrics["SSIM"], metrics["Q_LR"], metrics["Q_SR"]):
+            assert r_fr == pytest.approx(f * q_lr + f ** (q_lr / 7) * (q_sr - q_lr), abs=1e-5)
         # the delivered outputs (back-projection towards the LR) explain their LR better than the raw samples
         assert all(out_ > raw + 3 for out_, raw in zip(metrics["LRcons_out"], metrics["LRcons"]))
     assert (out / "sr_nr" / "metrics.csv").exists()
@@ -73,10 +81,14 @@ def test_miniature_quick_runs_every_table(tmp_path):
     for title in ("Table 5", "Table 8", "Table 7", "Does the paper's sign reproduce?"):
         assert title in report, title
     results = json.loads((out / "results.json").read_text())["per_seed"]
-    assert {"SFT", "FR (base)", "FR + NR (SFT)", "NR gain", "NR Flow-GRPO"} <= set(results)
+    assert {"SFT", "FR (base)", "FR + NR (SFT)", "NR gain", "NR Flow-GRPO", "NR Flow-GRPO, NFT's time"} <= set(results)
+    # the equal-time Flow-GRPO run trained for the steps that fit in NFT's NR-stage seconds
+    runs = out / "runs"
+    nft, grpo = (json.loads((runs / f"{key}_s0.time").read_text()) for key in ("nr_base", "nr_grpo"))
+    assert json.loads((runs / "nr_grpo_time_s0" / "args.json").read_text())["steps"] == max(1, round(2 * nft / grpo))
     # the same held-out set and noise: rows that share a run have identical numbers
     assert results["NR compass"] == results["FR + NR (base)"] == results["NR NFT"]
-    assert len(re.findall(r"\| (yes|no) \|", report)) == 8
+    assert len(re.findall(r"\| (yes|no) \|", report)) == 9
     stamp = json.loads((out / "runs" / "made_with.json").read_text())
     assert stamp["settings"]["fr_steps"] == 3 and "compass/model.safetensors" in stamp["weights"]
 
