@@ -1,7 +1,8 @@
 """The whole OARS pipeline end to end on the trained mini presets, on a CPU, in a few minutes (`make demo`).
 
 Every stage runs as a user would run it: the real command lines (run in this process by common/commands.py,
-which pays the libraries' imports once), nothing private; with --served-reward the reward server is a process of its own.
+which pays the libraries' imports once), nothing private; with --served-reward the reward server is a process
+of its own.
 
     0. data      photographs that ship inside installed packages (photos.py): HR crops of the training
                  photos (cold start, FR RL), LR inputs made by data.py's Real-ESRGAN pipeline at the mini ranges

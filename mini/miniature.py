@@ -14,12 +14,13 @@ for every row of a table and several seeds per row:
 Every RL run is the project's own command line (rl_fr.py, rl_nr.py). Every policy (the SFT weights with
 the RL LoRA merged, paper §4) is evaluated on a FIXED held-out set with FIXED noise (`evaluate_policy`):
 24 crops of the held-out photos, plain LR (HELDOUT_LR), 40 Euler steps. Columns: PSNR and SSIM (Y)
-and sharpness against the HR; the mini COMPASS's F, Q_SR and Eq.4 reward (it never sees the HR); two
+and sharpness against the HR; the mini COMPASS's F, Q_SR and Eq.4 reward R (it never sees the HR); R_FR, the
+FR stage's reward (Eq.4 with F = SSIM to the HR, Q from the mini COMPASS); two
 weights-free no-reference metrics, SNB (evaluate.snb_quality, the annotation anchor COMPASS learned from)
 and PIQE (pyiqa, independent of it); wall time. Mean +- std over seeds; the report says row by row
 whether the paper's sign reproduces.
 
-    python miniature.py                  # 3 seeds, every table (about 20 min on 2 CPU cores)
+    python miniature.py                  # 3 seeds, every table (about 15 min on 2 CPU cores)
     python miniature.py --quick          # 1 seed, a few steps (CI)
 Writes OUT/report.md, OUT/results.json, a picture per row, and every run's logs and LoRA files.
 """
@@ -59,7 +60,7 @@ before the z_dim 8 backbone used them)."""
 LQ_DEGRADATION = data.MINI_DEGRADATION
 """The NR stage's "real LQ" inputs: data.py's Real-ESRGAN pipeline with every stage, at the ranges scaled to the
 mini crops (data.MINI_DEGRADATION; the SFT trained on it)."""
-METRICS = ("PSNR", "SSIM", "sharpness", "F", "Q_SR", "R", "SNB", "PIQE")
+METRICS = ("PSNR", "SSIM", "sharpness", "F", "Q_SR", "R", "R_FR", "SNB", "PIQE")
 LOWER_BETTER = {"PIQE"}
 
 
@@ -87,8 +88,9 @@ def evaluate_policy(bb: B.Backbone, held_out: HeldOut, scorer, steps: int = 40, 
     The noise of crop i is fixed (seed + i), so policies differ only by their weights. `scorer` is a
     COMPASS scorer (reward.make_scorer): F, Q_LR, Q_SR from the (LR, SR) pair with the fidelity prompt,
     R = Eq.4 with `gamma` (the non-reference stage's reward); R_FR = Eq.4 with F = SSIM to the HR (the
-    full-reference stage's reward with `--fidelity ssim`, as the demo trains it). Every metric reads the policy's own samples; LRcons_out and SSIM_out read them as
-    `infer.py --model mini` delivers them (back-projection and flat gate at the mini defaults)."""
+    full-reference stage's reward with `--fidelity ssim`, as the demo trains it). Every metric reads the
+    policy's own samples; LRcons_out and SSIM_out read them as `infer.py --model mini` delivers them
+    (back-projection and flat gate at the mini defaults)."""
     sr = B.super_resolve_many(bb, held_out.lr, steps, seed)
     ssim = evaluate.create_metric("SSIM")
     out = {name: [float(v) for v in metric(sr, held_out.hr).flatten()]
@@ -239,8 +241,8 @@ def run_rows(out: Path, s: Settings, hr_dir: Path, lq_dir: Path, tables: set[str
             # equal wall time: Flow-GRPO gets the steps that fit in the NFT run's NR-stage seconds (this seed's
             # two same-step runs give the ratio; each includes the script's loading, the same for both)
             steps = max(1, round(s.nr_steps * done["nr_base"][2] / t))
-            lora, t = stage("nr_grpo_time", "rl_nr.py", [*nr_args[:-1], str(steps), "--lora", str(fr_base),
-                                                         "--objective", "flow_grpo"])
+            lora, t = stage("nr_grpo_time", "rl_nr.py", ["--lr-dir", str(lq_dir), "--steps", str(steps), "--lora",
+                                                         str(fr_base), "--objective", "flow_grpo"])
             done["nr_grpo_time"] = (lora, t_fr_base + t, t)
         for row in rows.values():
             if row.claim_key in done and row.table in tables:
@@ -266,6 +268,9 @@ def claims(results: dict[str, dict]) -> list[tuple[str, str, bool, str]]:
         ("5", "FR RL on the base raises the Eq.4 reward over SFT while SSIM drops by at most 0.01",
          ("SFT", "FR (base)"), lambda a, b: b["R"] > a["R"] and a["SSIM"] - b["SSIM"] <= 0.01,
          lambda a, b: f"R {a['R']:.3f} -> {b['R']:.3f}, SSIM {a['SSIM']:.4f} -> {b['SSIM']:.4f}"),
+        ("5", "FR RL on the base raises its own reward (Eq.4 with F = SSIM to the HR: R_FR) over SFT",
+         ("SFT", "FR (base)"), lambda a, b: b["R_FR"] > a["R_FR"],
+         lambda a, b: f"R_FR {a['R_FR']:.3f} -> {b['R_FR']:.3f}"),
         ("5", "RL on the SFT weights loses more SSIM than on the base (FR stage)", ("FR (base)", "FR (SFT)"),
          lambda a, b: b["SSIM"] < a["SSIM"], lambda a, b: f"SSIM base {a['SSIM']:.4f}, SFT {b['SSIM']:.4f}"),
         ("5", "RL on the SFT weights loses more SSIM than on the base (FR + NR)", ("FR + NR (base)", "FR + NR (SFT)"),

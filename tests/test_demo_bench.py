@@ -88,7 +88,7 @@ def test_miniature_quick_runs_every_table(tmp_path):
     assert json.loads((runs / "nr_grpo_time_s0" / "args.json").read_text())["steps"] == max(1, round(2 * nft / grpo))
     # the same held-out set and noise: rows that share a run have identical numbers
     assert results["NR compass"] == results["FR + NR (base)"] == results["NR NFT"]
-    assert len(re.findall(r"\| (yes|no) \|", report)) == 9
+    assert len(re.findall(r"\| (yes|no) \|", report)) == 10
     stamp = json.loads((out / "runs" / "made_with.json").read_text())
     assert stamp["settings"]["fr_steps"] == 3 and "compass/model.safetensors" in stamp["weights"]
 
