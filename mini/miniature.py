@@ -107,8 +107,9 @@ def evaluate_policy(bb: B.Backbone, held_out: HeldOut, scorer, steps: int = 40, 
     scores = scorer.score([data.to_pil(x) for x in held_out.lr], [data.to_pil(x) for x in sr])
     out["F"], out["Q_LR"], out["Q_SR"] = scores.F.tolist(), scores.q_lr.tolist(), scores.q_sr.tolist()
     out["R"] = reward.compass_reward(scores.F, scores.q_lr, scores.q_sr, gamma).tolist()
-    # the full-reference stage's own reward (rl_fr.py --fidelity ssim): Eq.4 with F = SSIM to the HR, Q from COMPASS
-    f_ssim = reward.FidelityScorer("ssim").fidelity(sr, held_out.hr)
+    # the full-reference stage's own reward (rl_fr.py --fidelity ssim): Eq.4 with F = the SSIM above (clamped to
+    # [0, 1] as reward.FidelityScorer does), Q from COMPASS
+    f_ssim = torch.tensor(out["SSIM"]).clamp(0.0, 1.0)
     out["R_FR"] = reward.compass_reward(f_ssim, scores.q_lr, scores.q_sr, gamma).tolist()
     return out, sr
 
