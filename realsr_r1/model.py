@@ -50,6 +50,7 @@ from common.training import (
     atomic_write_text,
     find_checkpoint,
 )
+from evaluation.evaluate import bicubic_down
 from realsr_r1 import vlcot as V
 
 REAL_MODEL = "Alpha-VLLM/Lumina-mGPT-7B-512"
@@ -74,6 +75,11 @@ MINI = {"policy": dict(hidden_size=128, intermediate_size=384, num_hidden_layers
 Why 4x and not LlamaGen's 8x: the paper lowers the downsampling for fidelity (§3.2, 16x -> 8x); at 8x a 64 px crop
 is 8x8 codes of 10 bits for 16x16 LR pixels, too few to keep the picture (an 8x pilot: 14.5 dB after 200 steps),
 at 4x one code stands for one LR pixel."""
+MINI_POSITION_STRIDE = 256
+"""vlcot.Layout.position_stride of the mini presets: each image of the chain starts 256 positions after the previous
+one (an image of 12x12 codes is 160 tokens, the texts between images stay under 96 with the build's --text-budget 64;
+longer texts only make positions repeat). The first mini build used consecutive ids: its 4-layer policy never
+learned to copy the LR into the final image (13 dB LR consistency, greedy codes included)."""
 MAX_GRIDS = 64  # size tokens <reserved08800>..<reserved08864> in the tiny / mini vocabularies
 
 
@@ -187,10 +193,16 @@ def vq_decode(vq: JanusVQVAE, codes: torch.Tensor) -> torch.Tensor:
     return ((decode_latents(vq, zq) + 1) / 2).clamp(0, 1)
 
 
-def vq_loss(vq: JanusVQVAE, images: torch.Tensor, beta: float = 0.25) -> tuple[torch.Tensor, dict, torch.Tensor]:
+def vq_loss(vq: JanusVQVAE, images: torch.Tensor, beta: float = 0.25, lr_weight: float = 0.0,
+            scale: int = 4) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """LlamaGen's VQ objective on a batch (B, 3, H, W) in [0, 1] (without its LPIPS and GAN terms, which need
     downloaded weights): L2 reconstruction through the straight-through estimator z + sg(e - z), codebook
-    ||sg(z) - e||^2 and commitment beta ||z - sg(e)||^2 on the unit vectors. Returns (loss, stats, codes)."""
+    ||sg(z) - e||^2 and commitment beta ||z - sg(e)||^2 on the unit vectors. Returns (loss, stats, codes).
+
+    `lr_weight` > 0 adds lr_weight x the L2 between the reconstruction and the image both downscaled by `scale`
+    (`evaluate.bicubic_down`, the LR-consistency check's downscale): not LlamaGen's; the mini VQ uses it because an SR
+    chain's final image can keep its LR only as well as the tokenizer's round trip keeps the low frequencies, which
+    a small VQ trained briefly on a CPU otherwise learns last (stats["lr_psnr"] reports that round trip)."""
     z = vq_latents(vq, images)
     book = vq_codebook(vq)
     codes = nearest_codes(z.detach(), book.detach())
@@ -200,11 +212,14 @@ def vq_loss(vq: JanusVQVAE, images: torch.Tensor, beta: float = 0.25) -> tuple[t
     rec = (recon - (images * 2 - 1)).pow(2).mean()  # LlamaGen's default reconstruction loss: l2
     codebook = (e - z.detach()).pow(2).mean()
     commit = (e.detach() - z).pow(2).mean()
-    loss = rec + codebook + beta * commit
+    size = (images.shape[-2] // scale, images.shape[-1] // scale)
+    low = (bicubic_down(recon, size) - bicubic_down(images * 2 - 1, size)).pow(2).mean()
+    loss = rec + codebook + beta * commit + lr_weight * low
     with torch.no_grad():
         mse = ((recon.clamp(-1, 1) + 1) / 2 - images).pow(2).mean()
     stats = {"l2": float(rec.detach()), "codebook": float(codebook.detach()), "commit": float(commit.detach()),
-             "psnr": float(10 * torch.log10(1 / mse.clamp_min(1e-10)))}
+             "psnr": float(10 * torch.log10(1 / mse.clamp_min(1e-10))),
+             "lr_psnr": float(10 * torch.log10(4 / low.detach().clamp_min(1e-10)))}  # [-1, 1] units: peak 2
     return loss, stats, codes
 
 
@@ -289,7 +304,7 @@ def load_policy(name: str, vq: str = "", tokenizer: str = "", device: str | torc
         # in memory the VQ is named absolutely ('tiny', 'mini' or a path); on disk relative to the folder
         meta["vq"] = absolute_vq_name(vq) if vq else (meta["vq"] if meta["vq"] in ("tiny", "mini") else str((folder / meta["vq"]).resolve()))
         vq_model = load_vq(meta["vq"])
-        layout = V.Layout.from_tokenizer(tok, meta["num_codes"], MAX_GRIDS, meta["grid"])
+        layout = V.Layout.from_tokenizer(tok, meta["num_codes"], MAX_GRIDS, meta["grid"], meta.get("position_stride", 0))
         return Policy(model.to(device), tok, layout, vq_model.to(device), meta)
     return load_real(name, vq, tokenizer, device, dtype)
 

@@ -354,6 +354,22 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(1) - 1).clamp_min(0)
 
 
+def position_ids(ids: torch.Tensor, mask: torch.Tensor, layout: V.Layout) -> torch.Tensor:
+    """The position ids of sequences (B, T) under layout.position_stride S: consecutive (skipping left padding) when
+    S = 0; else the k-th image start (k = 0 for the first, the prompt's LR) jumps to first + k S, where `first` is the
+    first image start's consecutive position, and the tokens after it count on from there. Example, S = 10:
+    text text [img] a b text [img] c -> 0 1 2 3 4 5 12 13 (the second image's codes sit 10 after the first's)."""
+    pos = positions(mask)
+    stride = layout.position_stride
+    if stride <= 0:
+        return pos
+    starts = (ids == layout.image_start) & mask.bool()
+    k = starts.long().cumsum(1)  # 1 from the first image start on, 2 from the second ...
+    seg_start = torch.where(starts, pos, torch.zeros_like(pos)).cummax(1).values  # consecutive pos of the last start
+    first = torch.where(starts & (k == 1), pos, torch.zeros_like(pos)).amax(1, keepdim=True)
+    return torch.where(k >= 1, first + (k - 1) * stride + pos - seg_start, pos)
+
+
 @torch.no_grad()
 def sample_chains(model, prompts: list[list[int]], layout: V.Layout, sizes: list[tuple[int, int]],
                   max_new_tokens: int, generator: torch.Generator, temperature: float = 1.0, image_top_k: int = 0,
@@ -368,8 +384,8 @@ def sample_chains(model, prompts: list[list[int]], layout: V.Layout, sizes: list
     ids, mask = ids.to(device), mask.to(device)
     text_ok, code_ok = (m.to(device) for m in layout.masks(model.config.vocab_size))
     states = [V.DecodeState() for _ in prompts]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
-    cache, pos = out.past_key_values, positions(mask)[:, -1:]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(ids, mask, layout), use_cache=True)
+    cache = out.past_key_values
     logits = out.logits[:, -1].float()
     tokens, kinds = [], []
     for _ in range(max_new_tokens):
@@ -404,8 +420,9 @@ def sample_chains(model, prompts: list[list[int]], layout: V.Layout, sizes: list
             running = int(T.all_reduce_sum(torch.tensor([float(running)]))[0])
         if running == 0:
             break
+        ids = torch.cat([ids, token_step[:, None].to(device)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        pos = pos + 1
+        pos = position_ids(ids, mask, layout)[:, -1:]  # the whole row: an image start jumps (O(T) per token, cheap)
         out = model(input_ids=token_step[:, None].to(device), attention_mask=mask, position_ids=pos,
                     past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1].float()
@@ -420,7 +437,7 @@ def chain_log_probs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     device = next(model.parameters()).device
     ids = torch.cat([prompt_ids, completion], 1).to(device)
     mask = torch.cat([prompt_mask, (kinds != V.DONE).long()], 1).to(device)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(ids, mask, layout)).logits
     logits = logits[:, prompt_ids.shape[1] - 1:-1].float() / max(temperature, 1e-6)  # (B, T, V) predicting completion
     text_ok, code_ok = (m.to(device) for m in layout.masks(logits.shape[-1]))
     kinds = kinds.to(device)
@@ -697,7 +714,8 @@ def sft(args: SFTArgs) -> int:
             part = slice(i, i + args.micro_batch)
             ids, labels, mask = right_pad(seqs[part], [len(e["prompt"]) for e in encoded[part]], policy.layout.pad)
             with autocast:
-                logits = model(input_ids=ids.to(dist_info.device), attention_mask=mask.to(dist_info.device)).logits
+                logits = model(input_ids=ids.to(dist_info.device), attention_mask=mask.to(dist_info.device),
+                               position_ids=position_ids(ids, mask, policy.layout).to(dist_info.device)).logits
             ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(logits.device),
                                  ignore_index=-100, reduction="sum")
             (ce / total_tokens).backward()
@@ -960,6 +978,10 @@ def oars_finals(args: infer.Args, lr: torch.Tensor) -> torch.Tensor:
     return torch.stack(sr)
 
 
+VQ_ROW = "HR through the VQ"
+REFERENCE_ROWS = ("HR itself", VQ_ROW)
+
+
 def evaluate(args: EvalArgs) -> dict:
     """The table (bicubic, each model, each model post-processed, the OARS policy) and the picture; writes OUT.json,
     OUT.md and OUT.png."""
@@ -973,12 +995,18 @@ def evaluate(args: EvalArgs) -> dict:
     hr = torch.stack([e.hr for e in plain])
     lr = torch.stack([e.lr for e in plain])
     bicubic = F.interpolate(lr, scale_factor=args.scale, mode="bicubic", align_corners=False).clamp(0, 1)
-    table = {"bicubic": fidelity_row(bicubic, hr, lr)}
+    # two reference rows without a picture column: what the HR itself scores (LR consistency is not 100 dB: the plain
+    # LR was made with another downscale than the check's), and the HR through the first model's VQ (what any chain
+    # can reach at best: its final image is a VQ decode)
+    table = {"HR itself": fidelity_row(hr, hr, lr), "bicubic": fidelity_row(bicubic, hr, lr)}
     columns = [F.interpolate(lr, scale_factor=args.scale, mode="nearest"), bicubic]
     # the OARS policy first (a missing checkpoint fails before the chains are sampled), its row last
     oars_sr = oars_finals(oars, lr) if oars is not None else None
     for name in args.models:
         policy = M.load_policy(name, vq=args.vq, device=device)
+        if VQ_ROW not in table:
+            round_trip = M.vq_decode(policy.vq, M.vq_encode(policy.vq, hr.to(device))).cpu()
+            table[VQ_ROW] = fidelity_row(round_trip, hr, lr)
         result = evaluate_policy(policy, deg, plain, args)
         table[name] = result["row"]
         finals = torch.stack([f if f is not None else torch.full_like(hr[0], 0.5) for f in result["finals"]])
@@ -997,7 +1025,8 @@ def evaluate(args: EvalArgs) -> dict:
     report = {"crops": args.crops, "crop_size": args.crop_size, "plain_sigma": args.plain_sigma,
               "heldout": list(photos.HELDOUT) if args.data == "heldout" else args.data,
               "post_process": {"back_projection": args.back_projection, "flat_gate": args.flat_gate},
-              "oars": args.oars, "columns": ["nearest", "bicubic", *[k for k in table if k != "bicubic"], "HR"],
+              "oars": args.oars,
+              "columns": ["nearest", "bicubic", *[k for k in table if k not in ("bicubic", *REFERENCE_ROWS)], "HR"],
               "table": table}
     T.atomic_write_text(json.dumps(report, indent=1), out.with_suffix(".json"))
     T.atomic_write_text(markdown(table), out.with_suffix(".md"))

@@ -95,13 +95,20 @@ class Layout:
     size_ids: tuple[int, ...]
     code_ids: tuple[int, ...]
     grid: int = 1
+    position_stride: int = 0
+    """0: consecutive position ids (Lumina-mGPT). S > 0: the k-th image of a sequence (the prompt's LR = 0) starts at
+    position first + k S (first = where the LR starts) and every token after it counts on from there
+    (train_realsr_r1.position_ids): the final image's code (r, c) then sits a fixed distance 3 S from the LR's code
+    (r, c) whatever the texts between them, so a small model trained from scratch can copy by relative position
+    (RoPE). Not in the paper (the 7B is pretrained to do that with consecutive ids); the mini presets use it."""
 
     def __post_init__(self) -> None:
         self.code_of = {t: k for k, t in enumerate(self.code_ids)}  # token id -> VQ code
         self.grids_of = {t: n for n, t in enumerate(self.size_ids)}  # token id -> grid units
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, num_codes: int, max_grids: int, grid: int = 1) -> "Layout":
+    def from_tokenizer(cls, tokenizer, num_codes: int, max_grids: int, grid: int = 1,
+                       position_stride: int = 0) -> "Layout":
         """Look every layout token up in `tokenizer`; ValueError naming the first missing one."""
         vocab = tokenizer.get_vocab()
         names = [IMAGE_START, IMAGE_END, NEW_LINE] + [size_token(n) for n in range(max_grids + 1)] + \
@@ -113,7 +120,7 @@ class Layout:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         return cls(vocab[IMAGE_START], vocab[IMAGE_END], vocab[NEW_LINE], eos, pad,
                    tuple(vocab[size_token(n)] for n in range(max_grids + 1)),
-                   tuple(vocab[image_token_name(k)] for k in range(num_codes)), grid)
+                   tuple(vocab[image_token_name(k)] for k in range(num_codes)), grid, position_stride)
 
     def masks(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(text_allowed, code_allowed), each (V,) bool: the tokens a sampler may draw outside / inside an image.
