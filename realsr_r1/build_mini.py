@@ -148,7 +148,8 @@ def stage_vq(budget: Budget, mini: Path, work: Path) -> dict:
         with open(log, "a") as f:
             f.write(json.dumps({"step": done, **stats, "seconds": time.time() - t_start}) + "\n")
         if done % 50 == 0 or done == budget.vq_steps:
-            print(f"[vq] step {done}/{budget.vq_steps} psnr {stats['psnr']:.2f} dB, downscaled {stats['lr_psnr']:.2f} dB "
+            print(f"[vq] step {done}/{budget.vq_steps} psnr {stats['psnr']:.2f} dB, "
+                  f"downscaled {stats['lr_psnr']:.2f} dB "
                   f"({(time.time() - t_start) / (done - start):.2f} s/step)", flush=True)
             T.save_training_checkpoint(ckpt, done, vq, optimizer, dist_info, keep_last=1)
     vq.eval()
@@ -217,7 +218,7 @@ def stage_grpo(budget: Budget, mini: Path, work: Path) -> None:
 
 
 def stage_eval(budget: Budget, mini: Path) -> None:
-    torch.set_num_threads(1)  # as tests/test_realsr_r1.py reproduces the table (sampling is exact only per thread count)
+    torch.set_num_threads(1)  # as tests/test_realsr_r1.py reproduces the table (sampling is exact per thread count)
     # the shipped presets by their names (the table then names them, not this machine's folders)
     models = ["mini-sft", "mini"] if mini.resolve() == M.MINI_DIR.resolve() else [str(mini / "sft"), str(mini / "grpo")]
     run_stage_script(["eval", "--models", *models, "--crops", str(budget.eval_crops),

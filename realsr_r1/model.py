@@ -304,7 +304,8 @@ def load_policy(name: str, vq: str = "", tokenizer: str = "", device: str | torc
         # in memory the VQ is named absolutely ('tiny', 'mini' or a path); on disk relative to the folder
         meta["vq"] = absolute_vq_name(vq) if vq else (meta["vq"] if meta["vq"] in ("tiny", "mini") else str((folder / meta["vq"]).resolve()))
         vq_model = load_vq(meta["vq"])
-        layout = V.Layout.from_tokenizer(tok, meta["num_codes"], MAX_GRIDS, meta["grid"], meta.get("position_stride", 0))
+        layout = V.Layout.from_tokenizer(tok, meta["num_codes"], MAX_GRIDS, meta["grid"],
+                                         meta.get("position_stride", 0))
         return Policy(model.to(device), tok, layout, vq_model.to(device), meta)
     return load_real(name, vq, tokenizer, device, dtype)
 

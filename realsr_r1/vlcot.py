@@ -100,7 +100,7 @@ class Layout:
     position first + k S (first = where the LR starts) and every token after it counts on from there
     (train_realsr_r1.position_ids): the final image's code (r, c) then sits a fixed distance 3 S from the LR's code
     (r, c) whatever the texts between them, so a small model trained from scratch can copy by relative position
-    (RoPE). Not in the paper (the 7B is pretrained to do that with consecutive ids); the mini presets use it."""
+    (RoPE). Not in the paper (the pretrained 7B uses consecutive ids); the mini presets use it."""
 
     def __post_init__(self) -> None:
         self.code_of = {t: k for k, t in enumerate(self.code_ids)}  # token id -> VQ code

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -200,7 +201,8 @@ def test_constrained_decoding_keeps_the_layout(tiny):
 
 
 def test_anchored_position_ids_hand_worked():
-    layout = V.Layout(image_start=9, image_end=8, new_line=7, eos=6, pad=0, size_ids=(), code_ids=(), position_stride=10)
+    layout = V.Layout(image_start=9, image_end=8, new_line=7, eos=6, pad=0, size_ids=(), code_ids=(),
+                      position_stride=10)
     ids = torch.tensor([[0, 0, 1, 2, 9, 3, 4, 5, 9, 3, 4, 9, 3]])  # two left pads, then the docstring's example + 1
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
     assert R.position_ids(ids, mask, layout).tolist() == [[0, 0, 0, 1, 2, 3, 4, 5, 12, 13, 14, 22, 23]]
@@ -211,10 +213,10 @@ def test_anchored_position_ids_hand_worked():
 def test_sampler_and_scorer_agree_on_anchored_positions(tiny):
     """Greedy chains sampled with a KV cache under a position stride: every chosen token is the argmax of the
     full-sequence forward that GRPO's log-probabilities use, so both see the same positions."""
-    from dataclasses import replace
     layout = replace(tiny.layout, position_stride=40)
     sizes = V.stage_sizes((32, 32), 8)
-    prompts = [tiny.tokenizer.encode("restore", add_special_tokens=False) + V.image_tokens(torch.zeros(4, 4, dtype=torch.long), layout)] * 2
+    lr_codes = torch.zeros(4, 4, dtype=torch.long)
+    prompts = [tiny.tokenizer.encode("restore", add_special_tokens=False) + V.image_tokens(lr_codes, layout)] * 2
     prompts[1] = [5, 6] + prompts[1]  # left padding for the first
     model = Boosted(tiny.model, layout.image_start)
     comps, kinds = R.sample_chains(model, prompts, layout, sizes, 120, torch.Generator().manual_seed(0),
