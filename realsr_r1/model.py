@@ -78,7 +78,8 @@ at 4x one code stands for one LR pixel."""
 MINI_POSITION_STRIDE = 256
 """vlcot.Layout.position_stride of the mini presets: each image of the chain starts 256 positions after the previous
 one (an image of 12x12 codes is 160 tokens, the texts between images stay under 96 with the build's --text-budget 64;
-longer texts only make positions repeat). The first mini build used consecutive ids: its 4-layer policy never
+longer texts only make positions repeat; a --crop-size whose final image would not fit is refused by
+train_realsr_r1.check_sizes). The first mini build used consecutive ids: its 4-layer policy never
 learned to copy the LR into the final image (13 dB LR consistency, greedy codes included)."""
 MAX_GRIDS = 64  # size tokens <reserved08800>..<reserved08864> in the tiny / mini vocabularies
 

@@ -581,7 +581,12 @@ def check_sizes(crop_size: int, scale: int, policy: M.Policy) -> list[tuple[int,
                          f"image is HR/4 and the LR HR/{scale}, coded by the VQ's {policy.downsample}x "
                          f"downsampling with {policy.layout.grid} codes per size token; a 1x1 code grid is degenerate: "
                          f"the VQ's GroupNorm has one value to normalise)")
-    return V.stage_sizes((crop_size, crop_size), policy.downsample)
+    sizes = V.stage_sizes((crop_size, crop_size), policy.downsample)
+    stride, tokens = policy.layout.position_stride, V.image_length(*sizes[-1])
+    if stride and tokens >= stride:  # the next image would start inside this one's positions
+        raise T.RunError(f"--crop-size {crop_size}: its final image is {tokens} tokens, more than this policy's position "
+                         f"stride {stride} (realsr_r1.json position_stride) holds; use a smaller crop")
+    return sizes
 
 
 def data_source(spec: str, split: tuple[str, ...]):

@@ -261,6 +261,14 @@ def test_vq_any_size_and_straight_through_gradient(tiny):
     assert torch.allclose(z.norm(dim=1), torch.ones(2, 2, 5), atol=1e-5)  # LlamaGen's L2 normalisation
 
 
+def test_crop_too_large_for_the_position_stride_is_named():
+    mini = M.load_policy("mini")
+    assert R.check_sizes(48, 4, mini)[-1] == (12, 12)  # 160 tokens in a stride of 256
+    with pytest.raises(T.RunError, match="--crop-size 64: its final image is 276 tokens, more than this policy's "
+                                         "position stride 256"):
+        R.check_sizes(64, 4, mini)
+
+
 def test_mini_vq_learning_rate_is_a_cosine_to_a_tenth():
     from realsr_r1 import build_mini as B
     assert B.vq_learning_rate(0, 11, 1e-3) == pytest.approx(1e-3)
