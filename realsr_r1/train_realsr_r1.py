@@ -186,6 +186,10 @@ class GRPOArgs(RunArgs):
     """the model name the server at --reward-url serves"""
     planted_word: str = ""
     """the word whose share of the sampled text tokens is the 'planted' reward (tests)"""
+    token_advantages: str = "chain"
+    """'chain' (paper, Eq.1: the group advantage of the summed reward R on every sampled token) or 'split' (not in
+    the paper: text tokens get the group advantage of the text rewards - format, degradation, understanding -, image
+    codes that of the generation reward; `token_advantages`)"""
 
 
 @dataclass
@@ -446,6 +450,26 @@ def chain_log_probs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     return torch.where((kinds == V.TEXT) | (kinds == V.CODE), logp, torch.zeros_like(logp))
 
 
+TOKEN_ADVANTAGES = ("chain", "split")
+
+
+def token_advantages(parts: dict[str, torch.Tensor], kinds: torch.Tensor, group_ids: torch.Tensor,
+                     mode: str = "chain") -> torch.Tensor:
+    """The advantage of every completion position (N, T) from the rewards of the chains ({name: (N,)}), normalised in
+    each group (Eq.3: (r - mean) / std of the group; a group whose rewards are equal gets 0).
+
+    'chain' (paper): R = the sum of the rewards (Eq.5), one advantage per chain on all its tokens.
+    'split' (an option, not the paper's): text positions get the advantage of the text rewards' sum (every reward
+    but 'generation'), image-code positions that of 'generation' alone (0 without it), so a chain's degradation
+    estimate is not credited to its ~190 sampled codes nor its picture to its text."""
+    adv = lambda r: flow_grpo.group_advantages(r, group_ids, std_mode="group", eps=1e-4).nan_to_num(0.0)  # noqa: E731
+    if mode == "chain":
+        return adv(sum(parts.values()))[:, None].expand(kinds.shape)
+    text = adv(sum(v for k, v in parts.items() if k != "generation"))
+    image = adv(parts["generation"]) if "generation" in parts else torch.zeros_like(text)
+    return torch.where(kinds == V.CODE, image[:, None], text[:, None])
+
+
 def sampled_mask(kinds: torch.Tensor) -> torch.Tensor:
     """1 where the policy chose the token (text or image code), 0 at forced and padding positions. (B, T)."""
     return ((kinds == V.TEXT) | (kinds == V.CODE)).float()
@@ -524,8 +548,9 @@ def chain_rewards(policy: M.Policy, completions: torch.Tensor, kinds: torch.Tens
                   group: int, names: list[str], generation_reward=None, planted: int | None = None
                   ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor | None]]:
     """Every reward of every chain. completions, kinds (N, T) with N = len(examples) x group (group members adjacent).
-    Returns ({reward name: (N,)}, the decoded final image of each chain or None). Only COMPLETE images inside
-    their tag are decoded; a chain that breaks the layout scores 0 on format and generation, never an error."""
+    Returns ({reward name: (N,)}, the decoded final image of each chain or None). Only COMPLETE images of the HR's
+    size inside <final_image> are decoded; a chain that breaks the layout scores 0 on format and generation, never
+    an error."""
     decode = lambda ids: policy.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     n = completions.shape[0]
     out = {k: torch.zeros(n) for k in names}
@@ -543,7 +568,9 @@ def chain_rewards(policy: M.Policy, completions: torch.Tensor, kinds: torch.Tens
         if "planted" in names:
             out["planted"][i] = V.planted_reward(completions[i], kinds[i], planted)
         codes = V.tagged_images(segments, decode)["final_image"]
-        if codes is not None:
+        full = tuple(side // policy.downsample for side in ex.hr.shape[-2:])
+        if codes is not None and tuple(codes.shape) == full:  # the sampler sizes images by their order, not their
+            # tag: a chain that opens <final_image> first holds the coarse image there, which is not a final image
             with torch.no_grad():
                 finals[i] = M.vq_decode(policy.vq, codes[None].to(policy_device(policy)))[0].cpu()
     if "generation" in names:
@@ -792,6 +819,8 @@ def parse_rewards(args: GRPOArgs, policy: M.Policy) -> tuple[list[str], int | No
 
 
 def grpo(args: GRPOArgs) -> int:
+    if args.token_advantages not in TOKEN_ADVANTAGES:
+        raise T.RunError(f"--token-advantages {args.token_advantages}: choose chain or split")
     ranges = degradation_ranges(args.degradation)
     dist_info, out, policy = setup(args, Path(args.out) / "model.safetensors")
     sizes = check_sizes(args.crop_size, args.scale, policy)
@@ -835,9 +864,8 @@ def grpo(args: GRPOArgs) -> int:
         model.train()
         # 3. the rewards (Eq.5: their sum) and the group-normalised advantages (Eq.3)
         parts, _ = chain_rewards(policy, completions, kinds, examples, args.group, names, generation_reward, planted)
-        rewards = sum(parts.values())
         group_ids = torch.arange(local).repeat_interleave(args.group)
-        advantages = flow_grpo.group_advantages(rewards, group_ids, std_mode="group", eps=1e-4).nan_to_num(0.0)
+        advantages = token_advantages(parts, kinds, group_ids, args.token_advantages)  # (N, T)
         # 4. Eq.1-2 per token: clipped surrogate of ratio = pi / pi_old and A, + beta * KL_k3(pi || pi_ref), averaged
         #    over each chain's sampled tokens, then over the chains of the step (all processes)
         p_ids, p_mask = left_pad(prompts, layout.pad)
@@ -855,7 +883,7 @@ def grpo(args: GRPOArgs) -> int:
                     new = chain_log_probs(model, p_ids[part], p_mask[part], completions[part], kinds[part], layout,
                                           args.temperature)
                 before = new.detach() if old is None else old[part].to(new.device)
-                adv = advantages[part, None].to(new.device)
+                adv = advantages[part].to(new.device)
                 if args.clip_range > 0:
                     per_token = flow_grpo.clipped_surrogate(new, before, adv, args.clip_range)
                 else:  # the public code: no clipping

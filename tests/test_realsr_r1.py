@@ -269,6 +269,22 @@ def test_crop_too_large_for_the_position_stride_is_named():
         R.check_sizes(64, 4, mini)
 
 
+def test_token_advantages_chain_and_split_hand_worked():
+    # one group of 3 chains; positions: text, code, forced
+    parts = {"format": torch.tensor([1.0, 0.0, 1.0]), "degradation": torch.tensor([1.0, 0.0, 0.0]),
+             "generation": torch.tensor([0.0, 0.0, 0.6])}
+    kinds = torch.tensor([[V.TEXT, V.CODE, V.FORCED]] * 3)
+    groups = torch.zeros(3, dtype=torch.long)
+    z = lambda r: (r - r.mean()) / (r.std(unbiased=False) + 1e-4)  # noqa: E731  Eq.3 in one group
+    chain = R.token_advantages(parts, kinds, groups, "chain")
+    assert torch.allclose(chain, z(torch.tensor([2.0, 0.0, 1.6]))[:, None].expand(3, 3), atol=1e-4)
+    split = R.token_advantages(parts, kinds, groups, "split")
+    assert torch.allclose(split[:, 0], z(torch.tensor([2.0, 0.0, 1.0])), atol=1e-4)  # text: format + degradation
+    assert torch.allclose(split[:, 1], z(torch.tensor([0.0, 0.0, 0.6])), atol=1e-4)  # codes: generation alone
+    no_generation = R.token_advantages({"format": parts["format"]}, kinds, groups, "split")
+    assert (no_generation[:, 1] == 0).all() and no_generation[0, 0] > 0
+
+
 def test_mini_vq_learning_rate_is_a_cosine_to_a_tenth():
     from realsr_r1 import build_mini as B
     assert B.vq_learning_rate(0, 11, 1e-3) == pytest.approx(1e-3)
@@ -304,14 +320,18 @@ def test_broken_chains_score_by_the_rules_and_never_crash(tiny):
     order = tiny.tokenizer.encode(text.split("<rough_image>")[0].replace("<degradation>", "<X>").replace(
         "<rough_understand>", "<degradation>").replace("<X>", "<rough_understand>"), add_special_tokens=False)
     rest = swapped[len(tiny.tokenizer.encode(text.split("<rough_image>")[0], add_special_tokens=False)):]
-    chains = [good, cut, order + rest, [tiny.layout.image_start] * 3, []]
+    enc_text = lambda t: tiny.tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
+    coarse_as_final = enc_text("<final_image>") + V.image_tokens(enc["images"][0], tiny.layout) + \
+        enc_text("</final_image>") + [tiny.layout.eos]  # the sampler gives the first image the coarse size
+    chains = [good, cut, order + rest, [tiny.layout.image_start] * 3, [], coarse_as_final]
     width = max(map(len, chains))
     comps = torch.tensor([c + [tiny.layout.pad] * (width - len(c)) for c in chains])
     kinds = torch.where(comps == tiny.layout.pad, V.DONE, V.TEXT)
-    parts, finals = R.chain_rewards(tiny, comps, kinds, ex * 5, 1, ["format", "degradation", "understanding"])
-    assert parts["format"].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    parts, finals = R.chain_rewards(tiny, comps, kinds, ex * 6, 1, ["format", "degradation", "understanding"])
+    assert parts["format"].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert parts["degradation"][1] == 1.0  # the steps before the break still count
     assert finals[0] is not None and finals[1] is None and finals[2] is not None and finals[3] is None
+    assert finals[0].shape == (3, 64, 64) and finals[5] is None  # a coarse image in <final_image> is no final image
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -377,6 +397,7 @@ def test_torchrun_two_processes(tmp_path):
     (["--data", "missing.jsonl"], "--data missing.jsonl"),
     (["--degradation", "strong"], "--degradation strong"),
     (["--generation-reward", "clip"], "--generation-reward clip"),
+    (["--token-advantages", "tokens"], "--token-advantages tokens"),
 ])
 def test_bad_flags_are_named(tmp_path, flags, message):
     base = ["grpo", "--model", "tiny", "--crop-size", "64", "--batch-size", "1", "--group", "2", "--steps", "1",
