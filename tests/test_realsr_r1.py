@@ -285,6 +285,23 @@ def test_token_advantages_chain_and_split_hand_worked():
     assert (no_generation[:, 1] == 0).all() and no_generation[0, 0] > 0
 
 
+@pytest.mark.slow
+def test_quick_mini_build_runs_every_stage(tmp_path):
+    """build_mini --quick (about 30 s): every stage writes what the next one reads, the policies carry the mini
+    position stride, the VQ log has the low-frequency PSNR, the table has its reference rows."""
+    from realsr_r1 import build_mini as B
+    assert B.main(["--quick", "--work", str(tmp_path), "--threads", "1"]) == 0
+    mini, work = tmp_path / "quick_mini", tmp_path / "quick"
+    for name in ("sft", "grpo"):
+        meta = json.loads((mini / name / M.META_FILE).read_text())
+        assert meta["position_stride"] == M.MINI_POSITION_STRIDE and meta["vq"] == "../vq"
+        assert M.load_policy(str(mini / name)).layout.position_stride == M.MINI_POSITION_STRIDE
+    vq_log = [json.loads(x) for x in (work / "vq" / "losses.jsonl").read_text().splitlines()]
+    assert len(vq_log) == B.QUICK.vq_steps and all(math.isfinite(e["lr_psnr"]) for e in vq_log)
+    table = json.loads((mini / "eval.json").read_text())["table"]
+    assert {"HR itself", R.VQ_ROW, str(mini / "sft"), str(mini / "grpo")} <= table.keys()
+
+
 def test_mini_vq_learning_rate_is_a_cosine_to_a_tenth():
     from realsr_r1 import build_mini as B
     assert B.vq_learning_rate(0, 11, 1e-3) == pytest.approx(1e-3)
