@@ -222,28 +222,29 @@ def run_rows(out: Path, s: Settings, hr_dir: Path, lq_dir: Path, tables: set[str
             return lora, seconds
 
         fr_args = ["--hr-dir", str(hr_dir), "--fidelity", "ssim", "--steps", str(s.fr_steps)]
-        nr_args = ["--lr-dir", str(lq_dir), "--steps", str(s.nr_steps)]
+        def nr_args(steps: int = s.nr_steps) -> list[str]:  # other steps: Flow-GRPO at equal wall time
+            return ["--lr-dir", str(lq_dir), "--steps", str(steps)]
         fr_base, t_fr_base = stage("fr_base", "rl_fr.py", fr_args)
         done = {"fr_base": (fr_base, t_fr_base, t_fr_base)}  # key -> (LoRA, all stages' seconds, last stage's)
-        lora, t = stage("nr_base", "rl_nr.py", [*nr_args, "--lora", str(fr_base)])
+        lora, t = stage("nr_base", "rl_nr.py", [*nr_args(), "--lora", str(fr_base)])
         done["nr_base"] = (lora, t_fr_base + t, t)
         if "5" in tables:
             fr_sft, t_fr_sft = stage("fr_sft", "rl_fr.py", [*fr_args, "--init", "sft", "--sft", "mini"])
             done["fr_sft"] = (fr_sft, t_fr_sft, t_fr_sft)
-            lora, t = stage("nr_sft", "rl_nr.py", [*nr_args, "--lora", str(fr_sft), "--init", "sft", "--sft", "mini"])
+            lora, t = stage("nr_sft", "rl_nr.py", [*nr_args(), "--lora", str(fr_sft), "--init", "sft", "--sft", "mini"])
             done["nr_sft"] = (lora, t_fr_sft + t, t)
         if "8" in tables:
             for form in ("gated", "gain"):
-                lora, t = stage(f"nr_{form}", "rl_nr.py", [*nr_args, "--lora", str(fr_base), "--reward-form", form])
+                lora, t = stage(f"nr_{form}", "rl_nr.py", [*nr_args(), "--lora", str(fr_base), "--reward-form", form])
                 done[f"nr_{form}"] = (lora, t_fr_base + t, t)
         if "7" in tables:
-            lora, t = stage("nr_grpo", "rl_nr.py", [*nr_args, "--lora", str(fr_base), "--objective", "flow_grpo"])
+            lora, t = stage("nr_grpo", "rl_nr.py", [*nr_args(), "--lora", str(fr_base), "--objective", "flow_grpo"])
             done["nr_grpo"] = (lora, t_fr_base + t, t)
             # equal wall time: Flow-GRPO gets the steps that fit in the NFT run's NR-stage seconds (this seed's
             # two same-step runs give the ratio; each includes the script's loading, the same for both)
             steps = max(1, round(s.nr_steps * done["nr_base"][2] / t))
-            lora, t = stage("nr_grpo_time", "rl_nr.py", ["--lr-dir", str(lq_dir), "--steps", str(steps), "--lora",
-                                                         str(fr_base), "--objective", "flow_grpo"])
+            lora, t = stage("nr_grpo_time", "rl_nr.py", [*nr_args(steps), "--lora", str(fr_base),
+                                                         "--objective", "flow_grpo"])
             done["nr_grpo_time"] = (lora, t_fr_base + t, t)
         for row in rows.values():
             if row.claim_key in done and row.table in tables:

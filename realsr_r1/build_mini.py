@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -114,8 +113,9 @@ shipped VQ; the HR itself scores 29-30 dB on this check)."""
 
 
 def vq_learning_rate(step: int, steps: int, peak: float = VQ_LR) -> float:
-    """Cosine from `peak` at step 0 to peak / 10 at the last step (a function of the step: resume stays exact)."""
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps - 1, 1))))
+    """Cosine from `peak` at step 0 to peak / 10 at the last step (a function of the step: resume stays exact): the
+    stage script's schedule (train_realsr_r1.cosine_lr, no warmup) over steps - 1, above a floor of a tenth."""
+    return 0.1 * peak + 0.9 * R.cosine_lr(step, steps - 1, 0.0, peak)
 
 
 def stage_vq(budget: Budget, mini: Path, work: Path) -> dict:
