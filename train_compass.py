@@ -657,6 +657,106 @@ def weighted_answer_loss(logits: torch.Tensor, labels: torch.Tensor, weights: to
     return (ce * w.reshape(-1)).sum() / w.sum()
 
 
+# --- Optional: a ranking loss on the read-out (--rank-weight; the paper trains the answer tokens only) -------
+# The cross-entropy scores every digit of the answer on its own: reading 0.8 where the label says 0.7 costs as
+# much as reading 0.1, and nothing asks two candidates of one LR to come out in their labels' order, which is
+# all the RL reward is used for (group-relative advantages). The read-out below is reward.py's (Q-Align style
+# expected digits: value = E[a] + 0.1 E[b] + 0.01 E[c]), teacher-forced on the label's digits instead of the
+# greedy ones, so it is differentiable; the loss asks the F and the Q_SR read for a better candidate to be at
+# least the labels' gap above the worse one's (`readout_rank_loss`). Measured on the mini, it did not make the
+# reward rank unambiguous pairs better (README "The mini presets"): an option, off by default.
+
+
+def digit_token_ids(tokenizer) -> list[int]:
+    """Token id of each digit 0-9; the read-out (here and in reward.LocalScorer) needs one token per digit."""
+    ids = [tokenizer.encode(str(d), add_special_tokens=False) for d in range(10)]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError("--rank-weight: the tokenizer does not encode each digit 0-9 as one token")
+    return [i[0] for i in ids]
+
+
+def readout_numbers(logits: torch.Tensor, labels: torch.Tensor, digit_id: list[int],
+                    synthetic: Sequence[bool]) -> dict[str, torch.Tensor]:
+    """The answer's numbers read from the digit probabilities, teacher-forced: {field: (B,)} for F, q_lr, q_sr
+    (F is 1 for a quality-only answer, which has no Fidelity line: Eq.4 then gives R = Q_SR).
+
+    The first 3 x fields digit tokens of each answer (`labels`, IGNORE_INDEX outside it) are its numbers "a.bc"
+    in format_answer's order; the probabilities over the allowed digits at each (reward.allowed_digits; a
+    leading digit at the top of its range forces "x.00", as the scorer's template does) give
+    value = sum_k 10**-k E[digit_k] (reward.expected_number)."""
+    is_digit = torch.zeros(logits.shape[-1], dtype=torch.bool, device=labels.device)
+    is_digit[digit_id] = True
+    out = {name: [] for name in ("F", "q_lr", "q_sr")}
+    for b in range(labels.shape[0]):
+        fields = CT.fields_for(synthetic[b])
+        safe = labels[b].clamp(min=0)
+        positions = ((labels[b] != IGNORE_INDEX) & is_digit[safe]).nonzero().flatten()[:3 * len(fields)]
+        if len(positions) < 3 * len(fields):
+            raise ValueError(f"sample {b}: its answer holds {len(positions)} digits, the read-out needs {3 * len(fields)}")
+        for f, name in enumerate(fields):
+            probs, values = [], []
+            for k in range(3):
+                t = int(positions[3 * f + k])
+                digits = reward.allowed_digits(name, k)
+                p = torch.softmax(logits[b, t - 1, [digit_id[d] for d in digits]].float(), dim=-1)  # t is predicted at t-1
+                lead = int(labels[b, positions[3 * f]])
+                if k > 0 and lead == digit_id[int(CT.FIELD_RANGES[name][1])]:
+                    p = torch.eye(len(digits), device=p.device)[0]  # "1.00" / "5.00": the scorer forces the decimals
+                probs.append(p[None])
+                values.append(digits)
+            out[name].append(reward.expected_number(probs, values)[0])
+        if "F" not in fields:
+            out["F"].append(torch.ones((), device=logits.device))
+    return {name: torch.stack(v) for name, v in out.items()}
+
+
+RANK_SCALES = {"F": 4.0, "q_sr": 1.0}  # the ranked fields; F in [0, 1] counts on Q's span of 4
+
+
+def readout_rank_loss(read: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
+                      min_gap: float) -> tuple[torch.Tensor, int, int]:
+    """Hinge on the read-out of consecutive pairs (0,1), (2,3), ... of the batch (two candidates of one LR), per
+    ranked field (F and Q_SR, F x 4 so both span 4): max(0, |gap| - sign(gap) (x^_0 - x^_1)), gap = the labels'
+    x_0 - x_1, over the (field, pair) terms with |gap| >= min_gap. Returns (mean over those terms, 0 without one;
+    terms used; terms read in the labels' order).
+
+    Per field, each reading by its own labels, not on Eq.4's R. Measured on the mini (README "The mini presets",
+    "A ranking loss on the read-out"): a hinge on R through F paid the model for reading a damaged candidate's F
+    HIGHER (R = F Q_LR + F^(Q_LR / gamma) (Q_SR - Q_LR) falls as F rises where Q_SR < Q_LR; F alone then ordered
+    0.42 of the unambiguous pairs), and with F held as read it moved R's order into Q_SR (its Spearman with
+    its labels 0.79 -> -0.03). Q_LR is one label per LR: nothing to rank."""
+    terms, used, ordered = [], 0, 0
+    for name, scale in RANK_SCALES.items():
+        x, y = scale * read[name].view(-1, 2), scale * labels[name].view(-1, 2)
+        gap = y[:, 0] - y[:, 1]
+        keep = gap.abs() >= min_gap
+        sign, diff = gap[keep].sign(), (x[:, 0] - x[:, 1])[keep]
+        terms.append(torch.relu(gap[keep].abs() - sign * diff))
+        used, ordered = used + int(keep.sum()), ordered + int((sign * diff > 0).sum())
+    return (torch.cat(terms).mean() if used else read["q_sr"].sum() * 0.0), used, ordered
+
+
+def rank_labels(records: Sequence[Record], device="cpu") -> dict[str, torch.Tensor]:
+    """The labels `readout_rank_loss` orders by: F (1 where a record has none, as the read-out reads it) and Q_SR."""
+    return {"F": torch.tensor([1.0 if r.F is None else r.F for r in records], device=device),
+            "q_sr": torch.tensor([r.q_sr for r in records], device=device)}
+
+
+def with_partners(records: Sequence[Record], anchors: list[int], seed: int, step: int) -> list[int]:
+    """[a0, p0, a1, p1, ...]: each anchor followed by another record of its group (another candidate of the
+    same LR), drawn by a pure function of (seed, step, slot) so resumes and rank layouts agree. A group of
+    one record pairs it with itself (that pair's gap is 0: it adds nothing to the ranking loss)."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(r.group, []).append(i)
+    out = []
+    for slot, a in enumerate(anchors):
+        others = [i for i in groups[records[a].group] if i != a] or [a]
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + slot)
+        out += [a, others[int(torch.randint(len(others), (), generator=g))]]
+    return out
+
+
 def sft_collate(processor, conversations: list[list[dict]]) -> dict[str, torch.Tensor]:
     """Conversations -> a model batch with `labels`.
 
@@ -785,6 +885,14 @@ class TrainArgs:
     augment: str = "none"
     """none (paper) | flip (horizontal flip of the pair) | dihedral (one of the 8 flips/rotations of the pair,
     for labels that do not depend on orientation, like the mini build's): the same transform on LR and SR"""
+    rank_weight: float = 0.0
+    """weight of a ranking loss on the read-out beside the answer cross-entropy (paper silent: 0 = the answer
+    tokens alone). Each step then takes half its batch from the epoch order (an epoch = every record once
+    this way) and pairs each record with another candidate of its LR; the F and the Q_SR read from their digit
+    probabilities must stand at least the labels' gap apart, in the labels' order (`readout_rank_loss`).
+    Needs an even --per-device-batch"""
+    rank_min_gap: float = 0.1
+    """--rank-weight: a field of a pair whose labels differ by less (F x 4) is left out of the ranking loss"""
     freeze_vision: bool = False
     """keep the vision tower (model.visual: ViT + merger) as loaded; only the language model learns (paper silent:
     off = full-parameter SFT). What a tower already sees (a pretrained encoder, or the mini build's perception
@@ -819,8 +927,13 @@ def train(args: TrainArgs) -> Path | int:
     if args.global_batch % (args.per_device_batch * world):
         raise ValueError(f"--global-batch {args.global_batch} must be a multiple of --per-device-batch "
                          f"{args.per_device_batch} x {world} processes")
+    if args.rank_weight < 0 or (args.rank_weight > 0 and args.per_device_batch % 2):
+        raise ValueError(f"--rank-weight {args.rank_weight}: must be >= 0, and > 0 needs an even --per-device-batch "
+                         f"(pairs share a micro-batch), got {args.per_device_batch}")
     args.grad_accum = args.global_batch // (args.per_device_batch * world)
-    args.steps_per_epoch = math.ceil(n / args.global_batch)
+    ranking = args.rank_weight > 0
+    fresh = args.global_batch // 2 if ranking else args.global_batch  # records per step from the epoch order
+    args.steps_per_epoch = math.ceil(n / fresh)
     args.total_steps = args.epochs * args.steps_per_epoch
     out = Path(args.out)
     ckpt_root = out / "checkpoints"
@@ -830,7 +943,8 @@ def train(args: TrainArgs) -> Path | int:
         print(f"[train] {n} pairs ({sum(r.F is not None for r in records)} with F), {world} process(es), "
               f"global batch {args.global_batch} = {args.per_device_batch} x {args.grad_accum} accum x "
               f"{world}, {args.steps_per_epoch} steps/epoch, {args.total_steps} steps; "
-              f"{args.steps_per_epoch * args.global_batch - n} repeated samples per epoch fill the last batch")
+              f"{args.steps_per_epoch * fresh - n} repeated samples per epoch fill the last batch"
+              + (f"; ranking loss x {args.rank_weight} on {args.global_batch // 2} pairs per step" if ranking else ""))
 
     # ---- model: the same loader as the scorer; FSDP2 when launched by torchrun -------------------------
     # FSDP2 keeps ONE full copy per node: rank 0 loads the weights, the others build the model on the meta
@@ -847,6 +961,7 @@ def train(args: TrainArgs) -> Path | int:
         VL.shard_vl_model(model, dist_info, bf16)  # each rank's shards on `device`
     else:
         model.to(device)
+    digit_id = digit_token_ids(processor.tokenizer) if ranking else []
     trained = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP2 swaps the Parameters
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -880,9 +995,12 @@ def train(args: TrainArgs) -> Path | int:
     bar = tqdm(range(start, end), initial=start, total=end, disable=not dist_info.is_main, desc="sft")
     for step in bar:
         # 1. this rank's share of the global batch, split into micro-batches
-        idx = step_indices(n, step, args.steps_per_epoch, args.global_batch, args.seed)
+        idx = step_indices(n, step, args.steps_per_epoch, fresh, args.seed)
+        if ranking:  # --rank-weight: each record followed by another candidate of its LR
+            idx = with_partners(records, idx, args.seed, step)
         mine = idx[dist_info.rank * per_rank:(dist_info.rank + 1) * per_rank]
         step_loss = torch.zeros((), device=device)
+        rank_stats = torch.zeros(3, device=device)  # ranking loss (summed over micro-batches), pairs, in order
         for micro in range(args.grad_accum):
             first = micro * args.per_device_batch
             chunk = [records[i] for i in mine[first:first + args.per_device_batch]]
@@ -897,12 +1015,18 @@ def train(args: TrainArgs) -> Path | int:
                 model.set_requires_gradient_sync(micro == args.grad_accum - 1)
             # 3. next-token cross-entropy on the answer tokens, averaged over the accumulation
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not sharded):
-                if args.fidelity_weight == 1.0:
+                if args.fidelity_weight == 1.0 and not ranking:
                     loss = model(**batch).loss / args.grad_accum
-                else:  # --fidelity-weight: the Fidelity line's tokens count more
+                else:  # --fidelity-weight: the Fidelity line's tokens count more; --rank-weight: the read-out ranks
                     weights = fidelity_line_weights(batch["labels"], processor.tokenizer, args.fidelity_weight)
                     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                    loss = weighted_answer_loss(logits, batch["labels"], weights) / args.grad_accum
+                    loss = weighted_answer_loss(logits, batch["labels"], weights)
+                    if ranking:
+                        read = readout_numbers(logits, batch["labels"], digit_id, [r.F is not None for r in chunk])
+                        rank_loss, used, ordered = readout_rank_loss(read, rank_labels(chunk, device), args.rank_min_gap)
+                        loss = loss + args.rank_weight * rank_loss
+                        rank_stats += torch.tensor([float(rank_loss.detach()), used, ordered], device=device)
+                    loss = loss / args.grad_accum
             loss.backward()
             step_loss += loss.detach()
         # 4. clip, step AdamW, advance the cosine schedule (NaN/Inf steps are skipped and counted)
@@ -918,8 +1042,12 @@ def train(args: TrainArgs) -> Path | int:
             writer.add_scalar("train/loss", loss_value, step + 1)
             writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step + 1)
             writer.add_scalar("train/grad_norm", float(grad_norm), step + 1)
+            if ranking:  # this rank's pairs: the hinge (mean over micro-batches) and the share read in order
+                writer.add_scalar("train/rank_loss", float(rank_stats[0]) / args.grad_accum, step + 1)
+                writer.add_scalar("train/rank_acc", float(rank_stats[2] / rank_stats[1].clamp(min=1)), step + 1)
             writer.flush()
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                            **({"rank_acc": f"{float(rank_stats[2] / rank_stats[1].clamp(min=1)):.2f}"} if ranking else {}))
         stopping = stop.requested()
         if (step + 1) % save_every == 0 or step + 1 == end or stopping:
             save(step + 1)

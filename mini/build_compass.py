@@ -171,6 +171,9 @@ class Args:
     line (the Table 3 models answer without F); 1 (shipped). 3 did not help: one epoch each from
     mini/compass_base on the same data and seed, held-out All-Acc 51.8 vs 54.4, Spearman F 0.557 vs 0.567
     (README "The mini presets")"""
+    rank_weight: float = 0.0
+    """`train_compass.py train --rank-weight` of the COMPASS stage: a ranking loss on the read-out beside the answer
+    cross-entropy (0 = the answer tokens alone; README "The mini presets" measures 1 on round 2's data)"""
     lr: float = 5e-4
     batch: int = 16
     views: int = presets.MINI_COMPASS_VIEWS
@@ -518,11 +521,12 @@ def annotate(folder: Path, out: Path, log: Path, calibration: str = "rank", fide
 
 def train(model: str, data_file: Path, root: Path, out: Path, epochs: int, lr: float, batch: int, log: Path,
           max_steps: int = 0, augment: str = "none", seed: int = 0, fidelity_weight: float = 1.0,
-          freeze_vision: bool = False) -> None:
+          freeze_vision: bool = False, rank_weight: float = 0.0) -> None:
     run(["train_compass.py", "train", "--model", model, "--data", str(data_file), "--root", str(root),
          "--out", str(out), "--epochs", str(epochs), "--global-batch", str(batch), "--per-device-batch",
          str(batch), "--lr", str(lr), "--warmup-steps", "100", "--device", "cpu", "--resume", "latest",
          "--augment", augment, "--seed", str(seed), "--fidelity-weight", str(fidelity_weight),
+         "--rank-weight", str(rank_weight),
          *(["--max-steps", str(max_steps)] if max_steps else []), *(["--freeze-vision"] if freeze_vision else [])],
         log)
 
@@ -681,7 +685,7 @@ def main(argv: list[str] | None = None) -> None:
         start = perceived(pretrained) if args.pretrained else pretrained
         train(str(start), work / "train" / "train.jsonl", work / "train", work / "compass", args.epochs,
               args.lr, args.batch, work / "train_compass.log", augment=args.augment, seed=args.train_seed,
-              fidelity_weight=args.fidelity_weight, freeze_vision=args.freeze_vision)
+              fidelity_weight=args.fidelity_weight, freeze_vision=args.freeze_vision, rank_weight=args.rank_weight)
         publish(work / "compass", out / "compass")
         if args.ablations:  # Table 3: the same budget on other labels
             for name, src in (("calibrated_noF", work / "train" / "train.jsonl"),

@@ -521,6 +521,135 @@ def test_fidelity_weight_weighs_the_fidelity_line_in_the_training_loss(sft_data,
     assert logged[0] == pytest.approx(expected, rel=1e-5) and expected != pytest.approx(float(plain.loss), rel=1e-3)
 
 
+def _digit_logits(T, V, digit_id, at):
+    """(1, T, V) logits, 0 everywhere except `at` {position: {digit: logit}} on the digit tokens."""
+    logits = torch.zeros(1, T, V)
+    for t, row in at.items():
+        for d, value in row.items():
+            logits[0, t, digit_id[d]] = value
+    return logits
+
+
+def test_readout_numbers_hand_worked():
+    """Teacher-forced expected digits: value = E[a] + 0.1 E[b] + 0.01 E[c], each over the allowed digits at the
+    position that PREDICTS the digit (t - 1); a leading digit at the top of its range forces x.00."""
+    digit_id = list(range(2, 12))  # token 2 + d is the digit d; tokens 0 and 1 are text
+    # answer tokens: "F" 0 . 8 3 "Q" 2 . 4 1 "Q" 5 . 0 0 (the digits' values do not matter: their probabilities do)
+    answer = [0, 2, 1, 10, 5, 0, 4, 1, 6, 3, 0, 7, 1, 2, 2]
+    labels = torch.tensor([[tc.IGNORE_INDEX] * 2 + answer])
+    d = {k: t + 2 for k, t in enumerate([i for i, tok in enumerate(answer) if tok >= 2])}  # k-th digit -> position
+    big = 30.0
+    logits = _digit_logits(labels.shape[1], 12, digit_id, {
+        d[0] - 1: {1: math.log(3.0)},  # F's leading digit over {0, 1}: p(1) = 3/4 -> 0.75
+        # d[1]: all logits 0 -> uniform over 0-9 -> 4.5
+        d[2] - 1: {3: big},            # -> 3
+        # q_lr's leading digit over {1..5}: uniform -> 3
+        d[4] - 1: {4: big}, d[5] - 1: {1: big},
+        d[6] - 1: {5: big},            # q_sr's leading digit 5 in the label: "5.00" whatever the decimals say
+        d[7] - 1: {9: big}, d[8] - 1: {9: big}})
+    read = tc.readout_numbers(logits, labels, digit_id, [True])
+    assert float(read["F"][0]) == pytest.approx(0.75 + 0.45 + 0.03, abs=1e-5)
+    assert float(read["q_lr"][0]) == pytest.approx(3.0 + 0.4 + 0.01, abs=1e-5)
+    assert float(read["q_sr"][0]) == pytest.approx(5.0, abs=1e-5)
+    # a quality-only answer: its first 6 digits are Q_LR and Q_SR (leading digits over {1..5}), F reads 1
+    no_f = tc.readout_numbers(logits, labels, digit_id, [False])
+    assert float(no_f["F"][0]) == 1.0
+    assert float(no_f["q_lr"][0]) == pytest.approx((3 * 1 + 2 + 3 + 4 + 5) / 7 + 0.45 + 0.03, abs=1e-5)
+    assert float(no_f["q_sr"][0]) == pytest.approx(3.0 + 0.4 + 0.01, abs=1e-5)
+    with pytest.raises(ValueError, match="holds 3 digits, the read-out needs 9"):
+        tc.readout_numbers(logits[:, :8], labels[:, :8], digit_id, [True])
+
+
+def test_readout_numbers_of_the_labels_on_the_tiny_tokenizer(sft_data):
+    """Logits that put all mass on each label token read back the labels' numbers (0.80 / 2.00 / 3.50, and 2.00 /
+    3.50 with F = 1 for the real-world records): the digit positions are found in the real chat template."""
+    path, root = sft_data
+    _, processor = VL.load_compass("tiny")
+    batch = _first_batch(processor, path, root)
+    labels = batch["labels"]
+    V = len(processor.tokenizer)
+    logits = torch.zeros(*labels.shape, V)
+    for b, t in (labels[:, 1:] != tc.IGNORE_INDEX).nonzero().tolist():
+        logits[b, t, labels[b, t + 1]] = 50.0
+    recs = tc.load_records(path)
+    order = tc.step_indices(len(recs), 0, 1, len(recs), 0)
+    read = tc.readout_numbers(logits, labels, tc.digit_token_ids(processor.tokenizer), [recs[i].F is not None for i in order])
+    for b, i in enumerate(order):
+        assert float(read["F"][b]) == pytest.approx(recs[i].F if recs[i].F is not None else 1.0, abs=1e-4)
+        assert (float(read["q_lr"][b]), float(read["q_sr"][b])) == pytest.approx((2.0, 3.5), abs=1e-4)
+
+
+def test_readout_rank_loss_hand_worked():
+    """Pairs (0,1), (2,3), (4,5), per field: max(0, |gap| - sign(gap) (x^_0 - x^_1)) with F x 4, over the terms
+    whose labelled gap is at least min_gap; the mean over the terms kept."""
+    read = {"F": torch.tensor([0.9, 0.8, 0.5, 0.5, 0.7, 0.7]), "q_lr": torch.full((6,), 2.0),
+            "q_sr": torch.tensor([3.0, 2.8, 3.0, 2.9, 4.0, 1.0])}
+    labels = {"F": torch.tensor([1.0, 0.9, 0.5, 0.5, 0.6, 0.8]),  # F gaps x4: +0.4, 0 (out), -0.8
+              "q_sr": torch.tensor([4.0, 3.5, 2.0, 2.3, 3.0, 2.95])}  # Q_SR gaps +0.5, -0.3, +0.05 (out)
+    loss, used, ordered = tc.readout_rank_loss(read, labels, min_gap=0.1)
+    # F: pair 0 reads +0.4 against +0.4 -> 0, in order; pair 2 reads 0 against -0.8 -> 0.8, not in order
+    # Q_SR: pair 0 reads +0.2 against +0.5 -> 0.3, in order; pair 1 reads +0.1 against -0.3 -> 0.4, not in order
+    assert (float(loss), used, ordered) == (pytest.approx((0.0 + 0.8 + 0.3 + 0.4) / 4, abs=1e-6), 4, 2)
+    same = {"F": torch.ones(2), "q_sr": torch.full((2,), 3.0)}
+    loss, used, _ = tc.readout_rank_loss({k: v[:2] for k, v in read.items()}, same, min_gap=0.1)
+    assert (float(loss), used) == (0.0, 0)
+    labels = tc.rank_labels([tc.Record(lr="l", sr="s", group="g", method="m", q_lr=2.0, q_sr=3.5),
+                             tc.Record(lr="l", sr="t", group="g", method="m", q_lr=2.0, q_sr=1.5, F=0.5)])
+    assert labels["F"].tolist() == [1.0, 0.5] and labels["q_sr"].tolist() == [3.5, 1.5]
+
+
+def test_with_partners_pairs_each_record_with_another_of_its_group():
+    recs = [tc.Record(lr="l", sr=f"s{i}", group=g, method="m", q_lr=2.0, q_sr=3.0)
+            for i, g in enumerate("aaabbc")]
+    idx = tc.with_partners(recs, [0, 3, 5, 1], seed=0, step=7)
+    assert idx[0::2] == [0, 3, 5, 1]
+    assert idx[1] in (1, 2) and idx[3] == 4 and idx[5] == 5 and idx[7] in (0, 2)  # c is alone: itself
+    assert idx == tc.with_partners(recs, [0, 3, 5, 1], seed=0, step=7)  # a pure function of (seed, step, slot)
+    draws = {tuple(tc.with_partners(recs, [0], seed=0, step=s)) for s in range(20)}
+    assert draws == {(0, 1), (0, 2)}
+
+
+@pytest.fixture(scope="module")
+def rank_data(tmp_path_factory):
+    """2 groups x 2 candidates whose labels differ (the HR: F 1, Q_SR 4; its blur: F 0.6, Q_SR 2)."""
+    root = tmp_path_factory.mktemp("rank")
+    rows = []
+    for g in range(2):
+        hr = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(10 + g))
+        save_image(torch.nn.functional.avg_pool2d(hr[None], 4)[0], root / "lr" / f"{g}.png")
+        for m, sr, F, q in (("HR", hr, 1.0, 4.0), ("blur", torch.nn.functional.avg_pool2d(hr[None], 5, 1, 2)[0], 0.6, 2.0)):
+            save_image(sr, root / "sr" / m / f"{g}.png")
+            rows.append({"lr": f"lr/{g}.png", "sr": f"sr/{m}/{g}.png", "group": str(g), "method": m,
+                         "F": F, "q_lr": 2.0, "q_sr": q})
+    return _write_jsonl(root / "train.jsonl", rows), root
+
+
+def test_rank_weight_adds_the_readout_ranking_to_the_logged_loss(rank_data, tmp_path):
+    """--rank-weight W: step 0's batch is 2 records of the epoch order, each followed by the other candidate of its
+    LR; the logged loss is the answer cross-entropy + W x the read-out's hinge, computed here from the model."""
+    path, root = rank_data
+    model, processor = VL.load_compass("tiny")
+    recs = tc.load_records(path)
+    order = tc.with_partners(recs, tc.step_indices(len(recs), 0, 2, 2, 0), 0, 0)
+    assert [recs[i].group for i in order[0::2]] == [recs[i].group for i in order[1::2]]
+    chunk = [recs[i] for i in order]
+    batch = tc.sft_collate(processor, [tc.sft_conversation(r, *tc.load_pil_pair(r, root)) for r in chunk])
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    ce = float(tc.weighted_answer_loss(logits, batch["labels"], (batch["labels"] != tc.IGNORE_INDEX).float()))
+    read = tc.readout_numbers(logits, batch["labels"], tc.digit_token_ids(processor.tokenizer), [True] * 4)
+    hinge, used, _ = tc.readout_rank_loss(read, tc.rank_labels(chunk), 0.1)
+    assert used == 4 and float(hinge) > 0.1  # the random model does not read the labels' gaps (F 1.6, Q_SR 2)
+    tc.train(tc.TrainArgs(data=str(path), root=str(root), out=str(tmp_path / "r"), model="tiny", device="cpu",
+                          epochs=1, global_batch=4, per_device_batch=4, rank_weight=2.0))
+    logged = json.loads((tmp_path / "r" / "losses.json").read_text())["losses"]
+    assert len(logged) == 2 and logged[0] == pytest.approx(ce + 2.0 * float(hinge), rel=1e-5)
+    with pytest.raises(ValueError, match="--rank-weight 1.0: .* even --per-device-batch"):
+        tc.train(tc.TrainArgs(data=str(path), root=str(root), out=str(tmp_path / "x"), model="tiny", device="cpu",
+                              global_batch=3, per_device_batch=3, rank_weight=1.0))
+    assert not (tmp_path / "x").exists()
+
+
 def test_freeze_vision_trains_the_language_model_only(sft_data, tmp_path):
     """--freeze-vision: the export's vision tower (ViT + merger) is the preset's bit for bit, the language model
     moved, and the checkpoint's AdamW state holds no vision parameter (nothing was optimized there)."""
