@@ -60,15 +60,19 @@ class Pair:
     group: str = ""
     reason: str = ""
     where: str = ""  # "file:line" (errors only)
+    score_a: float | None = None  # the labels' Eq.4 reward of each candidate, where the pair came from labels
+    score_b: float | None = None  # (pairs_from_compass): what `--warmup-verdicts readings` writes in the think
 
     def to_json(self) -> dict:
         d = {"lr": self.lr, "sr_a": self.sr_a, "sr_b": self.sr_b, "preferred": self.preferred, "group": self.group,
              "reason": self.reason}
-        return {k: v for k, v in d.items() if v}
+        scores = {k: v for k, v in (("score_a", self.score_a), ("score_b", self.score_b)) if v is not None}
+        return {**{k: v for k, v in d.items() if v}, **scores}
 
 
 def load_pairs(path: str | Path, root: str | Path | None = None) -> list[Pair]:
-    """Read and validate a pairs JSONL: {"lr", "sr_a", "sr_b", "preferred": "a"|"b", "group"?, "reason"?}.
+    """Read and validate a pairs JSONL: {"lr", "sr_a", "sr_b", "preferred": "a"|"b", "group"?, "reason"?,
+    "score_a"?, "score_b"?} (the scores: numbers, both or neither).
 
     Every bad record is refused with FILE:LINE (not JSON, a field missing, `preferred` not a/b, sr_a ==
     sr_b); then every image that does not exist (relative to `root`, default: the JSONL's folder) is named,
@@ -90,8 +94,14 @@ def load_pairs(path: str | Path, root: str | Path | None = None) -> list[Pair]:
         if obj["sr_a"] == obj["sr_b"]:
             errors.append(f"{where}: sr_a and sr_b are the same file ({obj['sr_a']})")
             continue
+        scores = [obj.get(k) for k in ("score_a", "score_b")]
+        if (scores[0] is None) != (scores[1] is None) or any(
+                v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) for v in scores):
+            errors.append(f"{where}: score_a={scores[0]!r}, score_b={scores[1]!r}: both numbers or neither")
+            continue
         pairs.append(Pair(str(obj["lr"]), str(obj["sr_a"]), str(obj["sr_b"]), str(obj["preferred"]).lower(),
-                          str(obj.get("group") or ""), str(obj.get("reason") or ""), where))
+                          str(obj.get("group") or ""), str(obj.get("reason") or ""), where,
+                          *(None if v is None else float(v) for v in scores)))
     if errors:
         raise ValueError(f"{len(errors)} invalid record(s) in {path}:\n  " + "\n  ".join(errors[:20]))
     if not pairs:
@@ -127,7 +137,8 @@ def pairs_from_compass(records: Sequence, margin: float = 0.1, gamma: float = 7.
                 first_is_better = rng.random() < 0.5
                 a, b = (better, worse) if first_is_better else (worse, better)
                 pairs.append(Pair(better.lr, a.sr, b.sr, "a" if first_is_better else "b", name,
-                                  reason_from_labels(better, worse)))
+                                  reason_from_labels(better, worse), score_a=round(record_score(a, gamma), 4),
+                                  score_b=round(record_score(b, gamma), 4)))
     return pairs
 
 
@@ -166,6 +177,12 @@ def build_pair_messages(lr: Image.Image, sr_a: Image.Image, sr_b: Image.Image) -
         {"type": "text", "text": "\nCandidate A:"}, {"type": "image", "image": a},
         {"type": "text", "text": "\nCandidate B:"}, {"type": "image", "image": b},
         {"type": "text", "text": "\n" + TASK}]}]
+
+
+def readings(score_a: float, score_b: float) -> str:
+    """The think of a `--warmup-verdicts readings` answer: both candidates' rewards, "A 3.1 B 1.2". A verdict
+    after the two readings is what the mini judge learns; a verdict alone it does not (mini/README.md)."""
+    return f"A {score_a:.1f} B {score_b:.1f}"
 
 
 def format_verdict(verdict: str, reason: str = "") -> str:

@@ -7,7 +7,8 @@ script does it with this project's model doors, data I/O and logging. Three subc
             rewards (Eq.4) differ by at least --margin, the better one preferred, A/B drawn at random
     train   (optional) warm-up: supervised steps on `<think></think><answer>X</answer>`, X a RANDOM verdict (a
             format warm-up: the form, nothing about preference) or with --warmup-verdicts labelled the correct
-            one (a supervised judge, not in the seed paper); then GRPO:
+            one (a supervised judge, not in the seed paper; `readings`: after both candidates' label rewards in
+            the think, `<think>A 3.1 B 1.2</think>`); then GRPO:
               1. per step and process, `--prompts` pairs, each shown in a random A/B order;
               2. G answers sampled per prompt (temperature --temperature) from the current model;
               3. rule rewards: 1 for the correct verdict + 0.2 for a well-formed answer (refreward.rule_reward);
@@ -65,11 +66,14 @@ class TrainArgs:
     steps: int = 200
     """GRPO steps (after the warm-up)"""
     warmup_steps: int = 0
-    """warm-up steps first: supervised `<think></think><answer>X</answer>` (X by --warmup-verdicts)"""
+    """warm-up steps first: supervised `<think></think><answer>X</answer>` (X and the think by --warmup-verdicts)"""
     warmup_verdicts: str = "random"
     """the warm-up's X: 'random' (a format warm-up: the answer's form, nothing about preference; the seed paper
     trains the judge by GRPO alone) or 'labelled' (the pair's correct verdict in the order shown: a supervised
-    judge before GRPO, for a model too small to sample correct answers often enough for GRPO to start from)"""
+    judge before GRPO, for a model too small to sample correct answers often enough for GRPO to start from) or
+    'readings' (the correct verdict after both candidates' label rewards in the think, `<think>A 3.1 B 1.2</think>`:
+    pairs with score_a/score_b, as `pairs` writes them; the mini judge learns a verdict after its two readings,
+    not a verdict alone: mini/README.md)"""
     prompts: int = 4
     """pairs per step and process"""
     group: int = 8
@@ -126,6 +130,21 @@ def prompt_of(pair: RR.Pair, root: Path, swap: bool) -> tuple[list[dict], str]:
     return RR.build_pair_messages(lr, a, b), truth
 
 
+def warmup_think(pair: RR.Pair, swap: bool, verdicts: str) -> str:
+    """The think of a warm-up answer: empty, or with --warmup-verdicts readings both candidates' label rewards in
+    the order shown (A and B swapped when `swap`)."""
+    if verdicts != "readings":
+        return ""
+    a, b = (pair.score_b, pair.score_a) if swap else (pair.score_a, pair.score_b)
+    return RR.readings(a, b)
+
+
+def verdict_position(tok, think: str) -> int:
+    """Index of the verdict token in the answer with this think: the first token where the A and B answers differ."""
+    a, b = (tok.encode(RR.format_verdict(v, think), add_special_tokens=False) for v in "AB")
+    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+
 def answer_logprobs(model, batch: dict, prompt_len: int, completion: torch.Tensor) -> torch.Tensor:
     """log p of each completion token (B,T) given the prompt batch (left-padded) and the completion."""
     ids = torch.cat([batch["input_ids"], completion], dim=1)
@@ -153,6 +172,9 @@ def train(args: TrainArgs) -> Path | int:
     T.seed_everything(args.seed, dist_info.rank)
     root = Path(args.root) if args.root else Path(args.data).parent
     pairs = RR.load_pairs(args.data, root)  # every bad record / missing image named before training
+    if args.warmup_verdicts == "readings" and args.warmup_steps and any(p.score_a is None for p in pairs):
+        raise ValueError(f"--warmup-verdicts readings: {args.data} has pairs without score_a/score_b (write them with "
+                         "`train_refreward.py pairs --compass <labels>.jsonl`)")
     out = Path(args.out)
     ckpt_root = out / "checkpoints"
     # a finished or interrupted run in --out is never replaced by accident (--resume / --overwrite)
@@ -210,7 +232,8 @@ def train(args: TrainArgs) -> Path | int:
         # the pairs, A/B orders and sampling noise of this step and process: functions of (seed, step, rank)
         rng = random.Random(args.seed * 1_000_003 + step * 1009 + dist_info.rank)
         chosen = [pairs[rng.randrange(len(pairs))] for _ in range(args.prompts)]
-        prompts = [prompt_of(p, root, swap=rng.random() < 0.5) for p in chosen]
+        swaps = [rng.random() < 0.5 for _ in chosen]
+        prompts = [prompt_of(p, root, swap) for p, swap in zip(chosen, swaps)]
         for group in optimizer.param_groups:
             group["lr"] = args.warmup_lr if step < args.warmup_steps else args.lr
         optimizer.zero_grad(set_to_none=True)
@@ -224,18 +247,23 @@ def train(args: TrainArgs) -> Path | int:
             weights = load_file(str(reference_file)) if dist_info.is_main or not sharded else {}
             T.restore_full_state(reference, None, weights, {}, sharded)
         if step < args.warmup_steps:  # warm-up: teacher-forced answer, a random or the correct verdict
-            verdicts = [truth if args.warmup_verdicts == "labelled" else rng.choice("AB") for _, truth in prompts]
-            answers = [RR.format_verdict(v) + "<|im_end|>" for v in verdicts]
+            verdicts = [truth if args.warmup_verdicts != "random" else rng.choice("AB") for _, truth in prompts]
+            thinks = [warmup_think(p, swap, args.warmup_verdicts) for p, swap in zip(chosen, swaps)]
+            answers = [RR.format_verdict(v, t) + "<|im_end|>" for v, t in zip(verdicts, thinks)]
             batch = processor.apply_chat_template([m for m, _ in prompts], add_generation_prompt=True, tokenize=True,
                                                   return_dict=True, return_tensors="pt",
                                                   processor_kwargs={"padding": True, "padding_side": "left"}).to(device)
-            completion = torch.tensor([tok.encode(a, add_special_tokens=False) for a in answers], device=device)
+            encoded = [tok.encode(a, add_special_tokens=False) for a in answers]  # readings: lengths may differ
+            width = max(map(len, encoded))
+            completion = torch.tensor([e + [tok.pad_token_id] * (width - len(e)) for e in encoded], device=device)
+            answer_mask = torch.tensor([[1.0] * len(e) + [0.0] * (width - len(e)) for e in encoded], device=device)
             with autocast:
                 logprobs = answer_logprobs(model, batch, batch["input_ids"].shape[1], completion)
-            loss = -logprobs.mean()
+            loss = -RR.masked_mean(logprobs, answer_mask).mean()
             # the verdict is one token of the answer (of 34 with the mini byte tokenizer): the mean above
             # falls with the format alone, so the verdict's own loss and accuracy are logged beside it
-            verdict = logprobs[:, verdict_at].detach()
+            at = [verdict_at if not t else verdict_position(tok, t) for t in thinks]
+            verdict = logprobs.detach()[torch.arange(len(at)), at]
             stats = {"warmup_loss": float(loss.detach()), "warmup_verdict_nll": float(-verdict.mean()),
                      "warmup_verdict_acc": float((verdict > math.log(0.5)).float().mean())}
         else:
@@ -371,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "train":
         if not ns["data"]:
             parser.error("train: --data is required")
-        if ns["warmup_verdicts"] not in ("random", "labelled"):
-            parser.error(f"train: --warmup-verdicts {ns['warmup_verdicts']}: choose random or labelled")
+        if ns["warmup_verdicts"] not in ("random", "labelled", "readings"):
+            parser.error(f"train: --warmup-verdicts {ns['warmup_verdicts']}: choose random, labelled or readings")
         result = train(TrainArgs(**ns))
         if isinstance(result, int):
             return result

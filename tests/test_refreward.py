@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+import reward
+
 from baselines import flow_grpo
 from common import training as T
 from common.data import save_image
@@ -132,6 +134,56 @@ def test_pairs_from_compass_orders_by_labels_and_randomises_positions():
         assert "bad" not in better and "faithful" in p.reason
     positions = {p.preferred for seed in range(8) for p in RR.pairs_from_compass(recs, seed=seed)}
     assert positions == {"a", "b"}
+
+
+def test_pair_scores_round_trip_and_bad_scores_name_file_line(tmp_path):
+    rows = _images(tmp_path, 2)
+    scored = [{**rows[0], "score_a": 0.0, "score_b": 3.25}, rows[1]]
+    pairs = RR.load_pairs(_write(tmp_path / "pairs.jsonl", scored))
+    assert (pairs[0].score_a, pairs[0].score_b, pairs[1].score_a) == (0.0, 3.25, None)
+    again = RR.load_pairs(RR.write_pairs(pairs, tmp_path / "again.jsonl"))  # a 0.0 score is kept, not dropped
+    assert [(p.score_a, p.score_b) for p in again] == [(0.0, 3.25), (None, None)]
+    for bad in ({**rows[0], "score_a": 1.0}, {**rows[0], "score_a": "high", "score_b": 1.0}):
+        with pytest.raises(ValueError, match=r"pairs.jsonl:1: score_a=.*both numbers or neither"):
+            RR.load_pairs(_write(tmp_path / "pairs.jsonl", [bad]))
+
+
+def test_pairs_from_compass_carry_the_label_rewards_and_the_readings_think():
+    from train_compass import Record
+
+    recs = [Record("lr/0.png", f"sr/{m}/0.png", "0", m, q_lr=2.0, q_sr=q, F=f)
+            for m, q, f in (("good", 4.0, 0.9), ("bad", 2.0, 0.5))]
+    (pair,) = RR.pairs_from_compass(recs, seed=0)
+    by_path = {r.sr: reward.label_reward(r.F, r.q_lr, r.q_sr) for r in recs}
+    assert (pair.score_a, pair.score_b) == pytest.approx((by_path[pair.sr_a], by_path[pair.sr_b]), abs=1e-4)
+    # good: 0.9 * 2 + 0.9 ** (2 / 7) * 2 = 3.741; bad: 0.5 * 2 + 0 = 1.0
+    assert sorted(by_path.values()) == pytest.approx([1.0, 1.8 + 2 * 0.9 ** (2 / 7)])
+    think = train_refreward.warmup_think(pair, False, "readings")
+    assert think == f"A {pair.score_a:.1f} B {pair.score_b:.1f}"
+    assert train_refreward.warmup_think(pair, True, "readings") == f"A {pair.score_b:.1f} B {pair.score_a:.1f}"
+    assert train_refreward.warmup_think(pair, True, "labelled") == ""
+
+
+def test_readings_warmup_learns_its_answer_and_finds_the_verdict_after_the_think(planted, tmp_path):
+    """--warmup-verdicts readings: the answer `<think>A 3.1 B 1.2</think><answer>X</answer>`; the verdict's NLL is
+    read at its own position (after the think), and a pairs file without scores is refused before any work."""
+    train, _, root = planted
+    with pytest.raises(ValueError, match="--warmup-verdicts readings: .*train.jsonl has pairs without score_a"):
+        _train(train, tmp_path / "none", "--warmup-steps", 2, "--warmup-verdicts", "readings", "--steps", 0)
+    assert not (tmp_path / "none").exists()
+    rows = [{**json.loads(x), "score_a": 1.0 + (i % 3), "score_b": 4.0 - (i % 3)}
+            for i, x in enumerate(train.read_text().splitlines())]  # readings of different values
+    scored = _write(root / "scored.jsonl", rows)
+    _, processor = RR.load_refreward("tiny")
+    tok = processor.tokenizer
+    for think in ("A 1.0 B 4.0", "A 3.0 B 2.0"):
+        at = train_refreward.verdict_position(tok, think)
+        assert tok.decode(tok.encode(RR.format_verdict("A", think), add_special_tokens=False)[at]).strip() == "A"
+    _train(scored, tmp_path / "r", "--warmup-steps", 40, "--warmup-verdicts", "readings", "--steps", 0,
+           "--save-every", 1000, "--beta", 0)
+    log = [json.loads(x) for x in (tmp_path / "r" / "rewards.jsonl").read_text().splitlines()]
+    loss = [e["warmup_loss"] for e in log]
+    assert len(loss) == 40 and np.mean(loss[-5:]) < 0.2 * loss[0], loss[::5]
 
 
 # ---------------------------------------------------------------------------------------------------
