@@ -252,6 +252,15 @@ def allowed_digits(name: str, position: int) -> tuple[int, ...]:
     return tuple(range(int(lo), int(hi) + 1))
 
 
+def digit_token_ids(tokenizer, owner: str) -> list[int]:
+    """Token id of each digit 0-9. The read-out needs one token per digit (true of the Qwen vocabulary); `owner`
+    names the caller in the error."""
+    ids = [tokenizer.encode(str(d), add_special_tokens=False) for d in range(10)]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"{owner}: the tokenizer does not encode each digit 0-9 as one token; the digit read-out needs that")
+    return [i[0] for i in ids]
+
+
 def expected_number(digit_probs: Sequence[torch.Tensor], digit_values: Sequence[Sequence[int]]) -> torch.Tensor:
     """value = sum_k 10**-k * E[digit_k] for a number "a.bc" read position by position.
 
@@ -378,10 +387,7 @@ class LocalScorer:
         replaced without changing the tokens around them. Returns (slots, digit_slots) with
         digit_slots = [(step, field, position, leading-digit step), ...].
         """
-        digit_ids = [self.tokenizer.encode(str(d), add_special_tokens=False) for d in range(10)]
-        if any(len(ids) != 1 for ids in digit_ids):
-            raise ValueError("LocalScorer: the tokenizer does not encode each digit 0-9 as one token; the digit read-out needs that")
-        self.digit_id = [ids[0] for ids in digit_ids]
+        self.digit_id = digit_token_ids(self.tokenizer, "LocalScorer")
         placeholder = format_answer(0.0 if self.synthetic else None, 1.0, 1.0)  # "Fidelity: 0.00\n..." numbers only
         ids = self.tokenizer.encode(placeholder, add_special_tokens=False)
         fields = fields_for(self.synthetic)

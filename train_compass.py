@@ -667,14 +667,6 @@ def weighted_answer_loss(logits: torch.Tensor, labels: torch.Tensor, weights: to
 # reward rank unambiguous pairs better (README "The mini presets"): an option, off by default.
 
 
-def digit_token_ids(tokenizer) -> list[int]:
-    """Token id of each digit 0-9; the read-out (here and in reward.LocalScorer) needs one token per digit."""
-    ids = [tokenizer.encode(str(d), add_special_tokens=False) for d in range(10)]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError("--rank-weight: the tokenizer does not encode each digit 0-9 as one token")
-    return [i[0] for i in ids]
-
-
 def readout_numbers(logits: torch.Tensor, labels: torch.Tensor, digit_id: list[int],
                     synthetic: Sequence[bool]) -> dict[str, torch.Tensor]:
     """The answer's numbers read from the digit probabilities, teacher-forced: {field: (B,)} for F, q_lr, q_sr
@@ -695,12 +687,12 @@ def readout_numbers(logits: torch.Tensor, labels: torch.Tensor, digit_id: list[i
             raise ValueError(f"sample {b}: its answer holds {len(positions)} digits, the read-out needs {3 * len(fields)}")
         for f, name in enumerate(fields):
             probs, values = [], []
+            at_top = int(labels[b, positions[3 * f]]) == digit_id[int(CT.FIELD_RANGES[name][1])]  # leading digit
             for k in range(3):
                 t = int(positions[3 * f + k])
                 digits = reward.allowed_digits(name, k)
                 p = torch.softmax(logits[b, t - 1, [digit_id[d] for d in digits]].float(), dim=-1)  # t is predicted at t-1
-                lead = int(labels[b, positions[3 * f]])
-                if k > 0 and lead == digit_id[int(CT.FIELD_RANGES[name][1])]:
+                if k > 0 and at_top:
                     p = torch.eye(len(digits), device=p.device)[0]  # "1.00" / "5.00": the scorer forces the decimals
                 probs.append(p[None])
                 values.append(digits)
@@ -742,16 +734,22 @@ def rank_labels(records: Sequence[Record], device="cpu") -> dict[str, torch.Tens
             "q_sr": torch.tensor([r.q_sr for r in records], device=device)}
 
 
-def with_partners(records: Sequence[Record], anchors: list[int], seed: int, step: int) -> list[int]:
-    """[a0, p0, a1, p1, ...]: each anchor followed by another record of its group (another candidate of the
-    same LR), drawn by a pure function of (seed, step, slot) so resumes and rank layouts agree. A group of
-    one record pairs it with itself (that pair's gap is 0: it adds nothing to the ranking loss)."""
+def group_members(records: Sequence[Record]) -> list[list[int]]:
+    """For each record, the indices of the other records of its group (the other candidates of its LR); made once
+    per run for `with_partners`."""
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         groups.setdefault(r.group, []).append(i)
+    return [[j for j in groups[r.group] if j != i] for i, r in enumerate(records)]
+
+
+def with_partners(members: list[list[int]], anchors: list[int], seed: int, step: int) -> list[int]:
+    """[a0, p0, a1, p1, ...]: each anchor followed by another record of its group (`group_members`), drawn by a pure
+    function of (seed, step, slot) so resumes and rank layouts agree. A group of one record pairs it with itself
+    (that pair's gap is 0: it adds nothing to the ranking loss)."""
     out = []
     for slot, a in enumerate(anchors):
-        others = [i for i in groups[records[a].group] if i != a] or [a]
+        others = members[a] or [a]
         g = torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + slot)
         out += [a, others[int(torch.randint(len(others), (), generator=g))]]
     return out
@@ -961,7 +959,8 @@ def train(args: TrainArgs) -> Path | int:
         VL.shard_vl_model(model, dist_info, bf16)  # each rank's shards on `device`
     else:
         model.to(device)
-    digit_id = digit_token_ids(processor.tokenizer) if ranking else []
+    digit_id = reward.digit_token_ids(processor.tokenizer, "--rank-weight") if ranking else []
+    members = group_members(records) if ranking else []
     trained = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP2 swaps the Parameters
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -997,7 +996,7 @@ def train(args: TrainArgs) -> Path | int:
         # 1. this rank's share of the global batch, split into micro-batches
         idx = step_indices(n, step, args.steps_per_epoch, fresh, args.seed)
         if ranking:  # --rank-weight: each record followed by another candidate of its LR
-            idx = with_partners(records, idx, args.seed, step)
+            idx = with_partners(members, idx, args.seed, step)
         mine = idx[dist_info.rank * per_rank:(dist_info.rank + 1) * per_rank]
         step_loss = torch.zeros((), device=device)
         rank_stats = torch.zeros(3, device=device)  # ranking loss (summed over micro-batches), pairs, in order

@@ -220,9 +220,6 @@ def train(args: TrainArgs) -> Path | int:
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     # the answer's generation settings (RR.answer_generation_kwargs), and the pad token never sampled
-    # where the warm-up answers' verdict sits: the first token at which the "A" and "B" answers differ
-    verdict_at = next(i for i, (a, b) in enumerate(zip(*(tok.encode(RR.format_verdict(v), add_special_tokens=False)
-                                                           for v in "AB"))) if a != b)
     sampling = RR.answer_generation_kwargs(tok)
     sampling.update(suppress_tokens=[*sampling["suppress_tokens"], tok.pad_token_id], pad_token_id=tok.pad_token_id)
     from tqdm import tqdm
@@ -262,7 +259,7 @@ def train(args: TrainArgs) -> Path | int:
             loss = -RR.masked_mean(logprobs, answer_mask).mean()
             # the verdict is one token of the answer (of 34 with the mini byte tokenizer): the mean above
             # falls with the format alone, so the verdict's own loss and accuracy are logged beside it
-            at = [verdict_at if not t else verdict_position(tok, t) for t in thinks]
+            at = [verdict_position(tok, t) for t in thinks]
             verdict = logprobs.detach()[torch.arange(len(at)), at]
             stats = {"warmup_loss": float(loss.detach()), "warmup_verdict_nll": float(-verdict.mean()),
                      "warmup_verdict_acc": float((verdict > math.log(0.5)).float().mean())}

@@ -573,7 +573,7 @@ def test_readout_numbers_of_the_labels_on_the_tiny_tokenizer(sft_data):
         logits[b, t, labels[b, t + 1]] = 50.0
     recs = tc.load_records(path)
     order = tc.step_indices(len(recs), 0, 1, len(recs), 0)
-    read = tc.readout_numbers(logits, labels, tc.digit_token_ids(processor.tokenizer), [recs[i].F is not None for i in order])
+    read = tc.readout_numbers(logits, labels, reward.digit_token_ids(processor.tokenizer, "test"), [recs[i].F is not None for i in order])
     for b, i in enumerate(order):
         assert float(read["F"][b]) == pytest.approx(recs[i].F if recs[i].F is not None else 1.0, abs=1e-4)
         assert (float(read["q_lr"][b]), float(read["q_sr"][b])) == pytest.approx((2.0, 3.5), abs=1e-4)
@@ -601,11 +601,11 @@ def test_readout_rank_loss_hand_worked():
 def test_with_partners_pairs_each_record_with_another_of_its_group():
     recs = [tc.Record(lr="l", sr=f"s{i}", group=g, method="m", q_lr=2.0, q_sr=3.0)
             for i, g in enumerate("aaabbc")]
-    idx = tc.with_partners(recs, [0, 3, 5, 1], seed=0, step=7)
+    idx = tc.with_partners(tc.group_members(recs), [0, 3, 5, 1], seed=0, step=7)
     assert idx[0::2] == [0, 3, 5, 1]
     assert idx[1] in (1, 2) and idx[3] == 4 and idx[5] == 5 and idx[7] in (0, 2)  # c is alone: itself
-    assert idx == tc.with_partners(recs, [0, 3, 5, 1], seed=0, step=7)  # a pure function of (seed, step, slot)
-    draws = {tuple(tc.with_partners(recs, [0], seed=0, step=s)) for s in range(20)}
+    assert idx == tc.with_partners(tc.group_members(recs), [0, 3, 5, 1], seed=0, step=7)  # a pure function of (seed, step, slot)
+    draws = {tuple(tc.with_partners(tc.group_members(recs), [0], seed=0, step=s)) for s in range(20)}
     assert draws == {(0, 1), (0, 2)}
 
 
@@ -630,14 +630,14 @@ def test_rank_weight_adds_the_readout_ranking_to_the_logged_loss(rank_data, tmp_
     path, root = rank_data
     model, processor = VL.load_compass("tiny")
     recs = tc.load_records(path)
-    order = tc.with_partners(recs, tc.step_indices(len(recs), 0, 2, 2, 0), 0, 0)
+    order = tc.with_partners(tc.group_members(recs), tc.step_indices(len(recs), 0, 2, 2, 0), 0, 0)
     assert [recs[i].group for i in order[0::2]] == [recs[i].group for i in order[1::2]]
     chunk = [recs[i] for i in order]
     batch = tc.sft_collate(processor, [tc.sft_conversation(r, *tc.load_pil_pair(r, root)) for r in chunk])
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     ce = float(tc.weighted_answer_loss(logits, batch["labels"], (batch["labels"] != tc.IGNORE_INDEX).float()))
-    read = tc.readout_numbers(logits, batch["labels"], tc.digit_token_ids(processor.tokenizer), [True] * 4)
+    read = tc.readout_numbers(logits, batch["labels"], reward.digit_token_ids(processor.tokenizer, "test"), [True] * 4)
     hinge, used, _ = tc.readout_rank_loss(read, tc.rank_labels(chunk), 0.1)
     assert used == 4 and float(hinge) > 0.1  # the random model does not read the labels' gaps (F 1.6, Q_SR 2)
     tc.train(tc.TrainArgs(data=str(path), root=str(root), out=str(tmp_path / "r"), model="tiny", device="cpu",
