@@ -71,7 +71,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -936,7 +936,8 @@ def train(args: TrainArgs) -> Path | int:
     out = Path(args.out)
     ckpt_root = out / "checkpoints"
     # a finished or interrupted run in --out is never replaced by accident (--resume / --overwrite)
-    T.claim_run(out, args.resume, args.overwrite, out / "config.json", dist_info)
+    T.claim_run(out, args.resume, args.overwrite, out / "config.json", dist_info,
+                {k: v for k, v in asdict(args).items() if k not in ("grad_accum", "steps_per_epoch", "total_steps")})
     if dist_info.is_main:
         print(f"[train] {n} pairs ({sum(r.F is not None for r in records)} with F), {world} process(es), "
               f"global batch {args.global_batch} = {args.per_device_batch} x {args.grad_accum} accum x "

@@ -291,6 +291,15 @@ def stopped(stop: StopOnSignal, writer, dist_info: DistInfo) -> int:
     return 130
 
 
+# Settings a resumed run may change: where and how it runs (the reward model in-process or served), how often it
+# saves, how long it goes on. Any other difference from the run's args.json (another --model, --data, learning
+# rate, recipe) would continue one run's weights and optimizer under another's settings: `claim_run_dir` refuses it.
+RESUME_MAY_CHANGE = frozenset({"out", "resume", "overwrite", "device", "bf16", "save_every", "keep_last", "micro_batch",
+                               "gradient_checkpointing", "steps", "epochs", "threads", "num_workers", "log_every",
+                               "sample_every", "reward_url", "reward_model_name", "reward_concurrency",
+                               "reward_timeout"})
+
+
 def claim_run(run_dir: Path, resume: str | None, overwrite: bool, finished: Path | None, dist_info: DistInfo,
               args: dict | None = None) -> None:
     """`claim_run_dir` on rank 0, agreed by every rank (one line and a clean stop on all of them if refused); then
@@ -298,7 +307,7 @@ def claim_run(run_dir: Path, resume: str | None, overwrite: bool, finished: Path
     error = None
     if dist_info.is_main:
         try:
-            claim_run_dir(run_dir, resume, overwrite, finished)
+            claim_run_dir(run_dir, resume, overwrite, finished, args)
             run_dir.mkdir(parents=True, exist_ok=True)
             if args is not None:
                 atomic_write_text(json.dumps(args, indent=1), run_dir / "args.json")
@@ -309,14 +318,26 @@ def claim_run(run_dir: Path, resume: str | None, overwrite: bool, finished: Path
     raise_if_any_rank_failed(error)
 
 
-def claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool, finished: Path | None = None) -> None:
+def claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool, finished: Path | None = None,
+                  args: dict | None = None) -> None:
     """Refuse, in ONE line and before any work, to start a new run in a folder that holds one (its checkpoints, or
-    its finished output `finished`): a new run would replace its results and mix its logs. --resume continues it;
-    --overwrite deletes it first (checkpoints, logs, TensorBoard events, samples, the final output)."""
+    its finished output `finished`): a new run would replace its results and mix its logs. --resume continues it,
+    with the settings it was started with (`args` against its args.json, but for RESUME_MAY_CHANGE); --overwrite
+    deletes it first (checkpoints, logs, TensorBoard events, samples, the final output)."""
     # a folder with only args.json and logs holds nothing to resume (the run stopped before its first checkpoint,
     # e.g. on bad input): a new run may reuse it
     holds = list_checkpoints(run_dir / "checkpoints") or (finished is not None and finished.exists())
-    if not holds or resume:
+    if not holds:
+        return
+    if resume:
+        saved = run_dir / "args.json"
+        if args is not None and saved.exists():
+            before = json.loads(saved.read_text())
+            changed = [k for k in args if k in before and k not in RESUME_MAY_CHANGE and before[k] != args[k]]
+            if changed:
+                flags = ", ".join(f"--{k.replace('_', '-')} {before[k]} (now {args[k]})" for k in changed[:3])
+                raise RunError(f"--resume {resume}: {run_dir} was started with {flags}; resume it with its settings, "
+                               "or pass --overwrite to start a new run there")
         return
     if not overwrite:
         what = finished if finished is not None and finished.exists() else run_dir

@@ -178,7 +178,7 @@ def train(args: TrainArgs) -> Path | int:
     out = Path(args.out)
     ckpt_root = out / "checkpoints"
     # a finished or interrupted run in --out is never replaced by accident (--resume / --overwrite)
-    T.claim_run(out, args.resume, args.overwrite, out / "config.json", dist_info)
+    T.claim_run(out, args.resume, args.overwrite, out / "config.json", dist_info, asdict(args))
     # Under torchrun the policy (float32 master weights + AdamW, ~16 bytes/parameter: 140 GB for the 8B) and the
     # frozen reference are sharded by FSDP2 over the ranks, loaded once per node (rank 0 on the host, the
     # others on the meta device, common.vl_model.shard_vl_model); on one process they are plain modules
@@ -210,8 +210,6 @@ def train(args: TrainArgs) -> Path | int:
     log = out / "rewards.jsonl"
     writer = None
     if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(asdict(args), indent=1))
         writer = T.summary_writer(out / "tb", start)
         if start == 0:  # a fresh run: no log, no reference of an earlier run
             log.unlink(missing_ok=True)

@@ -85,6 +85,14 @@ def test_a_finished_run_is_never_replaced_by_accident(tmp_path):
     with pytest.raises(T.RunError, match=r"fr.safetensors already holds a run; pass --resume latest .* or --overwrite"):
         rl_fr.main([*RL, "--hr-dir", str(hr), "--steps", "3", "--out", str(out)])
     assert _snapshot(tmp_path / "fr") | {"final": out.read_bytes()} == before  # nothing touched
+    # resumed, it keeps the settings it was started with (args.json); only where / how long / how often may change
+    with pytest.raises(T.RunError, match=r"--resume latest: .*fr was started with --lr 0.01 \(now 0.02\), --seed 0 "
+                                         r"\(now 1\); resume it with its settings, or pass --overwrite"):
+        rl_fr.main([*RL[:-1], "2e-2", "--seed", "1", "--hr-dir", str(hr), "--steps", "3", "--out", str(out),
+                    "--resume", "latest"])
+    assert _snapshot(tmp_path / "fr") | {"final": out.read_bytes()} == before
+    rl_fr.main([*RL, "--hr-dir", str(hr), "--steps", "3", "--save-every", "3", "--out", str(out), "--resume", "latest"])
+    assert len((tmp_path / "fr" / "rewards.jsonl").read_text().splitlines()) == 3  # steps 1-2 kept, step 3 added
     rl_fr.main([*RL, "--hr-dir", str(hr), "--steps", "1", "--out", str(out), "--overwrite"])
     assert len((tmp_path / "fr" / "rewards.jsonl").read_text().splitlines()) == 1
     assert [p.name for p in T.list_checkpoints(tmp_path / "fr" / "checkpoints")] == ["step_000001"]
