@@ -33,6 +33,10 @@ photographs that ship inside installed packages (photos.py; the HELDOUT photos a
                   the calibrated labels), answer parse rate, Spearman of predicted F and Q_SR with the labels,
                   and the Table 3 cases: models trained the same way on absolute labels / without F, and
                   gamma 5 / 7 / 9 / linear                            -> mini/compass_eval.{md,json}
+    6. refreward  RefReward-SR from the COMPASS of step 4: `train_refreward.py pairs` (label margin 1.0), a
+                  warm-up on answers that read both candidates before the verdict, then GRPO; scored on held-out
+                  pairs, in the SRIQA table and on mini/reward_checks.py's unambiguous pairs
+                                                          -> mini/refreward/, mini/refreward_eval.json
 
 The mini model is the real Qwen3VLForConditionalGeneration with a small config: text width 128 x 8
 layers (--text-layers; the shipped mini/compass has 4, which read out less of F), RoPE base 5e6 ** (1/4)
@@ -192,18 +196,36 @@ class Args:
     outputs labelled by `annotate`, COMPASS retrained (README "The mini presets")"""
     ablations: bool = True
     """also train the Table 3 models (absolute labels, no F) with the same budget"""
-    refreward_warmup: int = 100
-    """RefReward-SR: warm-up steps before GRPO (`train_refreward.py train --warmup-steps`)"""
-    refreward_warmup_verdicts: str = "labelled"
-    """RefReward-SR: the warm-up's verdicts (`--warmup-verdicts`): 'labelled' (a supervised judge first) or
-    'random' (a format warm-up, as the mini RefReward-SR shipped before, which answered by position)"""
-    refreward_steps: int = 150
+    refreward_start: str = "compass"
+    """RefReward-SR starts from: 'compass' (this build's trained COMPASS, which already reads one image) or
+    'pretrained' (the pretraining stage's model / --pretrained, as the earlier builds did). Not in the seed
+    papers (RefReward-SR starts from a general VLM); at mini scale only a model that already reads SR quality
+    learned to compare (mini/README.md, "Mini RefReward-SR")"""
+    refreward_margin: float = 1.0
+    """RefReward-SR: training pairs only where the two candidates' label rewards (Eq.4) differ by at least this
+    (`train_refreward.py pairs --margin`); the held-out pairs keep that command's default"""
+    refreward_warmup: int = 600
+    """RefReward-SR: warm-up steps before GRPO (`train_refreward.py train --warmup-steps`; on round 2's data
+    1,200 scored lower on held-out pairs than 600: the judge fits the training photos)"""
+    refreward_warmup_verdicts: str = "readings"
+    """RefReward-SR: the warm-up's verdicts (`--warmup-verdicts`): 'readings' (the verdict after both
+    candidates' label rewards in the think), 'labelled' (the verdict alone) or 'random' (a format warm-up, as
+    the first mini RefReward-SR, which answered by position)"""
+    refreward_warmup_lr: float = 3e-4
+    """RefReward-SR: the warm-up's learning rate (at 1e-3 the mini judge's readings collapse to the mean)"""
+    refreward_steps: int = 40
     """RefReward-SR: GRPO steps (--refreward-prompts pairs x --refreward-group answers each)"""
     refreward_prompts: int = 8
     """RefReward-SR: labelled pairs per GRPO step (`train_refreward.py train --prompts`)"""
     refreward_group: int = 8
     """RefReward-SR: sampled answers per pair, the GRPO group (`train_refreward.py train --group`)"""
-    refreward_lr: float = 3e-4
+    refreward_lr: float = 1e-4
+    """RefReward-SR: GRPO's learning rate (`train_refreward.py train --lr`, whose default is DeepSeekMath's 1e-6
+    for billion-parameter models)"""
+    refreward_eval_groups: int = 8
+    """RefReward-SR is scored on the first N held-out groups (every pair in both orders; 66 pairs a group)"""
+    refreward_check_crops: int = 48
+    """RefReward-SR: held-out crops of the unambiguous pairs (`mini.reward_checks --crops`)"""
 
 
 # ====================================================================================================
@@ -532,10 +554,11 @@ def train(model: str, data_file: Path, root: Path, out: Path, epochs: int, lr: f
 
 
 def publish(src: Path, dst: Path, *ignore: str) -> None:
-    """Replace `dst` by the trained model in `src`, without its checkpoints, logs and the `ignore` patterns."""
+    """Replace `dst` by the trained model in `src`, without its checkpoints, logs, settings and the `ignore`
+    patterns."""
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "tb", "losses.json", *ignore))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "tb", "losses.json", "args.json", *ignore))
 
 
 def without_fidelity(src: Path, dst: Path) -> Path:
@@ -591,7 +614,8 @@ def agreement_check(folder: Path, groups: int, seed: int, backbone: str, sft: st
 
 QUICK = dict(perception_steps=2, perception_check_crops=2, pretrain_groups=3, pretrain_epochs=1, train_groups=2,
              heldout_groups=2, epochs=1, batch=4,
-             refreward_warmup=2, refreward_steps=2, refreward_prompts=2, refreward_group=4)
+             refreward_warmup=2, refreward_steps=2, refreward_prompts=2, refreward_group=4, refreward_margin=0.1,
+             refreward_eval_groups=2, refreward_check_crops=1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -609,6 +633,12 @@ def main(argv: list[str] | None = None) -> None:
     for lora in args.policy_loras:
         if not Path(lora).is_file():
             parser.error(f"--policy-loras {lora}: no such file (an rl_fr.py / rl_nr.py LoRA output)")
+    if args.refreward_start not in ("compass", "pretrained"):
+        parser.error(f"--refreward-start {args.refreward_start}: choose compass or pretrained")
+    if (args.stage == "refreward" and args.refreward_start == "compass"
+            and not (Path(args.out) / "compass" / "config.json").is_file()):
+        parser.error(f"--stage refreward --refreward-start compass: {Path(args.out) / 'compass'} holds no trained "
+                     "COMPASS (run the train stage first, or --refreward-start pretrained)")
     if args.pretrained and args.stage == "pretrain":
         parser.error("--stage pretrain with --pretrained: the pretrained model is given, nothing to pretrain")
     if args.quick:
@@ -735,26 +765,51 @@ def main(argv: list[str] | None = None) -> None:
         print(eval_markdown(result))
 
     def refreward_all() -> None:
-        """RefReward-SR on the same data: pairs from the annotations, GRPO from the pretrained model, held-out
-        accuracy (its own and in the SRIQA table next to COMPASS)."""
-        for split in ("train", "heldout"):
+        """RefReward-SR on the same data: pairs from the annotations, the warm-up and GRPO from this build's
+        COMPASS (--refreward-start), then held-out accuracy: its own and in the SRIQA table next to COMPASS on
+        the first --refreward-eval-groups held-out groups (every pair asked in both orders: ~0.7 s an answer
+        here), and the unambiguous pairs of mini/reward_checks.py."""
+        for split, margin in (("train", ["--margin", str(args.refreward_margin)]), ("heldout", [])):
             run(["-m", "refreward_sr.train_refreward", "pairs", "--compass", str(work / split / f"{split}.jsonl"), "--out",
-                 str(work / split / "pairs.jsonl")], work / f"pairs_{split}.log")
-        run(["-m", "refreward_sr.train_refreward", "train", "--model", str(pretrained), "--data",
+                 str(work / split / "pairs.jsonl"), *margin], work / f"pairs_{split}.log")
+        start = out / "compass" if args.refreward_start == "compass" else pretrained
+        # --max-new-tokens 56: a readings answer, `<think>A 3.1 B 1.2</think><answer>A</answer>`, is 44 tokens of
+        # the mini byte-level tokenizer
+        run(["-m", "refreward_sr.train_refreward", "train", "--model", str(start), "--data",
              str(work / "train" / "pairs.jsonl"), "--out", str(work / "refreward"), "--warmup-steps",
              str(args.refreward_warmup), "--warmup-verdicts", args.refreward_warmup_verdicts,
              "--steps", str(args.refreward_steps), "--prompts",
-             str(args.refreward_prompts), "--group", str(args.refreward_group),
-             "--lr", str(args.refreward_lr), "--warmup-lr", "1e-3", "--max-new-tokens", "40", "--device", "cpu",
+             str(args.refreward_prompts), "--group", str(args.refreward_group), "--lr", str(args.refreward_lr),
+             "--warmup-lr", str(args.refreward_warmup_lr), "--max-new-tokens", "56", "--device", "cpu",
              "--resume", "latest"], work / "train_refreward.log")
         final = out / "refreward"
-        publish(work / "refreward", final, "*.jsonl", "reference.safetensors", "args.json")
-        run(["-m", "refreward_sr.train_refreward", "eval", "--model", str(final), "--data", str(work / "heldout" / "pairs.jsonl"),
-             "--out", str(out / "refreward_eval.json")], work / "eval_refreward_pairs.log")
-        run(["-m", "evaluation.sriqa", "--reward-model", str(out / "compass"), "--refreward-model", str(final), "--sriqa-root",
-             str(work / "sriqa_heldout"), "--out", str(work / "eval_refreward"), "--baselines", "PSNR", "SSIM",
+        publish(work / "refreward", final, "*.jsonl", "reference.safetensors")
+        # scored on the first --refreward-eval-groups of the COMPASS evaluation's held-out groups (both orders of
+        # every pair: 132 answers a group)
+        held_out = work / "heldout" / "refreward_heldout.jsonl"
+        lines = (work / "heldout" / "heldout.jsonl").read_text().splitlines()
+        groups = list(dict.fromkeys(json.loads(line)["group"] for line in lines))[:args.refreward_eval_groups]
+        T.atomic_write_text("".join(line + "\n" for line in lines if json.loads(line)["group"] in groups), held_out)
+        run(["-m", "refreward_sr.train_refreward", "pairs", "--compass", str(held_out), "--out",
+             str(work / "heldout" / "refreward_pairs.jsonl")], work / "pairs_refreward_heldout.log")
+        run(["-m", "refreward_sr.train_refreward", "eval", "--model", str(final), "--data",
+             str(work / "heldout" / "refreward_pairs.jsonl"), "--out", str(out / "refreward_eval.json")],
+            work / "eval_refreward_pairs.log")
+        sriqa = work / "sriqa_refreward"
+        if sriqa.exists():
+            shutil.rmtree(sriqa)
+        write_sriqa_layout(load_records(held_out, work / "heldout"), work / "heldout", sriqa,
+                           generative=lambda m: m in GENERATIVE)
+        run(["-m", "evaluation.sriqa", "--reward-model", str(out / "compass"), "--refreward-model", str(final),
+             "--sriqa-root", str(sriqa), "--out", str(work / "eval_refreward"), "--baselines", "PSNR", "SSIM",
              "--device", "cpu"], work / "eval_refreward.log")
         add_sriqa_table(out / "refreward_eval.json", work / "eval_refreward" / "sriqa_accuracy.csv")
+        run(["-m", "mini.reward_checks", "--compass", "", "--refreward", str(final), "--crops",
+             str(args.refreward_check_crops), "--out", str(work / "refreward_checks")], work / "refreward_checks.log")
+        result = json.loads((out / "refreward_eval.json").read_text())
+        checks = json.loads((work / "refreward_checks" / "results.json").read_text())
+        T.atomic_write_text(json.dumps({**result, "heldout_groups": len(groups), "unambiguous": checks},
+                                       indent=1), out / "refreward_eval.json")
 
     for name, fn in (("pretrain", pretrain), ("data", make_data), ("annotate", annotate_all), ("train", train_all),
                      ("eval", evaluate_all), ("refreward", refreward_all)):

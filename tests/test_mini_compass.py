@@ -131,10 +131,13 @@ def test_shipped_mini_compass_loads_and_scores_deterministically():
     assert size < 20e6  # the issue's bar for the shipped folder
 
 
-def test_shipped_mini_refreward_answers_in_format_and_its_table_is_recorded():
-    """The shipped mini RefReward-SR loads, answers every prompt in the verdict format (greedy, both
-    orders), and its recorded evaluation accounts for every held-out pair (scored, or counted as
-    position-inconsistent / invalid: never a silent tie)."""
+def test_shipped_mini_refreward_reads_both_candidates_and_its_table_is_recorded():
+    """The shipped mini RefReward-SR loads and answers every prompt (greedy, both orders) with both candidates'
+    readings in its think and the verdict of the higher one (its --warmup-verdicts readings recipe); its recorded
+    evaluation accounts for every held-out pair (scored, or counted as position-inconsistent / invalid: never a
+    silent tie) and holds the unambiguous pairs of mini/reward_checks.py."""
+    import re
+
     from common.data import to_pil
     from refreward_sr import refreward as RR
 
@@ -142,11 +145,27 @@ def test_shipped_mini_refreward_answers_in_format_and_its_table_is_recorded():
     lr = to_pil(photos.random_crops(photos.HELDOUT, 1, 16, torch.Generator().manual_seed(1))[0])
     a, b = [to_pil(x) for x in photos.random_crops(photos.HELDOUT, 2, 64, torch.Generator().manual_seed(2))]
     texts = scorer.answers([lr, lr], [a, b], [b, a])
-    assert all(RR.parse_verdict(t) in ("A", "B") for t in texts), texts
+    for text in texts:
+        found = re.fullmatch(r"<think>A (\d\.\d) B (\d\.\d)</think><answer>([AB])</answer>", text)
+        assert found, texts
+        read_a, read_b, verdict = float(found[1]), float(found[2]), found[3]
+        assert read_a == read_b or verdict == ("A" if read_a > read_b else "B"), text
     assert scorer.answers([lr], [a], [b]) == texts[:1]  # greedy: deterministic
     recorded = json.loads((presets.ROOT / "refreward_eval.json").read_text())
     assert recorded["consistent"] + recorded["position_inconsistent"] + recorded["invalid_answers"] >= recorded["pairs"]
     assert {r["method"] for r in recorded["sriqa_table"]} == {"COMPASS", "RefReward-SR", "PSNR", "SSIM"}
+    checks = recorded["unambiguous"]["results"]["RefReward-SR"]
+    assert checks["all"]["counted"] == 8 * recorded["unambiguous"]["args"]["crops"]  # every kind, every crop
+    assert checks["all"]["right"] == sum(checks[k]["right"] for k in checks if k != "all")
+
+
+def test_build_refreward_stage_needs_a_trained_compass_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        build.main(["--stage", "refreward", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert "--refreward-start compass: " in capsys.readouterr().err and not (tmp_path / "work").exists()
+    with pytest.raises(SystemExit):
+        build.main(["--refreward-start", "base", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert "--refreward-start base: choose compass or pretrained" in capsys.readouterr().err
 
 
 def test_build_rejects_a_fidelity_that_needs_downloads_before_any_work(tmp_path, capsys):
@@ -342,3 +361,11 @@ def test_build_script_runs_every_stage_for_a_few_steps(tmp_path):
     assert set(json.loads((work / "times.json").read_text())) == {"pretrain", "data", "annotate", "train", "eval",
                                                                   "refreward"}
     assert (out / "refreward" / "config.json").exists() and (out / "refreward_eval.json").exists()
+    # RefReward-SR starts from the COMPASS this build trained, its warm-up on the candidates' readings
+    assert f"train --model {out / 'compass'} " in log.read_text() and "--warmup-verdicts readings" in log.read_text()
+    # scored on the pairs of the first --refreward-eval-groups held-out groups (here 2) and
+    # on the unambiguous pairs (--refreward-check-crops 1: one pair of each kind)
+    scored = json.loads((out / "refreward_eval.json").read_text())
+    pairs = [json.loads(line) for line in (work / "heldout" / "refreward_pairs.jsonl").read_text().splitlines()]
+    assert scored["heldout_groups"] == 2 and len({p["group"] for p in pairs}) == 2 and scored["pairs"] == len(pairs)
+    assert scored["unambiguous"]["args"]["crops"] == 1 and "sft>pattern" in scored["unambiguous"]["results"]["RefReward-SR"]
