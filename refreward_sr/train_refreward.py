@@ -94,6 +94,9 @@ class TrainArgs:
     """rule reward of a well-formed answer (a correct verdict earns 1 more)"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
+    freeze_vision: bool = False
+    """keep the vision tower (model.visual) as loaded; only the language model learns to compare (paper silent:
+    off). A judge started from a COMPASS keeps what its tower sees"""
     seed: int = 0
     """seed of the pairs, their A/B order and the sampling"""
     save_every: int = 50
@@ -190,14 +193,16 @@ def train(args: TrainArgs) -> Path | int:
     model.config.use_cache = False
     if args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and args.model not in ("tiny", "mini")):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train().requires_grad_(True)
+    if args.freeze_vision:  # before sharding: FSDP2 keeps requires_grad per parameter
+        model.model.visual.requires_grad_(False)
     for module in (model, reference):
         if module is not None and sharded:
             shard_vl_model(module, dist_info, bf16)
         elif module is not None:
             module.to(device)
     reference_file = out / "reference.safetensors"
-    model.train().requires_grad_(True)
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP2 swaps the Parameters
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     total = args.warmup_steps + args.steps
     start = 0

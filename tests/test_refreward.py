@@ -186,6 +186,17 @@ def test_readings_warmup_learns_its_answer_and_finds_the_verdict_after_the_think
     assert len(loss) == 40 and np.mean(loss[-5:]) < 0.2 * loss[0], loss[::5]
 
 
+def test_freeze_vision_keeps_the_tower_as_loaded(planted, tmp_path):
+    """--freeze-vision: the warm-up changes the language model, not one weight of the vision tower."""
+    train, _, _ = planted
+    _train(train, tmp_path / "f", "--warmup-steps", 3, "--steps", 0, "--freeze-vision", "--beta", 0)
+    before = RR.load_refreward("tiny")[0].state_dict()
+    after = RR.load_refreward(str(tmp_path / "f"))[0].state_dict()
+    tower = [k for k in before if k.startswith("model.visual.")]
+    assert tower and all(torch.equal(after[k], before[k]) for k in tower)
+    assert any(not torch.equal(after[k], before[k]) for k in before if k not in tower)
+
+
 # ---------------------------------------------------------------------------------------------------
 # GRPO training on a planted rule, the scorer, resume
 # ---------------------------------------------------------------------------------------------------
