@@ -295,9 +295,9 @@ def stopped(stop: StopOnSignal, writer, dist_info: DistInfo) -> int:
 # saves, how long it goes on. Any other difference from the run's args.json (another --model, --data, learning
 # rate, recipe) would continue one run's weights and optimizer under another's settings: `claim_run_dir` refuses it.
 RESUME_MAY_CHANGE = frozenset({"out", "resume", "overwrite", "device", "bf16", "save_every", "keep_last", "micro_batch",
-                               "gradient_checkpointing", "steps", "epochs", "threads", "num_workers", "log_every",
-                               "sample_every", "reward_url", "reward_model_name", "reward_concurrency",
-                               "reward_timeout"})
+                               "gradient_checkpointing", "steps", "epochs", "max_steps", "stop_after", "threads",
+                               "num_workers", "log_every", "sample_every", "reward_url", "reward_model_name",
+                               "reward_concurrency", "reward_timeout"})
 
 
 def claim_run(run_dir: Path, resume: str | None, overwrite: bool, finished: Path | None, dist_info: DistInfo,
@@ -332,10 +332,10 @@ def claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool, finished: 
     if resume:
         saved = run_dir / "args.json"
         if args is not None and saved.exists():
-            before = json.loads(saved.read_text())
-            changed = [k for k in args if k in before and k not in RESUME_MAY_CHANGE and before[k] != args[k]]
+            before, now = json.loads(saved.read_text()), json.loads(json.dumps(args))  # tuples read back as lists
+            changed = [k for k in now if k in before and k not in RESUME_MAY_CHANGE and before[k] != now[k]]
             if changed:
-                flags = ", ".join(f"--{k.replace('_', '-')} {before[k]} (now {args[k]})" for k in changed[:3])
+                flags = ", ".join(f"--{k.replace('_', '-')} {before[k]} (now {now[k]})" for k in changed[:3])
                 raise RunError(f"--resume {resume}: {run_dir} was started with {flags}; resume it with its settings, "
                                "or pass --overwrite to start a new run there")
         return

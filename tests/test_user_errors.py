@@ -98,6 +98,19 @@ def test_a_finished_run_is_never_replaced_by_accident(tmp_path):
     assert [p.name for p in T.list_checkpoints(tmp_path / "fr" / "checkpoints")] == ["step_000001"]
 
 
+def test_resume_compares_settings_as_written(tmp_path):
+    """The args.json check reads the run's settings back as JSON: a tuple flag equals its saved list; the flags
+    a resume may change are not compared; another learning rate is refused."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000001").mkdir(parents=True)
+    (run / "checkpoints" / "step_000001" / "state.json").write_text("{}")
+    settings = {"sizes": (64, 128), "lr": 0.1, "steps": 10, "device": "cpu"}
+    (run / "args.json").write_text(json.dumps(settings))
+    T.claim_run_dir(run, "latest", False, None, {**settings, "steps": 20, "device": "cuda"})
+    with pytest.raises(T.RunError, match=r"started with --lr 0.1 \(now 0.2\); resume it with its settings"):
+        T.claim_run_dir(run, "latest", False, None, {**settings, "lr": 0.2})
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
     hr = _photos(tmp_path / "hr", ("a.png", "b.png"), 96)
