@@ -964,6 +964,7 @@ def evaluate_policy(policy: M.Policy, deg: list[V.Example], plain: list[V.Exampl
     return {"row": row, "finals": finals}
 
 
+@torch.no_grad()  # the OARS row's images come from a pipeline that may keep their graph: metrics need none
 def fidelity_row(sr: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> dict:
     """Means of LR consistency (dB), PSNR and SSIM to the HR of SR images (B, 3, H, W), and the LR consistency after
     the colour fix of the diffusion SR line (vlcot.colour_fix, sigma = the SR factor in HR px)."""
