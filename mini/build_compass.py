@@ -787,9 +787,10 @@ def main(argv: list[str] | None = None) -> None:
         # scored on the first --refreward-eval-groups of the COMPASS evaluation's held-out groups (both orders of
         # every pair: 132 answers a group)
         held_out = work / "heldout" / "refreward_heldout.jsonl"
-        lines = (work / "heldout" / "heldout.jsonl").read_text().splitlines()
-        groups = list(dict.fromkeys(json.loads(line)["group"] for line in lines))[:args.refreward_eval_groups]
-        T.atomic_write_text("".join(line + "\n" for line in lines if json.loads(line)["group"] in groups), held_out)
+        lines = [(json.loads(line)["group"], line)
+                 for line in (work / "heldout" / "heldout.jsonl").read_text().splitlines()]
+        groups = list(dict.fromkeys(group for group, _ in lines))[:args.refreward_eval_groups]
+        T.atomic_write_text("".join(line + "\n" for group, line in lines if group in groups), held_out)
         run(["-m", "refreward_sr.train_refreward", "pairs", "--compass", str(held_out), "--out",
              str(work / "heldout" / "refreward_pairs.jsonl")], work / "pairs_refreward_heldout.log")
         run(["-m", "refreward_sr.train_refreward", "eval", "--model", str(final), "--data",

@@ -223,6 +223,10 @@ def train(args: TrainArgs) -> Path | int:
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     # the answer's generation settings (RR.answer_generation_kwargs), and the pad token never sampled
+    # where a warm-up answer's verdict sits, counted from its end: `</answer>` and the end token follow it whatever
+    # the think, so the distance is found once, not per answer and step
+    after_verdict = (len(tok.encode(RR.format_verdict("A") + "<|im_end|>", add_special_tokens=False))
+                     - verdict_position(tok, ""))
     sampling = RR.answer_generation_kwargs(tok)
     sampling.update(suppress_tokens=[*sampling["suppress_tokens"], tok.pad_token_id], pad_token_id=tok.pad_token_id)
     from tqdm import tqdm
@@ -262,7 +266,7 @@ def train(args: TrainArgs) -> Path | int:
             loss = -RR.masked_mean(logprobs, answer_mask).mean()
             # the verdict is one token of the answer (of 34 with the mini byte tokenizer): the mean above
             # falls with the format alone, so the verdict's own loss and accuracy are logged beside it
-            at = [verdict_position(tok, t) for t in thinks]
+            at = [len(e) - after_verdict for e in encoded]
             verdict = logprobs.detach()[torch.arange(len(at)), at]
             stats = {"warmup_loss": float(loss.detach()), "warmup_verdict_nll": float(-verdict.mean()),
                      "warmup_verdict_acc": float((verdict > math.log(0.5)).float().mean())}
