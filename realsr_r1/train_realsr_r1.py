@@ -186,6 +186,13 @@ class GRPOArgs(RunArgs):
     """the model name the server at --reward-url serves"""
     planted_word: str = ""
     """the word whose share of the sampled text tokens is the 'planted' reward (tests)"""
+    augment: str = ""
+    """not in the paper: comma-separated changes GRPO may make to an input crop before its degradation, from
+    colour (channel order and gains), rotate (quarter turns), grey (vlcot.augment), for a policy that knows its
+    training photographs by heart (plain crops of them give groups without advantage). '' = plain crops (paper; the
+    mini build: all three were measured, README)"""
+    augment_prob: float = 0.5
+    """the share of input crops that --augment changes"""
     token_advantages: str = "chain"
     """'chain' (paper, Eq.1: the group advantage of the summed reward R on every sampled token) or 'split' (not in
     the paper: text tokens get the group advantage of the text rewards - format, degradation, understanding -, image
@@ -278,9 +285,11 @@ def load_records(path: str) -> list[tuple[Path, V.Caption]]:
 
 
 def draw_examples(source, n: int, crop: int, scale: int, ranges: V.DegradationRanges,
-                  generator: torch.Generator) -> list[V.Example]:
+                  generator: torch.Generator, augment: tuple[str, ...] = (), augment_prob: float = 0.0
+                  ) -> list[V.Example]:
     """n training inputs: HR crops (from `source`: a tuple of photo names or a list of JSONL records), each with an
-    LR made by a freshly drawn, recorded degradation (vlcot.apply_degradation) and its understanding texts."""
+    LR made by a freshly drawn, recorded degradation (vlcot.apply_degradation) and its understanding texts.
+    `augment` (GRPO's --augment): each crop may first be turned, recoloured or greyed (vlcot.augment)."""
     if isinstance(source, tuple):
         picked = [(hr, V.ORACLE[name], name) for hr, name in photo_crops(source, n, crop, generator)]
     else:
@@ -294,7 +303,7 @@ def draw_examples(source, n: int, crop: int, scale: int, ranges: V.DegradationRa
             left = int(torch.randint(img.shape[-1] - crop + 1, (), generator=generator))
             picked.append((img[:, top:top + crop, left:left + crop], caption, path.stem))
     params = [V.sample_degradation(generator, ranges) for _ in picked]
-    hr = torch.stack([p[0] for p in picked])
+    hr = torch.stack([V.augment(p[0], augment, augment_prob, generator) for p in picked])
     lr = V.apply_degradation(hr, params, generator, scale)
     return [V.Example(h, l, V.degradation_levels(p, ranges), cap, name)
             for h, l, p, (_, cap, name) in zip(hr, lr, params, picked)]
@@ -544,6 +553,18 @@ def fill_missing(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, scores, fill)
 
 
+def decode_text(policy: M.Policy, ids: list[int]) -> str:
+    """Text tokens back to text, special tokens (the tags of real checkpoints) kept."""
+    return policy.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def read_completion(policy: M.Policy, completion: torch.Tensor) -> tuple[list, str]:
+    """One sampled completion (T,) -> its segments (vlcot.split_completion) and its text with each complete image
+    as vlcot.IMAGE_MARK (vlcot.render: what the text rewards read)."""
+    segments = V.split_completion(completion.tolist(), policy.layout)
+    return segments, V.render(segments, lambda ids: decode_text(policy, ids))
+
+
 def chain_rewards(policy: M.Policy, completions: torch.Tensor, kinds: torch.Tensor, examples: list[V.Example],
                   group: int, names: list[str], generation_reward=None, planted: int | None = None
                   ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor | None]]:
@@ -551,14 +572,12 @@ def chain_rewards(policy: M.Policy, completions: torch.Tensor, kinds: torch.Tens
     Returns ({reward name: (N,)}, the decoded final image of each chain or None). Only COMPLETE images of the HR's
     size inside <final_image> are decoded; a chain that breaks the layout scores 0 on format and generation, never
     an error."""
-    decode = lambda ids: policy.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     n = completions.shape[0]
     out = {k: torch.zeros(n) for k in names}
     finals: list[torch.Tensor | None] = [None] * n
     for i in range(n):
         ex = examples[i // group]
-        segments = V.split_completion(completions[i].tolist(), policy.layout)
-        text = V.render(segments, decode)
+        segments, text = read_completion(policy, completions[i])
         if "format" in names:
             out["format"][i] = V.format_reward(text)
         if "degradation" in names:
@@ -567,7 +586,7 @@ def chain_rewards(policy: M.Policy, completions: torch.Tensor, kinds: torch.Tens
             out["understanding"][i] = V.understanding_reward(text, ex.caption.objects if ex.caption else ())
         if "planted" in names:
             out["planted"][i] = V.planted_reward(completions[i], kinds[i], planted)
-        codes = V.tagged_images(segments, decode)["final_image"]
+        codes = V.tagged_images(segments, lambda ids: decode_text(policy, ids))["final_image"]
         full = tuple(side // policy.downsample for side in ex.hr.shape[-2:])
         if codes is not None and tuple(codes.shape) == full:  # the sampler sizes images by their order, not their
             # tag: a chain that opens <final_image> first holds the coarse image there, which is not a final image
@@ -803,6 +822,18 @@ def degradation_ranges(name: str) -> V.DegradationRanges:
 REWARD_NAMES = ("format", "degradation", "understanding", "generation", "planted")
 
 
+def parse_augment(spec: str, prob: float) -> tuple[str, ...]:
+    """--augment "colour,rotate" -> ("colour", "rotate"); an unknown kind or a share outside [0, 1] is one RunError
+    line naming the flag, before any model is loaded."""
+    kinds = tuple(k.strip() for k in spec.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in V.AUGMENTATIONS]
+    if unknown:
+        raise T.RunError(f"--augment {spec}: unknown {', '.join(unknown)} (choose from {', '.join(V.AUGMENTATIONS)})")
+    if not 0.0 <= prob <= 1.0:
+        raise T.RunError(f"--augment-prob {prob}: a share between 0 and 1")
+    return kinds
+
+
 def parse_rewards(args: GRPOArgs, policy: M.Policy) -> tuple[list[str], int | None]:
     """The reward names of --rewards (RunError naming the flag) and the planted token id."""
     names = [r.strip() for r in args.rewards.split(",") if r.strip()]
@@ -822,6 +853,7 @@ def grpo(args: GRPOArgs) -> int:
     if args.token_advantages not in TOKEN_ADVANTAGES:
         raise T.RunError(f"--token-advantages {args.token_advantages}: choose chain or split")
     ranges = degradation_ranges(args.degradation)
+    augment = parse_augment(args.augment, args.augment_prob)
     dist_info, out, policy = setup(args, Path(args.out) / "model.safetensors")
     sizes = check_sizes(args.crop_size, args.scale, policy)
     names, planted = parse_rewards(args, policy)
@@ -853,7 +885,7 @@ def grpo(args: GRPOArgs) -> int:
         t0 = time.time()
         g = step_generator(args.seed, step, dist_info.rank)
         # 1. this step's LR inputs (recorded degradations) and their prompts, each repeated G times
-        examples = draw_examples(source, local, args.crop_size, args.scale, ranges, g)
+        examples = draw_examples(source, local, args.crop_size, args.scale, ranges, g, augment, args.augment_prob)
         encoded = encode_examples(policy, examples, policy.meta.get("lr_size", "own"))
         prompts = [e["prompt"] for e in encoded for _ in range(args.group)]
         # 2. G chains per LR from the current policy (= pi_old of Eq.1), constrained to the image layout
@@ -952,6 +984,8 @@ def evaluate_policy(policy: M.Policy, deg: list[V.Example], plain: list[V.Exampl
         comps, kinds = sample_chains(policy.model, [e["prompt"] for e in encoded], policy.layout, sizes, max_new, g,
                                      args.temperature, args.image_top_k, args.greedy_text)
         results[kind] = chain_rewards(policy, comps, kinds, examples, 1, ["format", "degradation", "understanding"])
+        if kind == "deg":  # the degradation step per component (chance: 1/3 each)
+            hits = [V.degradation_hits(read_completion(policy, c)[1], e.levels) for c, e in zip(comps, examples)]
     parts, _ = results["deg"]
     _, finals = results["plain"]
     hr = torch.stack([e.hr for e in plain])
@@ -959,6 +993,7 @@ def evaluate_policy(policy: M.Policy, deg: list[V.Example], plain: list[V.Exampl
     ok = [i for i, f in enumerate(finals) if f is not None]
     sr = torch.stack([finals[i] for i in ok]) if ok else torch.zeros(0, *hr.shape[1:])
     row = {k: float(v.mean()) for k, v in parts.items()}
+    row.update({f"degradation_{c}": sum(h[c] for h in hits) / len(hits) for c in V.DEGRADATIONS})
     row.update(final_complete=len(ok) / len(finals))
     row.update(fidelity_row(sr, hr[ok], lr[ok]) if ok else {})
     return {"row": row, "finals": finals}
@@ -1073,8 +1108,8 @@ def evaluate(args: EvalArgs) -> dict:
 
 def markdown(table: dict) -> str:
     """The evaluation table: one row per method."""
-    keys = ["format", "degradation", "understanding", "final_complete", "lr_consistency", "lr_consistency_colour_fix",
-            "psnr", "ssim"]
+    keys = ["format", "degradation", "degradation_blur", "degradation_noise", "degradation_compression",
+            "understanding", "final_complete", "lr_consistency", "lr_consistency_colour_fix", "psnr", "ssim"]
     lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, row in table.items():
         cells = [f"{row[k]:.3f}" if k in row and not math.isnan(row[k]) else "-" for k in keys]

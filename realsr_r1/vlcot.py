@@ -346,14 +346,19 @@ def parse_degradation(text: str) -> dict[str, str]:
     return found
 
 
+def degradation_hits(text: str, truth: dict[str, str]) -> dict[str, bool]:
+    """{component: whether the level read from the first <degradation> field equals the recorded one}; no field:
+    every component missed."""
+    content = tag_content(text, "degradation")
+    said = parse_degradation(content) if content is not None else {}
+    return {comp: said.get(comp) == level for comp, level in truth.items()}
+
+
 def degradation_reward(text: str, truth: dict[str, str]) -> float:
     """R_d = N_c / N_t (§3.3): the share of the degradation components whose level, read from the first
     <degradation> field, equals the level of the parameters the degradation pipeline recorded. No field: 0."""
-    content = tag_content(text, "degradation")
-    if content is None or not truth:
-        return 0.0
-    said = parse_degradation(content)
-    return sum(said.get(comp) == level for comp, level in truth.items()) / len(truth)
+    hits = degradation_hits(text, truth)
+    return sum(hits.values()) / len(hits) if hits else 0.0
 
 
 def mentions(text: str, word: str) -> bool:
@@ -472,6 +477,38 @@ def apply_degradation(hr: torch.Tensor, params: Sequence[dict[str, float]], gene
     sigma = torch.tensor([p["noise_sigma"] / 255.0 for p in params])
     x = data.add_gaussian_noise(x, sigma, torch.zeros(len(params), dtype=torch.bool), generator)
     return data.quantize(data.jpeg(x, [int(p["jpeg_quality"]) for p in params]))
+
+
+AUGMENTATIONS = ("colour", "rotate", "grey")
+"""What `augment` may do to an HR crop. Each keeps what the understanding reward compares against (the objects of a
+photograph are still there, turned or recoloured); the middle / fine texts may then name wrong colours, which no
+reward reads."""
+
+
+def augment(hr: torch.Tensor, kinds: Sequence[str], prob: float, generator: torch.Generator) -> torch.Tensor:
+    """A GRPO input made less familiar (not in the paper; an option of this project): with probability `prob`, one
+    of `kinds` drawn uniformly is applied to the HR crop (3, H, W) before its degradation:
+      colour: the channels in a random order, each times a gain in [0.8, 1.2];
+      rotate: a quarter, half or three-quarter turn (square crops keep their size);
+      grey:   the channel mean in all three channels.
+    Why: a small policy memorises the ORACLE texts of its few training photographs, so on them its format and
+    understanding rewards are saturated and a group carries no advantage; on a turned or recoloured crop it must
+    read the picture. No kinds: the crop unchanged and nothing drawn from the generator (runs without the option
+    stay identical)."""
+    if not kinds:
+        return hr
+    if float(torch.rand((), generator=generator)) >= prob:
+        return hr
+    kind = kinds[int(torch.randint(len(kinds), (), generator=generator))]
+    if kind == "colour":
+        order = torch.randperm(3, generator=generator)
+        gain = 0.8 + 0.4 * torch.rand(3, 1, 1, generator=generator)
+        return (hr[order] * gain).clamp(0, 1)
+    if kind == "rotate":
+        return torch.rot90(hr, int(torch.randint(1, 4, (), generator=generator)), (-2, -1))
+    if kind == "grey":
+        return hr.mean(0, keepdim=True).expand_as(hr).clone()
+    raise ValueError(f"augmentation {kind!r}: choose from {', '.join(AUGMENTATIONS)}")
 
 
 def downscale(hr: torch.Tensor, factor: int) -> torch.Tensor:

@@ -66,6 +66,8 @@ def test_degradation_reward_and_levels():
     assert V.degradation_reward(chain(), truth) == 1.0
     text = "<degradation>light blur, medium noise, medium compression</degradation>"
     assert V.degradation_reward(text, truth) == pytest.approx(2 / 3)
+    assert V.degradation_hits(text, truth) == {"blur": True, "noise": False, "compression": True}
+    assert V.degradation_hits("light blur", truth) == {"blur": False, "noise": False, "compression": False}
     assert V.degradation_reward("<degradation>Heavy noise</degradation>", truth) == pytest.approx(1 / 3)
     assert V.degradation_reward("<degradation>heavy noise, light noise</degradation>", truth) == pytest.approx(1 / 3)
     assert V.degradation_reward("light blur, heavy noise", truth) == 0.0  # no degradation field
@@ -114,6 +116,46 @@ def test_recorded_degradation_is_a_function_of_its_parameters():
 # ---------------------------------------------------------------------------------------------------
 # layout, completions, decoding
 # ---------------------------------------------------------------------------------------------------
+
+
+def test_augment_kinds_hand_worked():
+    """vlcot.augment: each kind's effect on a crop whose pixels are all different, the share it changes, and no draw
+    from the generator without kinds (runs without --augment stay identical)."""
+    hr = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    state = g.get_state()
+    assert V.augment(hr, (), 1.0, g) is hr and torch.equal(g.get_state(), state)
+    assert V.augment(hr, ("grey",), 0.0, g) is hr
+    grey = V.augment(hr, ("grey",), 1.0, g)
+    assert torch.allclose(grey, hr.mean(0).expand(3, -1, -1))
+    turned = V.augment(hr, ("rotate",), 1.0, g)
+    assert turned.shape == hr.shape and not torch.equal(turned, hr)
+    assert any(torch.equal(turned, torch.rot90(hr, k, (-2, -1))) for k in (1, 2, 3))
+    for _ in range(5):
+        recoloured = V.augment(hr * 0.5, ("colour",), 1.0, g)  # x 0.5: no gain clips
+        ratio = recoloured[:, None] / (hr[None] * 0.5)  # (out channel, in channel, H, W)
+        matched = [[bool(torch.allclose(ratio[o, i], ratio[o, i].flatten()[0].expand_as(ratio[o, i])))
+                    for i in range(3)] for o in range(3)]
+        source = [row.index(True) for row in matched]  # each output channel is one input channel times a gain
+        assert sorted(source) == [0, 1, 2]
+        gains = [float(ratio[o, source[o], 0, 0]) for o in range(3)]
+        assert all(0.8 <= x <= 1.2 for x in gains)
+    changed = sum(not torch.equal(V.augment(hr, ("grey",), 0.3, g), hr) for _ in range(1000))
+    assert 240 <= changed <= 360
+    with pytest.raises(ValueError, match="'blur'"):
+        V.augment(hr, ("blur",), 1.0, g)
+
+
+def test_augmented_examples_keep_their_texts_and_recorded_degradation():
+    """draw_examples with --augment: the same photographs, ORACLE captions and recorded levels as without it (the
+    augmentation draws after them), only the crops differ; without it, the same generator gives the same crops."""
+    ranges = V.DEGRADATION_PRESETS["mini"]
+    draw = lambda *aug: R.draw_examples(("chelsea", "coffee"), 6, 48, 4, ranges,  # noqa: E731
+                                        torch.Generator().manual_seed(3), *aug)
+    plain, again, augmented = draw(), draw(), draw(("grey",), 1.0)
+    assert all(torch.equal(a.lr, b.lr) for a, b in zip(plain, again))
+    assert [(e.photo, e.caption, e.levels) for e in augmented] == [(e.photo, e.caption, e.levels) for e in plain]
+    assert all(torch.equal(a.hr, b.hr.mean(0).expand(3, -1, -1)) for a, b in zip(augmented, plain))
 
 
 def test_image_layout_round_trip_and_breaks(tiny):
@@ -415,6 +457,8 @@ def test_torchrun_two_processes(tmp_path):
     (["--degradation", "strong"], "--degradation strong"),
     (["--generation-reward", "clip"], "--generation-reward clip"),
     (["--token-advantages", "tokens"], "--token-advantages tokens"),
+    (["--augment", "colour,blur"], "--augment colour,blur: unknown blur"),
+    (["--augment", "grey", "--augment-prob", "1.5"], "--augment-prob 1.5"),
 ])
 def test_bad_flags_are_named(tmp_path, flags, message):
     base = ["grpo", "--model", "tiny", "--crop-size", "64", "--batch-size", "1", "--group", "2", "--steps", "1",
@@ -457,6 +501,9 @@ def test_eval_writes_table_and_picture(tmp_path):
                            f"{s} + post-process", "OARS --model tiny --steps 2"]
     assert report["columns"] == ["nearest", *[k for k in table if k not in R.REFERENCE_ROWS], "HR"]
     assert table["bicubic"]["lr_consistency"] > 25 and (tmp_path / "e.png").exists()
+    for name in ("tiny", s):  # the degradation reward of each chain is the mean of its three components' hits
+        parts = [table[name][f"degradation_{c}"] for c in V.DEGRADATIONS]
+        assert sum(parts) / 3 == pytest.approx(table[name]["degradation"])
     # the references: the HR scores itself perfectly on PSNR / SSIM, and the random tiny VQ loses the picture
     assert table["HR itself"]["ssim"] == pytest.approx(1.0) and table["HR itself"]["psnr"] > 90
     assert table[R.VQ_ROW]["lr_consistency"] < table["HR itself"]["lr_consistency"] - 10
