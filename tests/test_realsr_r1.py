@@ -529,7 +529,8 @@ def test_shipped_mini_presets_reproduce_their_held_out_table(tmp_path):
                    str(recorded["crop_size"]), "--degradation", "mini", "--text-budget", "64", "--device", "cpu",
                    "--out", str(tmp_path / "eval"), "--oars", ""]) == 0  # the OARS row is not checked here
     again = json.loads((tmp_path / "eval.json").read_text())["table"]
-    for key in ("format", "degradation", "understanding", "lr_consistency", "ssim"):
+    for key in ("format", "degradation", "degradation_blur", "degradation_noise", "degradation_compression",
+                "understanding", "lr_consistency", "ssim"):
         assert again["mini"][key] == pytest.approx(recorded["table"]["mini"][key], abs=1e-3), key
     for key in ("lr_consistency", "ssim"):  # the same final images after infer.py's post-processing
         assert again["mini + post-process"][key] == pytest.approx(recorded["table"]["mini + post-process"][key],
