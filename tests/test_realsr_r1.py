@@ -148,7 +148,8 @@ def test_augment_kinds_hand_worked():
 
 def test_augmented_examples_keep_their_texts_and_recorded_degradation():
     """draw_examples with --augment: the same photographs, ORACLE captions and recorded levels as without it (the
-    augmentation draws after them), only the crops differ; without it, the same generator gives the same crops."""
+    augmentation draws after them), only the crops (hence their LRs) differ; without it, the same generator gives the
+    same LRs."""
     ranges = V.DEGRADATION_PRESETS["mini"]
     draw = lambda *aug: R.draw_examples(("chelsea", "coffee"), 6, 48, 4, ranges,  # noqa: E731
                                         torch.Generator().manual_seed(3), *aug)
