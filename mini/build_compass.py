@@ -553,6 +553,14 @@ def train(model: str, data_file: Path, root: Path, out: Path, epochs: int, lr: f
         log)
 
 
+def fresh_sriqa_layout(records: list, root: Path, dst: Path) -> Path:
+    """`dst` rebuilt from scratch as the SRIQA-Bench layout of held-out `records` (images under `root`), the folder
+    evaluation.sriqa scores; the build's base and SFT samples are its generative methods."""
+    shutil.rmtree(dst, ignore_errors=True)
+    write_sriqa_layout(records, root, dst, generative=lambda m: m in GENERATIVE)
+    return dst
+
+
 def publish(src: Path, dst: Path, *ignore: str) -> None:
     """Replace `dst` by the trained model in `src`, without its checkpoints, logs, settings and the `ignore`
     patterns."""
@@ -727,10 +735,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def evaluate_all() -> None:
         records = load_records(work / "heldout" / "heldout.jsonl", work / "heldout")
-        sriqa = work / "sriqa_heldout"
-        if sriqa.exists():
-            shutil.rmtree(sriqa)
-        write_sriqa_layout(records, work / "heldout", sriqa, generative=lambda m: m in GENERATIVE)
+        sriqa = fresh_sriqa_layout(records, work / "heldout", work / "sriqa_heldout")
         rows = {}
 
         def accuracy(name: str, model: Path, *extra: str) -> None:
@@ -796,11 +801,7 @@ def main(argv: list[str] | None = None) -> None:
         run(["-m", "refreward_sr.train_refreward", "eval", "--model", str(final), "--data",
              str(work / "heldout" / "refreward_pairs.jsonl"), "--out", str(out / "refreward_eval.json")],
             work / "eval_refreward_pairs.log")
-        sriqa = work / "sriqa_refreward"
-        if sriqa.exists():
-            shutil.rmtree(sriqa)
-        write_sriqa_layout(load_records(held_out, work / "heldout"), work / "heldout", sriqa,
-                           generative=lambda m: m in GENERATIVE)
+        sriqa = fresh_sriqa_layout(load_records(held_out, work / "heldout"), work / "heldout", work / "sriqa_refreward")
         run(["-m", "evaluation.sriqa", "--reward-model", str(out / "compass"), "--refreward-model", str(final),
              "--sriqa-root", str(sriqa), "--out", str(work / "eval_refreward"), "--baselines", "PSNR", "SSIM",
              "--device", "cpu"], work / "eval_refreward.log")
