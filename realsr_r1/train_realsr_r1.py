@@ -164,6 +164,11 @@ class GRPOArgs(RunArgs):
     """policy updates per batch of chains (GRPO's mu); with 1 the ratio is 1 at the update and the clip inactive"""
     temperature: float = 1.0
     """sampling temperature of text and image tokens"""
+    text_temperature: float = 0.0
+    """not in the paper: another sampling temperature for the text tokens only (0 = --temperature). Above 1 the
+    groups explore the text more (a policy that knows its training photographs writes their texts almost surely, so
+    its groups carry little format or understanding advantage); the ratio and the KL are taken at the same
+    temperatures, so GRPO sharpens the tempered policy (README)"""
     image_top_k: int = 2000
     """sample image codes from the top k (Lumina-mGPT's default 2000); 0 = all"""
     greedy_text: bool = False
@@ -386,9 +391,11 @@ def position_ids(ids: torch.Tensor, mask: torch.Tensor, layout: V.Layout) -> tor
 @torch.no_grad()
 def sample_chains(model, prompts: list[list[int]], layout: V.Layout, sizes: list[tuple[int, int]],
                   max_new_tokens: int, generator: torch.Generator, temperature: float = 1.0, image_top_k: int = 0,
-                  greedy_text: bool = False, synced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  greedy_text: bool = False, synced: bool = False,
+                  text_temperature: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one chain per prompt with a KV cache, constrained to Lumina's layout (vlcot.constraint):
-    image codes only inside an image, the size tokens, end-of-line tokens and <eoss> forced.
+    image codes only inside an image, the size tokens, end-of-line tokens and <eoss> forced. Image codes are drawn
+    at `temperature`, text tokens at `text_temperature` (0 = the same).
 
     Returns completions (B, T) and their position kinds (B, T): vlcot.TEXT / CODE / FORCED / DONE (padding).
     `synced` (FSDP): every rank runs the same number of forward passes, until all ranks' chains ended."""
@@ -416,7 +423,8 @@ def sample_chains(model, prompts: list[list[int]], layout: V.Layout, sizes: list
             rows = torch.tensor(sampled)
             is_code = kind_step[rows] == V.CODE
             allowed = torch.where(is_code[:, None].to(device), code_ok[None], text_ok[None])
-            z = logits[rows.to(device)].masked_fill(~allowed, -math.inf) / max(temperature, 1e-6)
+            temp = torch.where(is_code, temperature, text_temperature or temperature).clamp_min(1e-6)
+            z = logits[rows.to(device)].masked_fill(~allowed, -math.inf) / temp[:, None].to(device)
             if image_top_k > 0 and is_code.any():
                 k = min(image_top_k, int(code_ok.sum()))
                 kth = z.topk(k, dim=-1).values[:, -1:]
@@ -443,17 +451,20 @@ def sample_chains(model, prompts: list[list[int]], layout: V.Layout, sizes: list
 
 
 def chain_log_probs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion: torch.Tensor,
-                    kinds: torch.Tensor, layout: V.Layout, temperature: float = 1.0) -> torch.Tensor:
+                    kinds: torch.Tensor, layout: V.Layout, temperature: float = 1.0,
+                    text_temperature: float = 0.0) -> torch.Tensor:
     """log pi(token | prefix) of every completion position under the CONSTRAINED policy the chains were sampled from:
-    text positions renormalised over the text tokens, image positions over the codes, temperature applied; forced
-    and padding positions read 0 (probability 1, no gradient). (B, P), (B, P), (B, T), (B, T) -> (B, T)."""
+    text positions renormalised over the text tokens, image positions over the codes, the temperatures of
+    `sample_chains` applied; forced and padding positions read 0 (probability 1, no gradient).
+    (B, P), (B, P), (B, T), (B, T) -> (B, T)."""
     device = next(model.parameters()).device
     ids = torch.cat([prompt_ids, completion], 1).to(device)
     mask = torch.cat([prompt_mask, (kinds != V.DONE).long()], 1).to(device)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(ids, mask, layout)).logits
-    logits = logits[:, prompt_ids.shape[1] - 1:-1].float() / max(temperature, 1e-6)  # (B, T, V) predicting completion
-    text_ok, code_ok = (m.to(device) for m in layout.masks(logits.shape[-1]))
     kinds = kinds.to(device)
+    temp = torch.where(kinds == V.CODE, temperature, text_temperature or temperature).clamp_min(1e-6)
+    logits = logits[:, prompt_ids.shape[1] - 1:-1].float() / temp[..., None]  # (B, T, V) predicting completion
+    text_ok, code_ok = (m.to(device) for m in layout.masks(logits.shape[-1]))
     allowed = torch.where((kinds == V.CODE)[..., None], code_ok, text_ok)
     logp = RR.token_log_probs(logits.masked_fill(~allowed, -math.inf), completion.to(device).clamp_min(0))
     return torch.where((kinds == V.TEXT) | (kinds == V.CODE), logp, torch.zeros_like(logp))
@@ -852,6 +863,8 @@ def parse_rewards(args: GRPOArgs, policy: M.Policy) -> tuple[list[str], int | No
 def grpo(args: GRPOArgs) -> int:
     if args.token_advantages not in TOKEN_ADVANTAGES:
         raise T.RunError(f"--token-advantages {args.token_advantages}: choose chain or split")
+    if args.text_temperature < 0:
+        raise T.RunError(f"--text-temperature {args.text_temperature}: must be >= 0 (0 = --temperature)")
     ranges = degradation_ranges(args.degradation)
     augment = parse_augment(args.augment, args.augment_prob)
     dist_info, out, policy = setup(args, Path(args.out) / "model.safetensors")
@@ -892,7 +905,7 @@ def grpo(args: GRPOArgs) -> int:
         model.eval()
         with autocast:
             completions, kinds = sample_chains(model, prompts, layout, sizes, max_new, g, args.temperature,
-                                               args.image_top_k, args.greedy_text, synced=sharded)
+                                               args.image_top_k, args.greedy_text, sharded, args.text_temperature)
         model.train()
         # 3. the rewards (Eq.5: their sum) and the group-normalised advantages (Eq.3)
         parts, _ = chain_rewards(policy, completions, kinds, examples, args.group, names, generation_reward, planted)
@@ -904,7 +917,7 @@ def grpo(args: GRPOArgs) -> int:
         n_total = local * args.group * dist_info.world_size
         old = torch.cat([chain_log_probs(model, p_ids[i:i + args.micro_batch], p_mask[i:i + args.micro_batch],
                                          completions[i:i + args.micro_batch], kinds[i:i + args.micro_batch], layout,
-                                         args.temperature).detach()
+                                         args.temperature, args.text_temperature).detach()
                          for i in range(0, len(prompts), args.micro_batch)]) if args.ppo_epochs > 1 else None
         stats_loss = stats_kl = 0.0
         for _ in range(args.ppo_epochs):
@@ -913,7 +926,7 @@ def grpo(args: GRPOArgs) -> int:
                 part = slice(i, i + args.micro_batch)
                 with autocast:
                     new = chain_log_probs(model, p_ids[part], p_mask[part], completions[part], kinds[part], layout,
-                                          args.temperature)
+                                          args.temperature, args.text_temperature)
                 before = new.detach() if old is None else old[part].to(new.device)
                 adv = advantages[part].to(new.device)
                 if args.clip_range > 0:
@@ -923,7 +936,7 @@ def grpo(args: GRPOArgs) -> int:
                 if reference is not None:
                     with torch.no_grad(), autocast:
                         ref = chain_log_probs(reference, p_ids[part], p_mask[part], completions[part], kinds[part],
-                                              layout, args.temperature)
+                                              layout, args.temperature, args.text_temperature)
                     kl = RR.kl_k3(new, ref)
                     per_token = per_token + args.beta * kl
                     stats_kl += float(RR.masked_mean(kl.detach(), sampled_mask(kinds[part]).to(kl.device)).sum())

@@ -281,6 +281,33 @@ def test_sampler_and_scorer_agree_on_anchored_positions(tiny):
     assert not torch.allclose(shifted, plain)
 
 
+def test_text_temperature_applies_to_text_tokens_only(tiny):
+    """grpo --text-temperature: near 0 the text is the argmax (the same chains as --greedy-text, image codes still
+    drawn), and the log-probabilities divide only the text positions' logits by it (hand-worked from the logits)."""
+    layout = tiny.layout
+    sizes = V.stage_sizes((32, 32), 8)
+    prompts = [tiny.tokenizer.encode("restore", add_special_tokens=False)] * 3
+    model = Boosted(tiny.model, layout.image_start)
+    cold, kinds = R.sample_chains(model, prompts, layout, sizes, 120, torch.Generator().manual_seed(3),
+                                  text_temperature=1e-4)
+    greedy, _ = R.sample_chains(model, prompts, layout, sizes, 120, torch.Generator().manual_seed(3),
+                                greedy_text=True)
+    assert (kinds == V.TEXT).sum() > 10 and (kinds == V.CODE).sum() > 20 and torch.equal(cold, greedy)
+    p_ids, p_mask = R.left_pad(prompts, layout.pad)
+    logp = R.chain_log_probs(tiny.model, p_ids, p_mask, cold, kinds, layout, temperature=1.0, text_temperature=2.0)
+    ids = torch.cat([p_ids, cold], 1)
+    mask = torch.cat([p_mask, (kinds != V.DONE).long()], 1)
+    with torch.no_grad():
+        logits = tiny.model(input_ids=ids, attention_mask=mask,
+                            position_ids=R.position_ids(ids, mask, layout)).logits[:, p_ids.shape[1] - 1:-1].float()
+    text_ok, code_ok = layout.masks(logits.shape[-1])
+    picks = (kinds == V.TEXT).nonzero()[:3].tolist() + (kinds == V.CODE).nonzero()[:3].tolist()
+    for b, t in picks:
+        code = bool(kinds[b, t] == V.CODE)
+        z = logits[b, t].masked_fill(~(code_ok if code else text_ok), -math.inf) / (1.0 if code else 2.0)
+        assert math.isclose(float(logp[b, t]), float(z.log_softmax(-1)[cold[b, t]]), abs_tol=1e-4)
+
+
 def test_vq_any_size_and_straight_through_gradient(tiny):
     vq = tiny.vq
     x = torch.rand(2, 3, 16, 40)
@@ -460,6 +487,7 @@ def test_torchrun_two_processes(tmp_path):
     (["--token-advantages", "tokens"], "--token-advantages tokens"),
     (["--augment", "colour,blur"], "--augment colour,blur: unknown blur"),
     (["--augment", "grey", "--augment-prob", "1.5"], "--augment-prob 1.5"),
+    (["--text-temperature", "-1"], "--text-temperature -1"),
 ])
 def test_bad_flags_are_named(tmp_path, flags, message):
     base = ["grpo", "--model", "tiny", "--crop-size", "64", "--batch-size", "1", "--group", "2", "--steps", "1",
