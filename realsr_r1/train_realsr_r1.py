@@ -388,6 +388,12 @@ def position_ids(ids: torch.Tensor, mask: torch.Tensor, layout: V.Layout) -> tor
     return torch.where(k >= 1, first + (k - 1) * stride + pos - seg_start, pos)
 
 
+def token_temperatures(is_code: torch.Tensor, temperature: float, text_temperature: float = 0.0) -> torch.Tensor:
+    """The sampling temperature of each sampled position: `temperature` for image codes, `text_temperature` for text
+    (0 = `temperature`). One rule for the sampler and GRPO's log-probabilities, so the ratio of Eq.1 stays exact."""
+    return torch.where(is_code, temperature, text_temperature or temperature).clamp_min(1e-6)
+
+
 @torch.no_grad()
 def sample_chains(model, prompts: list[list[int]], layout: V.Layout, sizes: list[tuple[int, int]],
                   max_new_tokens: int, generator: torch.Generator, temperature: float = 1.0, image_top_k: int = 0,
@@ -423,8 +429,8 @@ def sample_chains(model, prompts: list[list[int]], layout: V.Layout, sizes: list
             rows = torch.tensor(sampled)
             is_code = kind_step[rows] == V.CODE
             allowed = torch.where(is_code[:, None].to(device), code_ok[None], text_ok[None])
-            temp = torch.where(is_code, temperature, text_temperature or temperature).clamp_min(1e-6)
-            z = logits[rows.to(device)].masked_fill(~allowed, -math.inf) / temp[:, None].to(device)
+            temp = token_temperatures(is_code, temperature, text_temperature).to(device)
+            z = logits[rows.to(device)].masked_fill(~allowed, -math.inf) / temp[:, None]
             if image_top_k > 0 and is_code.any():
                 k = min(image_top_k, int(code_ok.sum()))
                 kth = z.topk(k, dim=-1).values[:, -1:]
@@ -462,7 +468,7 @@ def chain_log_probs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     mask = torch.cat([prompt_mask, (kinds != V.DONE).long()], 1).to(device)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(ids, mask, layout)).logits
     kinds = kinds.to(device)
-    temp = torch.where(kinds == V.CODE, temperature, text_temperature or temperature).clamp_min(1e-6)
+    temp = token_temperatures(kinds == V.CODE, temperature, text_temperature)
     logits = logits[:, prompt_ids.shape[1] - 1:-1].float() / temp[..., None]  # (B, T, V) predicting completion
     text_ok, code_ok = (m.to(device) for m in layout.masks(logits.shape[-1]))
     allowed = torch.where((kinds == V.CODE)[..., None], code_ok, text_ok)
