@@ -468,12 +468,13 @@ def chain_log_probs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     mask = torch.cat([prompt_mask, (kinds != V.DONE).long()], 1).to(device)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(ids, mask, layout)).logits
     kinds = kinds.to(device)
-    temp = token_temperatures(kinds == V.CODE, temperature, text_temperature)
+    is_code = kinds == V.CODE
+    temp = token_temperatures(is_code, temperature, text_temperature)
     logits = logits[:, prompt_ids.shape[1] - 1:-1].float() / temp[..., None]  # (B, T, V) predicting completion
     text_ok, code_ok = (m.to(device) for m in layout.masks(logits.shape[-1]))
-    allowed = torch.where((kinds == V.CODE)[..., None], code_ok, text_ok)
+    allowed = torch.where(is_code[..., None], code_ok, text_ok)
     logp = RR.token_log_probs(logits.masked_fill(~allowed, -math.inf), completion.to(device).clamp_min(0))
-    return torch.where((kinds == V.TEXT) | (kinds == V.CODE), logp, torch.zeros_like(logp))
+    return torch.where((kinds == V.TEXT) | is_code, logp, torch.zeros_like(logp))
 
 
 TOKEN_ADVANTAGES = ("chain", "split")
